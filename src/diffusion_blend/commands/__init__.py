@@ -1,0 +1,1 @@
+"""Sub-commands of ``dblend``; each module exposes ``register(subparsers)``."""

@@ -1,0 +1,206 @@
+"""Layer 2: the denoiser contract and blended denoisers.
+
+A *denoiser* is any callable ``(x_t, t, **cond) -> eps`` (k-diffusion style): ``x_t`` is a batch, ``t`` the
+scheduler's integer timestep shared by the batch, ``cond`` keyword conditioning (tensors with a leading
+batch dimension are split and repeated with the batch; anything else is passed through unchanged).
+
+A *denoiser family* is a base model and named experts that can be evaluated together. Its one primitive is
+:meth:`DenoiserFamily.route`: row ``b`` of the output is member ``members[b]``'s prediction for row ``b``.
+Families over a single network with several LoRA adapters implement ``route`` as ONE batched forward (a
+peft mixed-adapter batch), so m experts cost one network's memory, and the DB-MPA blend of m experts is one
+forward of batch ``m * B``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from .preference import BASE, Preference, PreferenceError, blend_predictions
+
+Member = str | None
+
+
+class Denoiser(Protocol):
+    def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor: ...
+
+
+def select_rows(cond: Mapping[str, Any], index: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Rows ``index`` of every batched tensor in ``cond`` (tensors whose first dim is ``batch_size``)."""
+    return {
+        key: value.index_select(0, index.to(value.device))
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size
+        else value
+        for key, value in cond.items()
+    }
+
+
+def repeat_rows(cond: Mapping[str, Any], times: int, batch_size: int) -> dict[str, Any]:
+    """Every batched tensor in ``cond`` tiled ``times`` along the batch (``[c; c; ...]``)."""
+    return {
+        key: value.repeat(times, *([1] * (value.ndim - 1)))
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size
+        else value
+        for key, value in cond.items()
+    }
+
+
+class DenoiserFamily(ABC):
+    """A base model and named experts sharing one input space."""
+
+    expert_names: tuple[str, ...]
+
+    @abstractmethod
+    def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], **cond: Any) -> torch.Tensor:
+        """Row ``b`` is the prediction of ``members[b]`` (``BASE`` or an expert name) for ``x_t[b]``."""
+
+    def predict_all(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], **cond: Any) -> list[torch.Tensor]:
+        """Each member's prediction for the whole batch, from one :meth:`route` call on a stacked batch."""
+        self.check_members(members)
+        batch = x_t.shape[0]
+        stacked = x_t.repeat(len(members), *([1] * (x_t.ndim - 1)))
+        routes = [member for member in members for _ in range(batch)]
+        out = self.route(stacked, t, routes, **repeat_rows(cond, len(members), batch))
+        return list(out.split(batch))
+
+    def member(self, name: Member) -> Denoiser:
+        """The denoiser of one member (``BASE`` or an expert)."""
+        self.check_members([name])
+
+        def denoise(x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+            return self.route(x_t, t, [name] * x_t.shape[0], **cond)
+
+        return denoise
+
+    def check_members(self, members: Sequence[Member]) -> None:
+        unknown = sorted({m for m in members if m is not BASE and m not in self.expert_names})
+        if unknown:
+            raise PreferenceError(
+                f"no expert named {', '.join(map(repr, unknown))}; available: {', '.join(self.expert_names)}"
+            )
+
+
+class CallableFamily(DenoiserFamily):
+    """A family of independent denoiser callables (e.g. closed-form experts, or separate networks).
+
+    ``route`` calls each member once on the rows routed to it, so every row costs exactly one evaluation.
+    """
+
+    def __init__(self, base: Denoiser | None, experts: Mapping[str, Denoiser]):
+        if not experts:
+            raise PreferenceError("a denoiser family needs at least one expert")
+        self.base = base
+        self.experts = dict(experts)
+        self.expert_names = tuple(self.experts)
+
+    def _callable(self, member: Member) -> Denoiser:
+        if member is BASE:
+            if self.base is None:
+                raise PreferenceError("this preference needs the base model, but the family has none")
+            return self.base
+        return self.experts[member]
+
+    def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], **cond: Any) -> torch.Tensor:
+        self.check_members(members)
+        if len(members) != x_t.shape[0]:
+            raise ValueError(f"{len(members)} routes for a batch of {x_t.shape[0]}")
+        out: torch.Tensor | None = None
+        for member in dict.fromkeys(members):  # unique, in order of first appearance
+            rows = torch.tensor([i for i, m in enumerate(members) if m == member], device=x_t.device)
+            if len(rows) == x_t.shape[0]:
+                return self._callable(member)(x_t, t, **cond)
+            pred = self._callable(member)(x_t.index_select(0, rows), t, **select_rows(cond, rows, x_t.shape[0]))
+            if out is None:
+                out = torch.empty((x_t.shape[0], *pred.shape[1:]), dtype=pred.dtype, device=pred.device)
+            out[rows] = pred
+        assert out is not None
+        return out
+
+
+class BlendedDenoiser:
+    """DB-MPA / DB-KLA / combined: ``eps = sum_j c_j eps_j`` (paper Lemma 2, sections 2.4-2.6).
+
+    Only members with a non-zero coefficient are evaluated, all in one :meth:`DenoiserFamily.predict_all`.
+    """
+
+    def __init__(self, family: DenoiserFamily, preference: Preference):
+        self.family = family
+        self.preference = preference
+        self.coefficients = preference.coefficients(family.expert_names)
+        self._active = self.coefficients.active()
+
+    def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        members = [member for member, _ in self._active]
+        predictions = self.family.predict_all(x_t, t, members, **cond)
+        return blend_predictions([coef for _, coef in self._active], predictions)
+
+
+class SwitchingDenoiser:
+    """DB-MPA-LS (paper Proposition 2): at every call each sample draws ONE member ``j ~ Categorical(c)``.
+
+    One network evaluation per sample per step. The randomly switched drift has the same marginals as the
+    blended drift in the continuous-time limit; each discrete step has the blended mean and a little extra
+    variance (paper section 2.7). Refuses negative coefficients (use :class:`BlendedDenoiser`).
+    """
+
+    def __init__(self, family: DenoiserFamily, preference: Preference, generator: torch.Generator | int):
+        self.family = family
+        self.preference = preference
+        self.members, self.probabilities = preference.coefficients(family.expert_names).probabilities()
+        self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
+        self.selection_counts = torch.zeros(len(self.members), dtype=torch.long)
+
+    def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        choice = torch.multinomial(self.probabilities, x_t.shape[0], replacement=True, generator=self.generator)
+        self.selection_counts += torch.bincount(choice, minlength=len(self.members))
+        return self.family.route(x_t, t, [self.members[i] for i in choice.tolist()], **cond)
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance: ``eps_u + s (eps_c - eps_u)`` with ``cond`` given per call and ``uncond`` fixed.
+
+    CFG is affine with coefficients (1 - s, s) and the blend is affine with coefficients summing to one, so
+    the two commute: guiding the blend equals blending the guided members (paper section 3.2, fact 5 of
+    section 8). :class:`GuidedFamily` is the second form.
+    """
+
+    def __init__(self, denoiser: Denoiser, guidance_scale: float, uncond: Mapping[str, Any]):
+        self.denoiser = denoiser
+        self.guidance_scale = float(guidance_scale)
+        self.uncond = dict(uncond)
+
+    def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        eps_uncond = self.denoiser(x_t, t, **self.uncond)
+        eps_cond = self.denoiser(x_t, t, **cond)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+
+class GuidedFamily(DenoiserFamily):
+    """A family whose every member is classifier-free guided (each member uses its own two predictions)."""
+
+    def __init__(self, family: DenoiserFamily, guidance_scale: float, uncond: Mapping[str, Any]):
+        self.family = family
+        self.expert_names = family.expert_names
+        self.guidance_scale = float(guidance_scale)
+        self.uncond = dict(uncond)
+
+    def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], **cond: Any) -> torch.Tensor:
+        eps_uncond = self.family.route(x_t, t, members, **self.uncond)
+        eps_cond = self.family.route(x_t, t, members, **cond)
+        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+
+def make_denoiser(
+    family: DenoiserFamily, preference: Preference, method: str = "mpa", generator: torch.Generator | int | None = None
+) -> Callable[..., torch.Tensor]:
+    """``method="mpa"``: deterministic blend; ``method="ls"``: stochastic switching (needs ``generator``)."""
+    if method == "mpa":
+        return BlendedDenoiser(family, preference)
+    if method == "ls":
+        if generator is None:
+            raise PreferenceError("method 'ls' draws a model per step: pass a seed or torch.Generator")
+        return SwitchingDenoiser(family, preference, generator)
+    raise PreferenceError(f"unknown blend method {method!r}; choose 'mpa' (DB-MPA) or 'ls' (DB-MPA-LS)")

@@ -1,0 +1,221 @@
+"""Layer 3: sampling loops over diffusers schedulers, for any denoiser.
+
+The loop is the scheduler's own (``set_timesteps``, ``scale_model_input``, ``step``). For DDPM and DDIM we
+also expose each step's Gaussian transition ``p(x_{t-1} | x_t) = N(mean, std^2 I)``
+(:func:`transition_distribution`), which diffusers does not: RL fine-tuning needs the per-step log-probability
+of a trajectory and the exact per-step KL between two models' transitions (DPOK; paper section 4). Tests
+check that ``mean + std * noise`` is exactly what ``scheduler.step`` returns for the same noise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .denoisers import Denoiser
+
+
+def as_generator(generator: torch.Generator | int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` from a seed (or the generator itself)."""
+    if isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise TypeError(f"expected an integer seed or a torch.Generator, got {generator!r}")
+    return torch.Generator(device=device).manual_seed(generator)
+
+
+def make_scheduler(
+    kind: str = "ddim",
+    num_train_timesteps: int = 1000,
+    beta_schedule: str = "linear",
+    clip_sample: bool = False,
+    **config: Any,
+) -> DDIMScheduler | DDPMScheduler:
+    """A diffusers DDIM or DDPM scheduler; ``clip_sample=False`` by default (right for non-image data)."""
+    classes = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+    if kind not in classes:
+        raise ValueError(f"unknown scheduler kind {kind!r}; choose one of {sorted(classes)}")
+    return classes[kind](
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, clip_sample=clip_sample, **config
+    )
+
+
+def to_epsilon(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor) -> torch.Tensor:
+    """Convert a model output of the scheduler's ``prediction_type`` to a noise prediction.
+
+    The conversion is affine in the output with coefficients shared by all models, so blends commute with it.
+    """
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return model_output
+    abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * model_output + (1 - abar).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - abar.sqrt() * model_output) / (1 - abar).sqrt()
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def _previous_alpha_cumprod(scheduler: Any, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    alphas_cumprod = scheduler.alphas_cumprod
+    if isinstance(scheduler, DDIMScheduler):
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        prev = alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    else:
+        prev_t = int(scheduler.previous_timestep(t))
+        prev = alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.one
+    return alphas_cumprod[t], torch.as_tensor(prev)
+
+
+def transition_distribution(
+    scheduler: DDIMScheduler | DDPMScheduler, eps: torch.Tensor, t: Any, x_t: torch.Tensor, eta: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of the sampler's Gaussian step ``x_t -> x_{t-1}`` given noise prediction ``eps``.
+
+    DDIM (Song et al. 2021, eq. 12) with ``sigma_t = eta * sqrt((1-abar_prev)/(1-abar_t) (1-abar_t/abar_prev))``;
+    DDPM (Ho et al. 2020, eq. 7) with the scheduler's fixed variance. ``std`` is a 0-d tensor (it may be 0:
+    a deterministic step). Mirrors ``scheduler.step`` including ``clip_sample``.
+    """
+    t = int(t)
+    if scheduler.config.get("thresholding", False):
+        raise ValueError("dynamic thresholding makes the transition non-Gaussian; disable it for trajectories")
+    abar_t, abar_prev = (a.to(x_t.device, torch.float64) for a in _previous_alpha_cumprod(scheduler, t))
+    x0 = (x_t - (1 - abar_t).sqrt().to(x_t.dtype) * eps) / abar_t.sqrt().to(x_t.dtype)
+    if scheduler.config.clip_sample:
+        bound = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-bound, bound)
+        eps = (x_t - abar_t.sqrt().to(x_t.dtype) * x0) / (1 - abar_t).sqrt().to(x_t.dtype)
+    if isinstance(scheduler, DDIMScheduler):
+        variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+        std = eta * variance.clamp(min=0).sqrt()
+        direction = (1 - abar_prev - std**2).clamp(min=0).sqrt()
+        mean = abar_prev.sqrt().to(x_t.dtype) * x0 + direction.to(x_t.dtype) * eps
+        return mean, std.to(x_t.dtype)
+    if isinstance(scheduler, DDPMScheduler):
+        alpha_t = abar_t / abar_prev
+        beta_t = 1 - alpha_t
+        coef_x0 = abar_prev.sqrt() * beta_t / (1 - abar_t)
+        coef_xt = alpha_t.sqrt() * (1 - abar_prev) / (1 - abar_t)
+        mean = coef_x0.to(x_t.dtype) * x0 + coef_xt.to(x_t.dtype) * x_t
+        variance_type = scheduler.config.variance_type
+        if t == 0:
+            std = torch.zeros((), dtype=torch.float64)
+        elif variance_type == "fixed_small":
+            std = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20).sqrt()
+        elif variance_type == "fixed_large":
+            std = beta_t.sqrt()
+        else:
+            raise ValueError(f"DDPM variance_type {variance_type!r} is not supported for trajectories")
+        return mean, std.to(x_t.dtype)
+    raise TypeError(f"transition_distribution supports DDIM and DDPM schedulers, not {type(scheduler).__name__}")
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``log N(x; mean, std^2 I)`` summed over all but the batch dimension (0 where ``std == 0``)."""
+    if float(std) == 0.0:
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    dims = tuple(range(1, x.ndim))
+    d = math.prod(x.shape[1:])
+    squared = ((x - mean) ** 2).sum(dims)
+    return -squared / (2 * std**2) - d * (torch.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+@dataclass
+class Trajectory:
+    """A sampled chain ``x_T -> ... -> x_0`` with per-step Gaussian log-probabilities.
+
+    ``latents[k]`` is the state before step ``k`` (``latents[-1]`` is the sample), ``timesteps[k]`` the
+    step's timestep, ``log_probs[k, b]`` = ``log p(latents[k+1, b] | latents[k, b])`` under the sampling
+    denoiser, ``stds[k]`` the step's noise scale (0 for a deterministic step).
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+    stds: torch.Tensor
+    eta: float
+
+
+@dataclass
+class SampleOutput:
+    samples: torch.Tensor
+    trajectory: Trajectory | None = None
+
+
+def _step_kwargs(scheduler: Any, eta: float, generator: torch.Generator) -> dict[str, Any]:
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    scheduler: Any,
+    *,
+    generator: torch.Generator | int,
+    shape: tuple[int, ...] | None = None,
+    latents: torch.Tensor | None = None,
+    num_inference_steps: int = 50,
+    eta: float = 1.0,
+    cond: Mapping[str, Any] | None = None,
+    record_trajectory: bool = False,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SampleOutput:
+    """Run the scheduler's reverse process with ``denoiser``.
+
+    Give either ``shape`` (initial noise drawn from ``generator``) or ``latents`` (``x_T``). ``eta`` is the
+    DDIM stochasticity (the paper samples with ``eta = 1``); other schedulers ignore it. With
+    ``record_trajectory=True`` (DDIM/DDPM only) the output carries a :class:`Trajectory` with per-step
+    log-probabilities. The same generator seed gives the same samples.
+    """
+    generator = as_generator(generator)
+    cond = dict(cond or {})
+    if latents is None:
+        if shape is None:
+            raise ValueError("give the sample shape or the initial latents")
+        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+    if not torch.isfinite(latents).all():
+        raise ValueError("initial latents contain NaN or infinite values")
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    step_kwargs = _step_kwargs(scheduler, eta, generator)
+    x = latents
+    states, log_probs, stds = [x], [], []
+    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        model_output = denoiser(scheduler.scale_model_input(x, t), t, **cond)
+        if not record_trajectory:
+            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+            continue
+        eps = to_epsilon(scheduler, model_output, t, x)
+        mean, std = transition_distribution(scheduler, eps, t, x, eta)
+        noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_prev = mean + std * noise
+        log_probs.append(gaussian_log_prob(x_prev, mean, std))
+        stds.append(std)
+        states.append(x_prev)
+        x = x_prev
+    trajectory = None
+    if record_trajectory:
+        trajectory = Trajectory(
+            latents=torch.stack(states),
+            timesteps=scheduler.timesteps.clone(),
+            log_probs=torch.stack(log_probs),
+            stds=torch.stack(stds),
+            eta=eta,
+        )
+    return SampleOutput(samples=x, trajectory=trajectory)
