@@ -1,0 +1,1 @@
+"""Measurement studies (layer 8): how close the blend gets to its exact target."""
