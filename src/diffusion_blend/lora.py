@@ -9,6 +9,7 @@ that row only (peft's mixed-adapter batch). The base is the same network with no
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -62,7 +63,9 @@ def add_lora(
         target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
         init_lora_weights=init_lora_weights,
     )
-    inject_adapter_in_model(config, model, adapter_name=name)
+    with warnings.catch_warnings():  # peft warns on every adapter after the first; several are the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
     for param_name, param in model.named_parameters():
         param.requires_grad_("lora_" in param_name)
     return model

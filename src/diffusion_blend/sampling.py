@@ -91,8 +91,7 @@ def transition_distribution(
     x0 = (x_t - (1 - abar_t).sqrt().to(x_t.dtype) * eps) / abar_t.sqrt().to(x_t.dtype)
     if scheduler.config.clip_sample:
         bound = scheduler.config.clip_sample_range
-        x0 = x0.clamp(-bound, bound)
-        eps = (x_t - abar_t.sqrt().to(x_t.dtype) * x0) / (1 - abar_t).sqrt().to(x_t.dtype)
+        x0 = x0.clamp(-bound, bound)  # like scheduler.step, the direction term keeps the unclipped eps
     if isinstance(scheduler, DDIMScheduler):
         variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
         std = eta * variance.clamp(min=0).sqrt()
