@@ -1,0 +1,1 @@
+"""Layer 8: evaluation (importance-weighted oracle, statistics, Pareto tooling, sweeps, reports)."""
