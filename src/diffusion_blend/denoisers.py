@@ -144,9 +144,17 @@ class SwitchingDenoiser:
     One network evaluation per sample per step. The randomly switched drift has the same marginals as the
     blended drift in the continuous-time limit; each discrete step has the blended mean and a little extra
     variance (paper section 2.7). Refuses negative coefficients (use :class:`BlendedDenoiser`).
+
+    ``copies > 1``: the batch is ``copies`` stacked copies of the same samples (classifier-free guidance's
+    ``[uncond; cond]`` layout); each sample draws once and all its copies use the drawn member.
     """
 
-    def __init__(self, family: DenoiserFamily, preference: Preference, generator: torch.Generator | int):
+    def __init__(
+        self, family: DenoiserFamily, preference: Preference, generator: torch.Generator | int, copies: int = 1
+    ):
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
+        self.copies = int(copies)
         self.family = family
         self.preference = preference
         self.members, self.probabilities = preference.coefficients(family.expert_names).probabilities()
@@ -154,9 +162,12 @@ class SwitchingDenoiser:
         self.selection_counts = torch.zeros(len(self.members), dtype=torch.long)
 
     def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
-        choice = torch.multinomial(self.probabilities, x_t.shape[0], replacement=True, generator=self.generator)
+        if x_t.shape[0] % self.copies:
+            raise ValueError(f"a batch of {x_t.shape[0]} rows is not {self.copies} copies of the same samples")
+        samples = x_t.shape[0] // self.copies
+        choice = torch.multinomial(self.probabilities, samples, replacement=True, generator=self.generator)
         self.selection_counts += torch.bincount(choice, minlength=len(self.members))
-        return self.family.route(x_t, t, [self.members[i] for i in choice.tolist()], **cond)
+        return self.family.route(x_t, t, [self.members[i] for i in choice.tolist()] * self.copies, **cond)
 
 
 class GuidedDenoiser:
