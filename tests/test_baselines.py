@@ -104,3 +104,106 @@ def test_soup_is_replaced_and_validates():
         add_soup_adapter(net, Preference({"nope": 1.0}))
     with pytest.raises(DiffusionBlendError, match="variant"):
         add_soup_adapter(net, Preference({"align": 1.0}), variant="svd")
+
+
+# ----------------------------------------------------------------------------------------------- CoDe and RGG
+from diffusion_blend.baselines.code import code_sample, selection_steps  # noqa: E402
+from diffusion_blend.baselines.guidance import guided_sample, tempering_schedule  # noqa: E402
+from diffusion_blend.errors import RewardError  # noqa: E402
+from diffusion_blend.sampling import make_scheduler, sample  # noqa: E402
+from diffusion_blend.testbeds.gmm import GaussianMixture, MixtureDenoiser, QuadraticForm  # noqa: E402
+
+MIXTURE = GaussianMixture.isotropic([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.5]], 0.5)
+GMM_REWARDS = {"right": QuadraticForm.linear_reward([1.0, 0.0]), "up": QuadraticForm.linear_reward([0.0, 1.0])}
+
+
+def _base_denoiser(scheduler):
+    return MixtureDenoiser(MIXTURE, scheduler.alphas_cumprod)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm"])
+def test_code_with_one_candidate_is_plain_sampling(kind):
+    scheduler = make_scheduler(kind)
+    denoiser = _base_denoiser(scheduler)
+    plain = sample(denoiser, scheduler, generator=3, shape=(16, 2), num_inference_steps=20, progress=False).samples
+    out = code_sample(
+        denoiser, scheduler, rewards=GMM_REWARDS, preference=Preference({"right": 0.5, "up": 0.5}), generator=3,
+        shape=(16, 2), num_inference_steps=20, num_candidates=1, block_size=5, progress=False,
+    )
+    torch.testing.assert_close(out.samples, plain, rtol=0, atol=0)
+    assert out.network_evaluations == 20  # the kept look-ahead prediction is reused by the next step
+
+
+def test_code_counts_and_selects_higher_reward():
+    scheduler = make_scheduler("ddim")
+    denoiser = _base_denoiser(scheduler)
+    preference = Preference({"right": 1.0, "up": 0.0})
+    assert selection_steps(50, 5) == list(range(0, 50, 5))  # 10 selection steps, never the last step
+    out = code_sample(
+        denoiser, scheduler, rewards=GMM_REWARDS, preference=preference, generator=0, shape=(64, 2),
+        num_inference_steps=50, num_candidates=4, block_size=5, progress=False,
+    )
+    assert out.selection_steps == 10
+    assert out.network_evaluations == 50 + 10 * (4 - 1)
+    assert out.reward_evaluations == 10 * 4 * 1  # only rewards with non-zero weight are evaluated
+    plain = sample(denoiser, scheduler, generator=0, shape=(64, 2), num_inference_steps=50, progress=False).samples
+    assert out.samples[:, 0].mean() > plain[:, 0].mean() + 0.5
+
+
+def test_code_softmax_selection_needs_alpha_and_zero_lambda_ignores_reward():
+    scheduler = make_scheduler("ddim")
+    denoiser = _base_denoiser(scheduler)
+    kwargs = dict(rewards=GMM_REWARDS, generator=1, shape=(256, 2), num_inference_steps=20, num_candidates=6, progress=False)
+    with pytest.raises(DiffusionBlendError, match="alpha"):
+        code_sample(denoiser, scheduler, preference=Preference({"right": 1.0}), selection="softmax", **kwargs)
+    flat = code_sample(denoiser, scheduler, preference=Preference({"right": 1.0}, 0.0), selection="softmax", alpha=1.0, **kwargs)
+    strong = code_sample(denoiser, scheduler, preference=Preference({"right": 1.0}, 5.0), selection="softmax", alpha=1.0, **kwargs)
+    assert strong.samples[:, 0].mean() > flat.samples[:, 0].mean() + 0.5
+
+
+@pytest.mark.parametrize("zero", ["guidance_scale", "kl_scale"])
+def test_guidance_with_zero_scale_is_plain_sampling(zero):
+    scheduler = make_scheduler("ddim")
+    denoiser = _base_denoiser(scheduler)
+    plain = sample(denoiser, scheduler, generator=5, shape=(16, 2), num_inference_steps=20, progress=False).samples
+    out = guided_sample(
+        denoiser, scheduler, rewards=GMM_REWARDS, preference=Preference({"right": 1.0}, 0.0 if zero == "kl_scale" else 1.0),
+        alpha=0.5, generator=5, shape=(16, 2), num_inference_steps=20, progress=False,
+        guidance_scale=0.0 if zero == "guidance_scale" else 1.0,
+    )
+    torch.testing.assert_close(out.samples, plain, rtol=0, atol=0)
+    assert out.reward_evaluations == 0 and out.network_evaluations == 20
+
+
+def test_guidance_moves_samples_along_the_reward_gradient():
+    scheduler = make_scheduler("ddim")
+    denoiser = _base_denoiser(scheduler)
+    plain = sample(denoiser, scheduler, generator=7, shape=(128, 2), num_inference_steps=50, progress=False).samples
+    kwargs = dict(rewards=GMM_REWARDS, alpha=0.5, generator=7, shape=(128, 2), num_inference_steps=50, progress=False)
+    guided = guided_sample(denoiser, scheduler, preference=Preference({"right": 1.0}), **kwargs)
+    assert guided.samples[:, 0].mean() > plain[:, 0].mean() + 0.2
+    assert guided.reward_evaluations == sum(tempering_schedule(i) > 0 for i in range(50)) - 1  # last step: sigma = 0
+    normalized = guided_sample(denoiser, scheduler, preference=Preference({"up": 1.0}), normalize_gradient=True, **kwargs)
+    assert normalized.samples[:, 1].mean() > plain[:, 1].mean() + 0.1
+
+
+def test_tempering_schedule_values():
+    assert tempering_schedule(0) == 0.0
+    assert tempering_schedule(10) == pytest.approx(1.024**10 - 1)
+    assert tempering_schedule(29) < 1.0 and tempering_schedule(30) == 1.0
+
+
+def test_guidance_refuses_non_differentiable_rewards():
+    scheduler = make_scheduler("ddim")
+
+    class Compressibility:
+        differentiable = False
+
+        def __call__(self, images):
+            return images.sum(1)
+
+    kwargs = dict(preference=Preference({"jpeg": 1.0}), alpha=1.0, generator=0, shape=(4, 2), num_inference_steps=5, progress=False)
+    with pytest.raises(RewardError, match="not"):
+        guided_sample(_base_denoiser(scheduler), scheduler, rewards={"jpeg": Compressibility()}, **kwargs)
+    with pytest.raises(RewardError, match="without a gradient"):
+        guided_sample(_base_denoiser(scheduler), scheduler, rewards={"jpeg": lambda x: x.sum(1).detach()}, tempering=False, **kwargs)
