@@ -1,0 +1,150 @@
+"""Configuration of KL-regularized RL fine-tuning (paper section 4) and the "target" it fine-tunes.
+
+A :class:`FinetuneTarget` is everything model-specific the trainer needs: the network (which will carry the
+LoRA adapter), how to call it (``forward(model, x_t, t, **cond) -> eps``), the scheduler, the shape of one
+sample, how to turn final latents into reward inputs (``decode``), the basis rewards, and optional prompts
+with their conditioning. The 2-D Gaussian-mixture MLP, the digits model and Stable Diffusion are each one
+builder returning a target; the trainer (``training.dpok``) never looks inside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DiffusionBlendError
+from ..lora import Forward
+
+RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
+"""``reward(decoded_samples, prompts) -> Tensor[B]``; need not be differentiable."""
+
+
+@dataclass
+class FinetuneTarget:
+    """A model to fine-tune and the rewards to fine-tune it for (see module docstring)."""
+
+    name: str
+    model: nn.Module
+    forward: Forward
+    scheduler: Any
+    sample_shape: tuple[int, ...]
+    rewards: Mapping[str, RewardFn]
+    target_modules: Any
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda latents: latents
+    architecture: Mapping[str, Any] | None = None
+    prompts: Sequence[str] | None = None
+    encode_prompts: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
+
+    def conditioning(self, batch_size: int, generator: torch.Generator) -> tuple[list[str] | None, dict[str, Any]]:
+        """Draw ``batch_size`` prompts (uniformly, from ``generator``) and their conditioning kwargs."""
+        if not self.prompts:
+            return None, {}
+        index = torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
+        prompts = [self.prompts[i] for i in index.tolist()]
+        cond = dict(self.encode_prompts(prompts)) if self.encode_prompts is not None else {}
+        return prompts, cond
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DiffusionBlendError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DiffusionBlendError(f"{what} must be a finite number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise DiffusionBlendError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+@dataclass
+class DPOKConfig:
+    """Hyper-parameters of :func:`diffusion_blend.training.dpok.finetune` (paper section 4, DPOK family).
+
+    ``reward_weights``: ``r_w = sum_i w_i r_i`` (one name: a basis expert; several: the MORL oracle).
+    ``alpha``: KL weight; the optimum of ``E[r_w] - alpha KL(path)`` is ``p_pre exp(r_w / alpha)``.
+    ``batch_size`` trajectories per process per iteration, ``updates_per_batch`` passes (PPO epochs) over
+    them in ``minibatch_size`` chunks, ``clip_range`` the PPO ratio clip, ``timestep_fraction`` the share of
+    stochastic steps used per update (a random subset, DDPO's ``train_timestep_fraction``).
+    """
+
+    reward_weights: dict[str, float]
+    alpha: float
+    iterations: int = 200
+    batch_size: int = 256
+    minibatch_size: int = 256
+    updates_per_batch: int = 2
+    learning_rate: float = 3e-3
+    clip_range: float = 0.2
+    max_grad_norm: float = 1.0
+    timestep_fraction: float = 1.0
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    num_inference_steps: int = 20
+    eta: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 25
+    adapter_name: str = "policy"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reward_weights, Mapping) or not self.reward_weights:
+            raise DiffusionBlendError("reward_weights must name at least one reward, e.g. {'right': 1.0}")
+        clean = {}
+        for name, weight in self.reward_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise DiffusionBlendError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
+            clean[str(name)] = float(weight)
+        self.reward_weights = clean
+        self.alpha = _positive(self.alpha, "alpha (KL weight)")
+        for name in ("iterations", "batch_size", "minibatch_size", "updates_per_batch", "lora_rank",
+                     "num_inference_steps", "checkpoint_every"):
+            _positive_int(getattr(self, name), name)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise DiffusionBlendError(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.learning_rate = _positive(self.learning_rate, "learning_rate")
+        self.clip_range = _positive(self.clip_range, "clip_range")
+        self.max_grad_norm = _positive(self.max_grad_norm, "max_grad_norm")
+        self.lora_alpha = _positive(self.lora_alpha, "lora_alpha")
+        self.eta = _positive(self.eta, "eta")
+        if not 0.0 < self.timestep_fraction <= 1.0:
+            raise DiffusionBlendError(f"timestep_fraction must lie in (0, 1], got {self.timestep_fraction!r}")
+        if self.minibatch_size > self.batch_size:
+            raise DiffusionBlendError(f"minibatch_size {self.minibatch_size} exceeds batch_size {self.batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DPOKConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DiffusionBlendError(f"unknown fine-tuning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise DiffusionBlendError(f"incomplete fine-tuning config: {err}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> DPOKConfig:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DiffusionBlendError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise DiffusionBlendError(f"config file {path} is not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise DiffusionBlendError(f"config file {path} must hold a JSON object")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values)

@@ -1,0 +1,379 @@
+"""KL-regularized policy-gradient fine-tuning of a diffusion sampler into a LoRA adapter (paper section 4, DPOK).
+
+The policy is the sampler's Markov chain ``x_T -> ... -> x_0`` with Gaussian steps
+``pi_theta(x_{k+1} | x_k) = N(mu_theta(x_k), sigma_k^2 I)`` (DDIM ``eta > 0`` or DDPM), ``theta`` the LoRA
+parameters; the base ``p_pre`` is the SAME network with its adapter disabled. The objective is
+
+    J(theta) = E_pi[ r_w(x_0) ] - alpha * E_pi[ sum_k KL_k(x_k) ],
+    KL_k(x) = || mu_theta(x) - mu_pre(x) ||^2 / (2 sigma_k^2)            (exact Gaussian KL per step)
+
+whose optimum over path measures is ``p_pre exp(r_w / alpha) / Z`` (paper section 1; Proposition 1), so
+``alpha`` means what it means in the theory. Steps with ``sigma_k = 0`` are deterministic: they carry no
+log-probability and no KL (they are excluded from both, see docs/finetuning.md).
+
+Gradient estimator (per trajectory, exact in expectation):
+
+    grad J = E[ sum_k grad log pi_theta(x_{k+1} | x_k) * A_k ]  -  alpha * E[ sum_k grad_theta KL_k(x_k) ]
+    A_k    = r_w(x_0) - alpha * sum_{j > k} KL_j(x_j)  -  b_k        (KL-regularized reward-to-go)
+
+The first term is REINFORCE on the KL-regularized return: the action at step ``k`` moves the states ``x_j``
+(``j > k``) at which the later KL terms are evaluated, so their cost enters the return; ``KL_k(x_k)`` itself
+does not depend on the action taken at step ``k``. The second term differentiates the analytic KL at the
+visited states. ``b_k`` is the leave-one-out batch mean of the return at step ``k`` (a state-independent
+baseline: unbiased). Advantages are NOT divided by their standard deviation: that would rescale the
+policy-gradient term against the KL term and move the optimum away from ``p_pre exp(r/alpha)``. The
+policy-gradient term uses PPO's clipped importance ratio so that several updates can reuse one batch
+(``ratio = 1`` on the first update: plain REINFORCE).
+
+Scale-out: each process samples its own trajectories from a generator seeded by ``(seed, rank)``; LoRA
+gradients are averaged across processes with ``accelerator.reduce`` after every backward pass (the network
+is not wrapped in DDP: one update runs one forward per denoising step before a backward, and the adapter
+toggling needs the bare module). Checkpoints (``training.checkpoint``) make an interrupted run resume to the
+identical final adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .. import lora
+from ..adapters import save_adapter
+from ..denoisers import Denoiser
+from ..errors import DiffusionBlendError, RewardError
+from ..preference import BASE
+from ..sampling import gaussian_log_prob, sample, to_epsilon, transition_distribution
+from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from .config import DPOKConfig, FinetuneTarget
+
+PairFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""``pair(x_t, t, **cond) -> (eps_policy, eps_base)`` evaluated together."""
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+ADAPTER_NAME = "adapter.safetensors"
+LOG_NAME = "log.json"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after`` test hook to simulate a killed run."""
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """A per-process seed derived from the run seed (distinct streams per rank, reproducible)."""
+    return int.from_bytes(hashlib.sha256(f"dpok:{seed}:{rank}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class Rollout:
+    """Trajectories with everything the estimator needs, all detached.
+
+    ``latents[k]`` is the state before step ``k``; ``means_policy[k]`` / ``means_base[k]`` the two models'
+    transition means there; ``stds[k]`` the step's noise scale; ``kl[k, b]`` the exact per-step KL
+    ``||mu_policy - mu_base||^2 / (2 sigma_k^2)`` (0 where ``sigma_k = 0``).
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs: torch.Tensor
+    stds: torch.Tensor
+    means_base: torch.Tensor
+    kl: torch.Tensor
+    prompts: list[str] | None
+    cond: dict[str, Any]
+
+    @property
+    def samples(self) -> torch.Tensor:
+        return self.latents[-1]
+
+    @property
+    def path_kl(self) -> torch.Tensor:
+        """``sum_k KL_k`` per trajectory: the path KL of the sampled chain to the base (single-sample estimate)."""
+        return self.kl.sum(0)
+
+
+def step_kl(mean_policy: torch.Tensor, mean_base: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Exact KL between ``N(mean_policy, std^2 I)`` and ``N(mean_base, std^2 I)`` per row; 0 when ``std == 0``."""
+    if float(std) == 0.0:
+        return torch.zeros(mean_policy.shape[0], dtype=mean_policy.dtype, device=mean_policy.device)
+    dims = tuple(range(1, mean_policy.ndim))
+    return ((mean_policy - mean_base) ** 2).sum(dims) / (2 * std**2)
+
+
+def adapter_pair(model: torch.nn.Module, forward: lora.Forward, adapter_name: str) -> PairFn:
+    """Policy (adapter on) and base (adapter off) predictions of ONE network in one mixed-adapter forward."""
+    family = lora.LoraFamily(model, forward, [adapter_name])
+
+    def pair(x_t: torch.Tensor, t: Any, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        policy, base = family.predict_all(x_t, t, [adapter_name, BASE], **cond)
+        return policy, base
+
+    return pair
+
+
+def denoiser_pair(policy: Denoiser, base: Denoiser) -> PairFn:
+    """Pair two separate denoisers (e.g. a DB-MPA blend and the base) for evaluation."""
+
+    def pair(x_t: torch.Tensor, t: Any, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return policy(x_t, t, **cond), base(x_t, t, **cond)
+
+    return pair
+
+
+@torch.no_grad()
+def rollout(
+    target: FinetuneTarget,
+    pair: PairFn,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    num_inference_steps: int,
+    eta: float,
+    device: torch.device | str = "cpu",
+) -> Rollout:
+    """Sample ``batch_size`` trajectories of the policy and record the base's transition means along them.
+
+    Uses :func:`diffusion_blend.sampling.sample` with ``record_trajectory=True`` (per-step log-probs); the
+    denoiser passed to it also records both models' predictions so that the exact per-step KL can be formed.
+    """
+    prompts, cond = target.conditioning(batch_size, generator)
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    scheduler = target.scheduler
+
+    def record(x_t: torch.Tensor, t: Any, **kwargs: Any) -> torch.Tensor:
+        policy, base = pair(x_t, t, **kwargs)
+        recorded.append((policy, base))
+        return policy
+
+    trajectory = sample(
+        record,
+        scheduler,
+        generator=generator,
+        shape=(batch_size, *target.sample_shape),
+        num_inference_steps=num_inference_steps,
+        eta=eta,
+        cond=cond,
+        record_trajectory=True,
+        progress=False,
+        device=device,
+    ).trajectory
+    means_base, kls = [], []
+    for k, t in enumerate(trajectory.timesteps):
+        x_t = trajectory.latents[k]
+        policy_out, base_out = recorded[k]
+        mean_policy, std = transition_distribution(scheduler, to_epsilon(scheduler, policy_out, t, x_t), t, x_t, eta)
+        mean_base, _ = transition_distribution(scheduler, to_epsilon(scheduler, base_out, t, x_t), t, x_t, eta)
+        means_base.append(mean_base)
+        kls.append(step_kl(mean_policy, mean_base, std))
+    return Rollout(
+        latents=trajectory.latents,
+        timesteps=trajectory.timesteps,
+        log_probs=trajectory.log_probs,
+        stds=trajectory.stds,
+        means_base=torch.stack(means_base),
+        kl=torch.stack(kls),
+        prompts=prompts,
+        cond=cond,
+    )
+
+
+def score_rewards(
+    target: FinetuneTarget, names: Sequence[str], samples: torch.Tensor, prompts: Sequence[str] | None
+) -> dict[str, torch.Tensor]:
+    """Each named reward on the decoded samples; NaN/inf raises :class:`RewardError` naming the reward."""
+    unknown = [name for name in names if name not in target.rewards]
+    if unknown:
+        raise RewardError(f"target {target.name!r} has no reward {', '.join(map(repr, unknown))}; "
+                          f"available: {', '.join(target.rewards)}")
+    decoded = target.decode(samples)
+    values = {}
+    for name in names:
+        value = torch.as_tensor(target.rewards[name](decoded, prompts)).detach().to(torch.float32).reshape(-1)
+        if value.shape[0] != samples.shape[0]:
+            raise RewardError(f"reward {name!r} returned {value.shape[0]} values for {samples.shape[0]} samples")
+        if not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise RewardError(f"reward {name!r} returned {bad} NaN or infinite value(s); training stopped "
+                              "(checkpoints and adapters already saved are kept)")
+        values[name] = value.to(samples.device)
+    return values
+
+
+def kl_regularized_advantages(reward: torch.Tensor, kl: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``A_k = r - alpha * sum_{j>k} KL_j - b_k`` with ``b_k`` the leave-one-out batch mean (module docstring).
+
+    ``reward``: ``(B,)``; ``kl``: ``(K, B)``. Returns ``(K, B)``.
+    """
+    cost_to_go = kl.flip(0).cumsum(0).flip(0) - kl  # sum over j > k
+    returns = reward[None, :] - alpha * cost_to_go
+    batch = returns.shape[1]
+    if batch < 2:
+        return returns - returns.mean(1, keepdim=True)
+    baseline = (returns.sum(1, keepdim=True) - returns) / (batch - 1)
+    return returns - baseline
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model (carrying adapter ``adapter_name``), its file, and the per-iteration curves."""
+
+    model: torch.nn.Module
+    adapter_name: str
+    adapter_path: Path | None
+    curves: list[dict[str, float]] = field(default_factory=list)
+
+
+def _sync_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    offset = 0
+    for p, g in zip(parameters, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _policy_update(
+    target: FinetuneTarget,
+    config: DPOKConfig,
+    batch: Rollout,
+    advantages: torch.Tensor,
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    generator: torch.Generator,
+) -> None:
+    """``updates_per_batch`` passes of clipped policy gradient + analytic KL over the batch (module docstring)."""
+    model, scheduler, eta = target.model, target.scheduler, config.eta
+    stochastic = [k for k in range(len(batch.timesteps)) if float(batch.stds[k]) > 0]
+    num_rows = batch.latents.shape[1]
+    for _ in range(config.updates_per_batch):
+        order = torch.randperm(num_rows, generator=generator)
+        for start in range(0, num_rows - config.minibatch_size + 1, config.minibatch_size):
+            rows = order[start: start + config.minibatch_size]
+            steps = stochastic
+            if config.timestep_fraction < 1.0:
+                keep = max(1, round(config.timestep_fraction * len(stochastic)))
+                steps = [stochastic[i] for i in sorted(torch.randperm(len(stochastic), generator=generator)[:keep].tolist())]
+            optimizer.zero_grad(set_to_none=True)
+            cond = {key: value[rows] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_rows else value
+                    for key, value in batch.cond.items()}
+            with lora.active_adapter(model, config.adapter_name):
+                for k in steps:
+                    t = batch.timesteps[k]
+                    x_t, x_next, std = batch.latents[k, rows], batch.latents[k + 1, rows], batch.stds[k]
+                    out = target.forward(model, scheduler.scale_model_input(x_t, t), t, **cond)
+                    mean, _ = transition_distribution(scheduler, to_epsilon(scheduler, out, t, x_t), t, x_t, eta)
+                    log_prob = gaussian_log_prob(x_next, mean, std)
+                    ratio = torch.exp(log_prob - batch.log_probs[k, rows])
+                    advantage = advantages[k, rows]
+                    clipped = ratio.clamp(1 - config.clip_range, 1 + config.clip_range)
+                    policy_loss = -torch.minimum(ratio * advantage, clipped * advantage).mean()
+                    kl_loss = step_kl(mean, batch.means_base[k, rows], std).mean()
+                    # scale by K / |steps| so a timestep subset is an unbiased estimate of the sum over steps
+                    loss = (policy_loss + config.alpha * kl_loss) * (len(stochastic) / len(steps))
+                    loss.backward()
+            _sync_gradients(parameters, accelerator)
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
+
+
+def _atomic_write_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    os.replace(temporary, path)
+
+
+def finetune(
+    target: FinetuneTarget,
+    config: DPOKConfig,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    accelerator: Accelerator | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> FinetuneResult:
+    """Fine-tune a LoRA adapter on ``target.model`` for ``r_w = sum_i w_i r_i`` at KL weight ``alpha``.
+
+    Paper section 4 (DPOK) with the exact per-step KL (module docstring). With ``out_dir`` the run writes
+    ``checkpoint.safetensors`` every ``config.checkpoint_every`` iterations, and at the end
+    ``adapter.safetensors`` (see :mod:`diffusion_blend.adapters`) and ``log.json`` (the curves); with
+    ``resume`` an existing checkpoint there is continued. ``stop_after=k`` raises :class:`TrainingInterrupted`
+    after iteration ``k`` (a test hook simulating a killed run).
+    """
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    model = target.model.to(accelerator.device)
+    model.eval()  # no dropout: the log-probs of the recorded trajectories must be reproducible
+    if config.adapter_name in lora.adapter_names(model):
+        raise DiffusionBlendError(f"the model already carries an adapter named {config.adapter_name!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # identical LoRA init on every process
+        lora.add_lora(model, config.adapter_name, rank=config.lora_rank, alpha=config.lora_alpha,
+                      target_modules=target.target_modules)
+    model.to(accelerator.device)
+    parameters = [p for n, p in model.named_parameters() if p.requires_grad and f".{config.adapter_name}." in n]
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(process_seed(config.seed, accelerator.process_index))
+    pair = adapter_pair(model, target.forward, config.adapter_name)
+    names = list(config.reward_weights)
+    curves: list[dict[str, float]] = []
+    start = 0
+    checkpoint = out / CHECKPOINT_NAME if out is not None else None
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, model, config.adapter_name, optimizer)
+        if state.config != json.loads(json.dumps(config.to_dict(), default=str)):
+            raise DiffusionBlendError(f"checkpoint {checkpoint} belongs to a run with another config; "
+                                      "use a fresh output folder or the same config")
+        if state.generator_states.shape[0] != accelerator.num_processes:
+            raise DiffusionBlendError(f"checkpoint {checkpoint} was written by {state.generator_states.shape[0]} "
+                                      f"process(es); resume with the same number ({accelerator.num_processes} now)")
+        generator.set_state(state.generator_states[accelerator.process_index].clone())
+        start, curves = state.iteration, state.curves
+    bar = tqdm(range(start, config.iterations), desc=f"finetune {target.name}", initial=start,
+               total=config.iterations, disable=not (progress and accelerator.is_main_process))
+    for iteration in bar:
+        batch = rollout(target, pair, config.batch_size, generator, num_inference_steps=config.num_inference_steps,
+                        eta=config.eta, device=accelerator.device)
+        rewards = score_rewards(target, names, batch.samples, batch.prompts)
+        reward = sum(config.reward_weights[name] * rewards[name] for name in names)
+        advantages = kl_regularized_advantages(reward, batch.kl, config.alpha)
+        _policy_update(target, config, batch, advantages, parameters, optimizer, accelerator, generator)
+        stats = torch.stack([reward.mean(), batch.path_kl.mean(), *[rewards[n].mean() for n in names]])
+        stats = accelerator.reduce(stats.to(accelerator.device), reduction="mean").cpu()
+        row = {"iteration": iteration + 1, "reward": float(stats[0]), "kl": float(stats[1]),
+               "objective": float(stats[0] - config.alpha * stats[1])}
+        row.update({f"reward/{n}": float(v) for n, v in zip(names, stats[2:])})
+        curves.append(row)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}", objective=f"{row['objective']:.3f}")
+        done = iteration + 1
+        if checkpoint is not None and (done % config.checkpoint_every == 0 or done == config.iterations):
+            generator_states = accelerator.gather(generator.get_state()[None].to(accelerator.device)).cpu()
+            if accelerator.is_main_process:
+                save_checkpoint(checkpoint, model, config.adapter_name, optimizer,
+                                CheckpointState(done, generator_states, curves, config.to_dict()))
+            accelerator.wait_for_everyone()
+        if stop_after is not None and done >= stop_after and done < config.iterations:
+            raise TrainingInterrupted(f"stopped after iteration {done} (test hook)")
+    adapter_path = None
+    if out is not None:
+        adapter_path = out / ADAPTER_NAME
+        if accelerator.is_main_process:
+            save_adapter(model, config.adapter_name, adapter_path, rewards=config.reward_weights, alpha=config.alpha,
+                         steps=config.iterations, training_config=config.to_dict(), architecture=target.architecture)
+            _atomic_write_json(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves})
+        accelerator.wait_for_everyone()
+    return FinetuneResult(model=model, adapter_name=config.adapter_name, adapter_path=adapter_path, curves=curves)
