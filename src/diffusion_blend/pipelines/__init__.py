@@ -1,0 +1,17 @@
+"""Layer 7: diffusers integration. Diffusion Blend pipelines for the Stable Diffusion family."""
+
+from .loading import is_sdxl_folder, load_adapter, load_adapters, load_base_pipeline
+from .stable_diffusion import BlendPipelineMixin, BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline
+from .unet_blend import UNetBlend, blended_unet
+
+__all__ = [
+    "BlendPipelineMixin",
+    "BlendStableDiffusionPipeline",
+    "BlendStableDiffusionXLPipeline",
+    "UNetBlend",
+    "blended_unet",
+    "is_sdxl_folder",
+    "load_adapter",
+    "load_adapters",
+    "load_base_pipeline",
+]

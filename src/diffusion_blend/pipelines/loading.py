@@ -1,0 +1,171 @@
+"""Load a base pipeline and named LoRA adapters into its UNet, with one-line errors for adapters that do not fit.
+
+Accepted adapter sources:
+
+- a diffusers LoRA file (``*.safetensors``, as written by ``save_lora_weights`` or the diffusers training
+  scripts; kohya/A1111 layouts that diffusers converts also work), or a folder holding
+  ``pytorch_lora_weights.safetensors``: loaded with ``pipe.load_lora_weights(path, adapter_name=name)``;
+- a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, keys as written by
+  ``get_peft_model_state_dict`` or ``PeftModel.save_pretrained``): injected into the UNet with peft.
+
+Only UNet adapters can be blended in output space: a LoRA that also changes the text encoder would make the
+prompt embedding depend on the adapter, so such files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from ..errors import AdapterMismatchError, DiffusionBlendError
+from ..lora import PEFT_BASE, adapter_names
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+_PEFT_PREFIXES = ("base_model.model.", "unet.")
+
+
+def _check_name(unet: torch.nn.Module, name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name) or name == PEFT_BASE:
+        raise DiffusionBlendError(f"invalid adapter name {name!r}: use letters, digits, '_' or '-'")
+    if name in adapter_names(unet):
+        raise DiffusionBlendError(f"an adapter named {name!r} is already loaded")
+
+
+def _count_adapter_tensors(unet: torch.nn.Module, name: str) -> int:
+    return sum(1 for key, _ in unet.named_parameters() if f".lora_A.{name}." in key or f".lora_B.{name}." in key)
+
+
+def _remove_partial(pipe: Any, name: str) -> None:
+    """Best effort: drop a half-loaded adapter so the pipeline stays usable after a failed load."""
+    if name in adapter_names(pipe.unet):
+        try:
+            pipe.unet.delete_adapters(name)
+        except Exception:  # noqa: BLE001 - cleanup must not mask the real error
+            pass
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
+
+
+def _load_diffusers_lora(pipe: Any, path: Path, name: str) -> int:
+    try:
+        state_dict, _alphas = pipe.lora_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 - any reader failure means "not a readable LoRA file"
+        raise AdapterMismatchError(f"adapter {name!r}: cannot read LoRA weights from {path}: {_short(err)}") from None
+    if not state_dict:
+        raise AdapterMismatchError(f"adapter {name!r}: {path} holds no LoRA weights")
+    other = sorted({key.split(".")[0] for key in state_dict if not key.startswith("unet.")})
+    if other:
+        raise AdapterMismatchError(
+            f"adapter {name!r}: {path} also holds LoRA weights for {', '.join(other)}; only UNet adapters can be "
+            "blended (the prompt embedding must not depend on the adapter)"
+        )
+    for key, value in state_dict.items():
+        if not torch.is_floating_point(value) or not torch.isfinite(value).all():
+            raise AdapterMismatchError(f"adapter {name!r}: {path} has NaN/infinite or non-float values in {key}")
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    except Exception as err:  # noqa: BLE001 - shape/key mismatches surface as several exception types
+        _remove_partial(pipe, name)
+        raise AdapterMismatchError(
+            f"adapter {name!r} from {path} does not fit this base model's UNet (trained on another base or "
+            f"with another layout?): {_short(err)}"
+        ) from None
+    return len(state_dict)
+
+
+def _load_peft_folder(pipe: Any, folder: Path, name: str) -> int:
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise AdapterMismatchError(f"adapter {name!r}: {folder} has adapter_config.json but no adapter_model.safetensors")
+    try:
+        config = LoraConfig(**{
+            key: value
+            for key, value in json.loads((folder / "adapter_config.json").read_text()).items()
+            if key in LoraConfig.__dataclass_fields__ and key not in ("peft_type", "task_type")
+        })
+        state_dict = load_file(weights_file)
+    except Exception as err:  # noqa: BLE001
+        raise AdapterMismatchError(f"adapter {name!r}: cannot read peft adapter {folder}: {_short(err)}") from None
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in _PEFT_PREFIXES:
+            key = key.removeprefix(prefix)
+        if not torch.isfinite(value).all():
+            raise AdapterMismatchError(f"adapter {name!r}: {folder} has NaN/infinite values in {key}")
+        cleaned[key] = value
+    try:
+        inject_adapter_in_model(config, pipe.unet, adapter_name=name)
+        result = set_peft_model_state_dict(pipe.unet, cleaned, adapter_name=name)
+    except Exception as err:  # noqa: BLE001
+        _remove_partial(pipe, name)
+        raise AdapterMismatchError(
+            f"adapter {name!r} from {folder} does not fit this base model's UNet: {_short(err)}"
+        ) from None
+    if getattr(result, "unexpected_keys", None):
+        _remove_partial(pipe, name)
+        raise AdapterMismatchError(
+            f"adapter {name!r} from {folder} has weights for modules this UNet lacks, e.g. {result.unexpected_keys[0]}"
+        )
+    pipe.unet.eval()
+    return len(cleaned)
+
+
+def load_adapter(pipe: Any, source: str | os.PathLike, name: str) -> None:
+    """Load one LoRA adapter into ``pipe.unet`` under ``name`` (see the module docstring for the formats).
+
+    Raises :class:`AdapterMismatchError` (one line) if the file is missing, unreadable or corrupted, holds
+    non-UNet weights, or does not fit the UNet (modules it lacks, other shapes: another base or rank layout).
+    """
+    _check_name(pipe.unet, name)
+    path = Path(source)
+    if not path.exists():
+        raise AdapterMismatchError(f"adapter {name!r}: no such file or folder: {path}")
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        expected = _load_peft_folder(pipe, path, name)
+    else:
+        expected = _load_diffusers_lora(pipe, path, name)
+    loaded = _count_adapter_tensors(pipe.unet, name)
+    if loaded < expected:
+        _remove_partial(pipe, name)
+        raise AdapterMismatchError(
+            f"adapter {name!r} from {path}: only {loaded} of its {expected} LoRA tensors match modules of this "
+            "UNet (trained on another base model?)"
+        )
+
+
+def load_adapters(pipe: Any, adapters: Mapping[str, str | os.PathLike]) -> None:
+    """Load several named adapters (``{"aesthetic": "aesthetic.safetensors", ...}``)."""
+    if not adapters:
+        raise DiffusionBlendError("give at least one adapter, e.g. aesthetic=path/to/lora.safetensors")
+    for name, source in adapters.items():
+        load_adapter(pipe, source, name)
+
+
+def load_base_pipeline(pipeline_class: type, base: str | os.PathLike, **from_pretrained_kwargs: Any) -> Any:
+    """``pipeline_class.from_pretrained(base)`` with a one-line error when the base cannot be loaded."""
+    try:
+        return pipeline_class.from_pretrained(str(base), **from_pretrained_kwargs)
+    except Exception as err:  # noqa: BLE001 - hub/offline/missing-file errors come in many types
+        raise DiffusionBlendError(f"cannot load base model {str(base)!r}: {_short(err)}") from None
+
+
+def is_sdxl_folder(base: str | os.PathLike) -> bool:
+    """Whether a local pipeline folder is an SDXL pipeline (``model_index.json`` names an XL class)."""
+    index = Path(base) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return "XL" in json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,101 @@
+"""Diffusion Blend pipelines for the Stable Diffusion family (paper section 3: SD 1.5 with LoRA experts).
+
+:class:`BlendPipelineMixin` adds ``preference=`` / ``method=`` to any diffusers pipeline whose denoiser is
+``self.unet`` (see :mod:`.unet_blend` for how the stock loop is reused). Two ready classes:
+
+    pipe = BlendStableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
+    pipe.load_adapter("aesthetic.safetensors", "aesthetic")
+    pipe.load_adapter("align.safetensors", "align")
+    image = pipe("a cat", preference=Preference({"aesthetic": 0.3, "align": 0.7}), method="mpa",
+                 eta=1.0, generator=torch.Generator().manual_seed(0)).images[0]
+
+Any other UNet pipeline follows with one line: ``class X(BlendPipelineMixin, SomeUNetPipeline): pass``.
+Without ``preference`` the call is the stock pipeline with whatever adapters diffusers has active.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from ..lora import adapter_names
+from ..preference import Preference
+from .loading import load_adapter, load_adapters
+from .unet_blend import UNetBlend, blended_unet
+
+
+def _derived_switch_generator(generator: Any) -> torch.Generator:
+    """The DB-MPA-LS draw generator when none is given: seeded from the pipeline's ``generator`` (a separate
+    stream, so the initial noise and the ``eta`` noise are the same as with ``method="mpa"``), else from the
+    global torch RNG (``torch.manual_seed`` makes it reproducible)."""
+    if isinstance(generator, list) and generator:
+        generator = generator[0]
+    if isinstance(generator, torch.Generator):
+        seed = generator.initial_seed()
+    else:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + 0x5EED) % 2**63)
+
+
+class BlendPipelineMixin:
+    """Output-space blending of the UNet's LoRA adapters for a diffusers UNet pipeline.
+
+    ``__call__(..., preference=Preference(...), method="mpa" | "ls", switch_generator=None)``:
+
+    - ``method="mpa"``: DB-MPA / DB-KLA / combined (paper Lemma 2, sections 2.4-2.6): every UNet call returns
+      ``sum_j c_j eps_j`` with all needed members x both CFG branches in ONE batched forward;
+    - ``method="ls"``: DB-MPA-LS (paper Proposition 2): each sample draws one member per step from
+      ``Categorical(c)`` (shared by its two CFG rows) from ``switch_generator`` (seed or generator; by default
+      derived from ``generator``); one UNet forward of the CFG batch per step.
+
+    After a call, ``self.last_blend`` holds the :class:`UNetBlend` used (its ``calls`` and, for ``ls``, the
+    denoiser's ``selection_counts``).
+    """
+
+    last_blend: UNetBlend | None = None
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names of the LoRA adapters on the UNet (the experts that a preference can weight)."""
+        return adapter_names(self.unet)
+
+    def load_adapter(self, source: str | os.PathLike, name: str) -> None:
+        """Load a LoRA adapter (diffusers LoRA file/folder or peft folder) into the UNet as expert ``name``."""
+        load_adapter(self, source, name)
+
+    def load_adapters(self, adapters: Mapping[str, str | os.PathLike]) -> None:
+        load_adapters(self, adapters)
+
+    def _guided_copies(self) -> int:
+        return 2 if getattr(self, "do_classifier_free_guidance", False) else 1
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        *args: Any,
+        preference: Preference | None = None,
+        method: str = "mpa",
+        switch_generator: torch.Generator | int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if preference is None:
+            return super().__call__(*args, **kwargs)
+        if method == "ls" and switch_generator is None:
+            switch_generator = _derived_switch_generator(kwargs.get("generator"))
+        blend = UNetBlend(self.unet, preference, method, switch_generator, guided_copies=self._guided_copies)
+        self.last_blend = blend
+        with blended_unet(self.unet, blend):
+            return super().__call__(*args, **kwargs)
+
+
+class BlendStableDiffusionPipeline(BlendPipelineMixin, StableDiffusionPipeline):
+    """``StableDiffusionPipeline`` with Diffusion Blend (see :class:`BlendPipelineMixin`)."""
+
+
+class BlendStableDiffusionXLPipeline(BlendPipelineMixin, StableDiffusionXLPipeline):
+    """``StableDiffusionXLPipeline`` with Diffusion Blend; SDXL's ``added_cond_kwargs`` (pooled text embeddings,
+    time ids) are tiled with the member batch like the prompt embeddings."""
