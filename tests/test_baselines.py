@@ -207,3 +207,31 @@ def test_guidance_refuses_non_differentiable_rewards():
         guided_sample(_base_denoiser(scheduler), scheduler, rewards={"jpeg": Compressibility()}, **kwargs)
     with pytest.raises(RewardError, match="without a gradient"):
         guided_sample(_base_denoiser(scheduler), scheduler, rewards={"jpeg": lambda x: x.sum(1).detach()}, tempering=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- MORL oracle cache
+from diffusion_blend.baselines.morl import MorlOracle  # noqa: E402
+
+
+def test_morl_oracle_trains_once_per_preference_at_alpha_over_lambda(tmp_path):
+    calls = []
+
+    def train_adapter(weights, alpha):
+        calls.append((weights, alpha))
+        path = tmp_path / "runs" / f"run{len(calls)}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"adapter")
+        return path
+
+    oracle = MorlOracle(tmp_path / "cache", train_adapter, alpha=0.5)
+    first = oracle.adapter_path(Preference({"a": 0.3, "b": 0.7}, 2.0))
+    assert calls == [({"a": 0.3, "b": 0.7}, 0.25)]
+    # a new object over the same cache (a rerun) finds it; another lambda or w trains anew; lambda = 0 is the base
+    again = MorlOracle(tmp_path / "cache", train_adapter, alpha=0.5)
+    assert again.adapter_path(Preference({"b": 0.7, "a": 0.3}, 2.0)) == first.resolve() and again.trained == 0
+    again.adapter_path(Preference({"a": 0.3, "b": 0.7}, 1.0))
+    assert calls[-1] == ({"a": 0.3, "b": 0.7}, 0.5) and len(calls) == 2
+    assert again.adapter_path(Preference({"a": 1.0}, 0.0)) is None and len(calls) == 2
+    first.unlink()  # a lost file is retrained
+    again.adapter_path(Preference({"a": 0.3, "b": 0.7}, 2.0))
+    assert len(calls) == 3
