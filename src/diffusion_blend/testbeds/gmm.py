@@ -210,15 +210,16 @@ class GaussianMixture:
         serves every noise level. ``abar`` is a scalar or one value per row of ``x``.
         """
         abar = torch.as_tensor(abar, dtype=DTYPE)
-        abar_rows = abar.reshape(-1, 1, 1) if abar.ndim == 1 else abar  # (B, 1, 1) or scalar
-        centered = x[:, None, :] - abar_rows.sqrt() * self.means[None]  # (B, K, d)
-        projected = torch.einsum("bkd,kde->bke", centered, self._eigvecs)  # U_k^T (x - m_k)
-        variances = abar_rows * self._eigvals[None] + (1 - abar_rows)  # (B or 1, K, d)
-        log_density = -0.5 * ((projected**2 / variances).sum(-1) + variances.log().sum(-1)) - 0.5 * self.dim * math.log(
-            2 * math.pi
-        )
-        gradients = -torch.einsum("bke,kde->bkd", projected / variances, self._eigvecs)
-        return log_density + self.weights.log()[None], gradients
+        abar = abar.reshape(-1, 1) if abar.ndim == 1 else abar  # (B, 1) or scalar
+        log_terms, gradients = [], []
+        for k in range(self.num_components):  # K is small; per-component matmuls beat batched einsums here
+            projected = (x - abar.sqrt() * self.means[k]) @ self._eigvecs[k]  # U_k^T (x - m_k), (B, d)
+            variances = abar * self._eigvals[k] + (1 - abar)  # eigenvalues of the noised covariance
+            scaled = projected / variances
+            log_terms.append(-0.5 * ((projected * scaled).sum(1) + variances.log().sum(-1)) + self.weights[k].log())
+            gradients.append(-scaled @ self._eigvecs[k].T)
+        log_terms = torch.stack(log_terms, 1) - 0.5 * self.dim * math.log(2 * math.pi)
+        return log_terms, torch.stack(gradients, 1)
 
     def log_prob(self, x: torch.Tensor, abar: torch.Tensor | float = 1.0) -> torch.Tensor:
         """``log p(x)``; with ``abar < 1`` the log density of the forward-noised marginal."""
@@ -229,7 +230,7 @@ class GaussianMixture:
         """``grad_x log p_abar(x)`` of the marginal noised to ``abar`` (scalar or one per row), float64."""
         terms, gradients = self._component_terms(_check_points(x, self.dim), abar)
         responsibilities = torch.softmax(terms, dim=1)
-        return (responsibilities[..., None] * gradients).sum(1)
+        return torch.einsum("bk,bkd->bd", responsibilities, gradients)
 
     def noised(self, abar: float) -> GaussianMixture:
         """The VP forward marginal: component ``k -> N(sqrt(abar) mu_k, abar Sigma_k + (1 - abar) I)``."""
