@@ -312,7 +312,7 @@ def test_hpsv2_rejects_checkpoint_that_does_not_fit_config(hps_files, tmp_path):
     small = {k: v for k, v in state.items() if "resblocks.1." not in k}
     path = tmp_path / "bad.pt"
     torch.save({"state_dict": small}, path)
-    with pytest.raises(RewardError, match="does not fit the CLIP config") as info:
+    with pytest.raises(RewardError, match="does not fit the config") as info:
         get_reward("hpsv2", checkpoint=str(path), backbone=backbone)
     assert "\n" not in str(info.value)
 
@@ -323,7 +323,7 @@ def test_hpsv2_rejects_checkpoint_that_does_not_fit_config(hps_files, tmp_path):
 def test_registry_lists_the_zoo():
     names = set(available_rewards())
     assert {"jpeg_compressibility", "jpeg_incompressibility", "clip_score", "aesthetic", "pickscore",
-            "hpsv2"} <= names
+            "hpsv2", "imagereward"} <= names
 
 
 def test_missing_weights_offline_is_one_readable_line(monkeypatch, tmp_path):
@@ -359,3 +359,112 @@ def test_nan_images_and_missing_prompts_are_rejected(clip_folder):
         reward(images(), None)
     with pytest.raises(RewardError, match="NaN"):
         get_reward("jpeg_compressibility")(bad)
+
+
+# ------------------------------------------------------------------ ImageReward: BLIP checkpoint -> transformers
+
+
+BLIP_HEADS, TEXT_WIDTH = 16, 24  # ImageReward's ViT-L has 16 heads; the loader assumes that
+
+
+def tiny_bert_vocab() -> list[str]:
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "red", "dog", "##s"]
+
+
+def random_blip_vision_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """BLIP/timm ViT key names and shapes (``blip.visual_encoder.*``), random values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"cls_token": r(1, 1, WIDTH), "pos_embed": r(1, (IMAGE // PATCH) ** 2 + 1, WIDTH),
+             "patch_embed.proj.weight": r(WIDTH, 3, PATCH, PATCH), "patch_embed.proj.bias": r(WIDTH),
+             "norm.weight": 1 + r(WIDTH), "norm.bias": r(WIDTH)}
+    for i in range(LAYERS):
+        p = f"blocks.{i}."
+        state.update({p + "norm1.weight": 1 + r(WIDTH), p + "norm1.bias": r(WIDTH),
+                      p + "norm2.weight": 1 + r(WIDTH), p + "norm2.bias": r(WIDTH),
+                      p + "attn.qkv.weight": r(3 * WIDTH, WIDTH), p + "attn.qkv.bias": r(3 * WIDTH),
+                      p + "attn.proj.weight": r(WIDTH, WIDTH), p + "attn.proj.bias": r(WIDTH),
+                      p + "mlp.fc1.weight": r(4 * WIDTH, WIDTH), p + "mlp.fc1.bias": r(4 * WIDTH),
+                      p + "mlp.fc2.weight": r(WIDTH, 4 * WIDTH), p + "mlp.fc2.bias": r(WIDTH)})
+    return state
+
+
+def blip_vit_reference(state, pixels: torch.Tensor) -> torch.Tensor:
+    """BLIP's timm-style ViT forward written out by hand (LayerNorm eps 1e-6, exact GELU)."""
+    ln = nn.functional.layer_norm
+    x = nn.functional.conv2d(pixels, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=PATCH)
+    x = torch.cat([state["cls_token"].expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], 1)
+    x = x + state["pos_embed"]
+    batch, tokens, head_dim = x.shape[0], x.shape[1], WIDTH // BLIP_HEADS
+    for i in range(LAYERS):
+        p = f"blocks.{i}."
+        h = ln(x, (WIDTH,), state[p + "norm1.weight"], state[p + "norm1.bias"], eps=1e-6)
+        qkv = nn.functional.linear(h, state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(batch, tokens, 3, BLIP_HEADS, head_dim).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * head_dim**-0.5).softmax(-1)
+        h = (attn @ v).transpose(1, 2).reshape(batch, tokens, WIDTH)
+        x = x + nn.functional.linear(h, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])
+        h = ln(x, (WIDTH,), state[p + "norm2.weight"], state[p + "norm2.bias"], eps=1e-6)
+        h = nn.functional.gelu(nn.functional.linear(h, state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"]))
+        x = x + nn.functional.linear(h, state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"])
+    return ln(x, (WIDTH,), state["norm.weight"], state["norm.bias"], eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def imagereward_files(tmp_path_factory):
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+
+    torch.manual_seed(3)
+    root = tmp_path_factory.mktemp("imagereward")
+    (root / "vocab.txt").write_text("\n".join(tiny_bert_vocab()) + "\n")
+    tokenizer = BertTokenizer(vocab=str(root / "vocab.txt"))
+    tokenizer.save_pretrained(root / "tokenizer")
+    med = {"vocab_size": len(tiny_bert_vocab()) + 2, "hidden_size": TEXT_WIDTH, "intermediate_size": 2 * TEXT_WIDTH,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 40,
+           "hidden_act": "gelu", "layer_norm_eps": 1e-12, "encoder_width": WIDTH, "add_cross_attention": True}
+    (root / "med_config.json").write_text(json.dumps(med))
+    text_config = BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
+                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+                                 encoder_hidden_size=WIDTH, is_decoder=True, pad_token_id=0)
+    text = BlipTextModel(text_config, add_pooling_layer=False).eval()
+    head = AestheticHead(embed_dim=TEXT_WIDTH).eval()
+    vision = random_blip_vision_state()
+    state = {f"blip.visual_encoder.{k}": v for k, v in vision.items()}
+    state.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
+    state.update({f"mlp.{k}": v for k, v in head.state_dict().items()})
+    state["blip.vision_proj.weight"] = torch.zeros(8, WIDTH)
+    torch.save(state, root / "ImageReward.pt")
+    return root, vision, text, head
+
+
+def test_imagereward_matches_hand_built_blip_forward(imagereward_files):
+    root, vision, text, head = imagereward_files
+    reward = get_reward("imagereward", checkpoint=str(root), tokenizer=str(root / "tokenizer"))
+    raw = get_reward("imagereward", checkpoint=str(root), tokenizer=str(root / "tokenizer"), normalize=False)
+    x = images(seed=11, size=48)
+    prompts = ["a red cat", "dogs"]
+    from transformers import BertTokenizer
+
+    tokens = BertTokenizer(vocab=str(root / "vocab.txt"))(prompts, padding="max_length", max_length=35,
+                                                          return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = blip_vit_reference(vision, clip_preprocess(x, IMAGE))
+        hidden = text(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                      encoder_hidden_states=image_embeds).last_hidden_state
+        expected = head(hidden[:, 0])
+    torch.testing.assert_close(raw(x, prompts), expected, atol=1e-4, rtol=1e-4)
+    normalised = (expected - 0.16717362830052426) / 1.0333394966054072
+    torch.testing.assert_close(reward(x, prompts), normalised, atol=1e-4, rtol=1e-4)
+    x.requires_grad_(True)
+    reward(x, prompts).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_imagereward_missing_checkpoint_is_one_line(tmp_path):
+    with pytest.raises(RewardError, match="ImageReward.pt") as info:
+        get_reward("imagereward", checkpoint=str(tmp_path))
+    assert "\n" not in str(info.value)

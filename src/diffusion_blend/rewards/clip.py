@@ -114,6 +114,28 @@ def load_weights_file(path: str, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def build_model_from_state_dict(
+    model_cls: Any, config: Any, state_dict: dict[str, torch.Tensor], what: str, **init_kwargs: Any
+) -> nn.Module:
+    """``model_cls(config, **init_kwargs)`` carrying ``state_dict``; every key and shape must match exactly.
+
+    The expected keys come from a skeleton built on the ``meta`` device (no memory, no init cost).
+    """
+    with torch.device("meta"):
+        skeleton = model_cls(config, **init_kwargs)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in expected.keys() & state_dict.keys() if tuple(state_dict[k].shape) != expected[k])
+    if missing or extra or wrong:
+        raise RewardError(
+            f"{what} checkpoint does not fit the config: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]}), {len(wrong)} with other shapes (e.g. {wrong[:2]})"
+        )
+    model = model_cls.from_pretrained(None, config=config, state_dict=state_dict, **init_kwargs)
+    return model.eval().requires_grad_(False)
+
+
 def _read_json(source: str, filename: str) -> dict[str, Any] | None:
     """``filename`` from a folder or hub repo as a dict, or ``None`` when it does not exist there."""
     try:

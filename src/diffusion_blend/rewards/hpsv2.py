@@ -40,6 +40,7 @@ from ..errors import RewardError
 from .base import Reward, register_reward
 from .clip import (
     ClipBackbone,
+    build_model_from_state_dict,
     import_transformers,
     load_clip_backbone,
     load_pretrained,
@@ -113,19 +114,7 @@ def build_clip_from_open_clip(state_dict: Mapping[str, torch.Tensor], config) ->
     """A transformers ``CLIPModel(config)`` carrying the converted weights; every key and shape must match."""
     transformers = import_transformers()
     converted = open_clip_to_transformers(state_dict)
-    with torch.device("meta"):
-        skeleton = transformers.CLIPModel(config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    wrong = [k for k in expected.keys() & converted.keys() if tuple(converted[k].shape) != expected[k]]
-    if missing or extra or wrong:
-        raise RewardError(
-            f"open_clip checkpoint does not fit the CLIP config: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(extra)} unexpected (e.g. {extra[:2]}), {len(wrong)} with other shapes (e.g. {sorted(wrong)[:2]})"
-        )
-    model = transformers.CLIPModel.from_pretrained(None, config=config, state_dict=converted)
-    return model.eval()
+    return build_model_from_state_dict(transformers.CLIPModel, config, converted, "open_clip (HPS)")
 
 
 def convert_hpsv2_checkpoint(checkpoint_file: str, backbone: str, out_dir: str) -> str:
