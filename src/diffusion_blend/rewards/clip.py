@@ -314,7 +314,7 @@ class AestheticReward(Reward):
     name = "aesthetic"
     differentiable = True
     needs_prompts = False
-    value_range = (None, None)  # trained on 1-10 ratings; Stable Diffusion outputs typically score 4-7
+    value_range = (None, None)  # regression head trained on 1-10 ratings; not clipped
 
     def __init__(self, backbone: ClipBackbone, head: AestheticHead):
         self.backbone = backbone

@@ -25,8 +25,7 @@ Key mapping (open_clip -> transformers; ``{t}`` = ``vision_model.`` under ``visu
 ``...resblocks.{i}.mlp.c_fc.* / mlp.c_proj.*``         ``{t}encoder.layers.{i}.mlp.fc1.* / mlp.fc2.*``
 =====================================================  ====================================================
 
-Score (as ``hpsv2.score``): the cosine of the normalised image and text embeddings, no logit scale; typical
-values 0.2-0.35, range ``[-1, 1]`` times ``scale`` (default 1).
+Score (as ``hpsv2.score``): the cosine of the normalised image and text embeddings, no logit scale; range ``[-1, 1]`` times ``scale`` (default 1).
 """
 
 from __future__ import annotations
@@ -172,7 +171,7 @@ class HPSv2Reward(Reward):
         return (self.scale * self.backbone.cosine(images, prompts)).float()
 
 
-@register_reward("hpsv2", "HPSv2.1 human preference score (cosine, ~0.2-0.35); open_clip ViT-H-14 via transformers")
+@register_reward("hpsv2", "HPSv2.1 human preference score (cosine in [-1,1]); open_clip ViT-H-14 via transformers")
 def hpsv2(
     checkpoint: str = DEFAULT_HPS_REPO,
     version: str = "v2.1",

@@ -198,7 +198,7 @@ class ImageRewardReward(Reward):
     name = "imagereward"
     differentiable = True
     needs_prompts = True
-    value_range = (None, None)  # normalised scores lie mostly in about [-2, 2]
+    value_range = (None, None)  # standardised by the published mean/std; not clipped
 
     def __init__(self, model: ImageRewardModel, normalize: bool = True):
         self.model, self.normalize = model, bool(normalize)
