@@ -131,7 +131,7 @@ def test_clip_preprocess_normalises_crops_and_matches_pil_bicubic():
     resized = clip_preprocess(gray, IMAGE, mean=(0, 0, 0), std=(1, 1, 1))
     pil = Image.fromarray(gray[0, 0].numpy().astype(np.float32), mode="F").resize((IMAGE, IMAGE), Image.BICUBIC)
     for channel in range(3):  # 1 channel is repeated to RGB
-        torch.testing.assert_close(resized[0, channel], torch.from_numpy(np.asarray(pil)), atol=2e-3, rtol=0)
+        torch.testing.assert_close(resized[0, channel], torch.from_numpy(np.array(pil)), atol=2e-3, rtol=0)
 
 
 # ------------------------------------------------------------------ CLIP family
