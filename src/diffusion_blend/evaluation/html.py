@@ -1,0 +1,70 @@
+"""A self-contained HTML summary of a sweep: tables and the plots (linked relatively), no scripts, no network."""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def render_html(result: Mapping[str, Any]) -> str:
+    """The summary page as a string (escapes every value)."""
+    names = result["reward_names"]
+    head = ["method", "weights", "λ", *[f"{n} (± se)" for n in names], *[f"Δ{n}" for n in names],
+            "r_w (± se)", "Δr_w", "win rate", "NFE / sample", "s / sample"]
+    rows_html = []
+    for row in result["rows"]:
+        weights = ", ".join(f"{n}={w:g}" for n, w in row["weights"].items())
+        cells = [html.escape(row["method"]), html.escape(weights), _fmt(row["kl_scale"])]
+        cells += [f"{_fmt(row[f'mean_{n}'])} ± {_fmt(row[f'se_{n}'])}" for n in names]
+        cells += [_fmt(row[f"gain_{n}"]) for n in names]
+        cells += [f"{_fmt(row['weighted_reward'])} ± {_fmt(row['se_weighted_reward'])}", _fmt(row["gain_weighted_reward"]),
+                  _fmt(row["win_rate"]), _fmt(row["network_evaluations_per_sample"]), _fmt(row["wall_time_per_sample"])]
+        rows_html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    fronts = "".join(
+        f"<tr><td>{html.escape(m)}</td><td>{_fmt(f['hypervolume'])}</td><td>{len(f['points'])}</td></tr>"
+        for m, f in result["fronts"].items()
+    )
+    plots = "".join(
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(kind)}"><figcaption>{html.escape(kind)}</figcaption></figure>'
+        for kind, name in result.get("plots", {}).items()
+    )
+    setting = result.get("setting", {})
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>diffusion-blend evaluation: {html.escape(str(setting.get('name', '')))}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
+figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}</style></head><body>
+<h1>Evaluation: {html.escape(str(setting.get('name', '')))}</h1>
+<p>Setting: {html.escape(str(setting))}. Sweep: {html.escape(str(result.get('sweep', {})))}.</p>
+<h2>Per method and preference</h2>
+<p>Means over seeds × samples with standard errors; Δ = gain over the base model; win rate against the base paired by
+seed and sample (same initial noise); NFE = network evaluations per sample.</p>
+<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{''.join(rows_html)}</table>
+<h2>Pareto fronts</h2>
+<p>Hypervolume against the common reference point {html.escape(str([round(v, 4) for v in result['reference_point']]))}.</p>
+<table><tr><th>method</th><th>hypervolume</th><th>front size</th></tr>{fronts}</table>
+<h2>Plots</h2>{plots}
+</body></html>
+"""
+
+
+def write_html(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write :func:`render_html` atomically to ``path`` (images are referenced relative to it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(render_html(result))
+    os.replace(tmp, path)
+    return path

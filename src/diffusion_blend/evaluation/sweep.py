@@ -1,0 +1,531 @@
+"""Evaluation sweeps: methods x preference grid x seeds over a pluggable setting (paper section 6.1).
+
+A :class:`Setting` bundles what a model family needs: its :class:`~diffusion_blend.denoisers.DenoiserFamily`
+(base + one expert per basis reward), rewards, ``decode``, the sampler configuration and the experts' KL weight
+``alpha``. :func:`run_sweep` evaluates every *cell* ``(method, preference, seed)``: ``samples_per_seed`` samples
+drawn from a generator seeded with ``seed`` (so every method starts from the same initial noise: results are
+paired by seed and row), their per-reward scores, network evaluations (rows routed through the family: a DB-MPA
+step over m experts counts m; classifier-free guidance doubling is not counted) and wall time per sample.
+
+Resumable: each finished cell is written atomically to ``cells/<method>/<key>.json`` together with a fingerprint of
+the setting and sweep configuration; a rerun skips finished cells with the same fingerprint. Under ``torchrun`` /
+``accelerate launch`` the cells still to do are split across processes with
+``PartialState().split_between_processes``; every process writes its own cells and rank 0 aggregates after a
+barrier (:mod:`.report`-style outputs are written by :func:`aggregate` and :func:`write_reports`).
+
+Methods (:data:`METHODS`): ``base`` (pre-trained model), ``mpa`` (DB-MPA / DB-KLA / combined), ``ls`` (DB-MPA-LS),
+``rs-factors`` / ``rs-deltas`` (Rewarded Soup, LoRA families only), ``code`` (CoDe), ``rgg`` (reward-gradient
+guidance; differentiable rewards only), ``is-oracle`` (importance-weighted oracle of the exact target from
+``oracle_samples`` base samples; no sampler, so no win rate or cost) and ``morl`` (the setting's MORL oracle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from ..baselines.code import code_sample
+from ..baselines.guidance import guided_sample
+from ..baselines.morl import preference_key
+from ..baselines.rewarded_soup import rewarded_soup_denoiser
+from ..denoisers import BlendedDenoiser, Denoiser, DenoiserFamily, Member, SwitchingDenoiser
+from ..errors import DiffusionBlendError
+from ..lora import LoraFamily
+from ..preference import BASE, Preference
+from ..sampling import sample
+from .oracle import importance_weighted_oracle
+from .pareto import common_reference_point, hypervolume, pareto_front
+from .stats import mean_and_standard_error
+
+METHODS = ("base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "rgg", "is-oracle", "morl")
+
+
+class CountingFamily(DenoiserFamily):
+    """Wraps a family and counts the rows it routes (one row = one network evaluation of one sample)."""
+
+    def __init__(self, family: DenoiserFamily):
+        self.family = family
+        self.expert_names = family.expert_names
+        self.rows = 0
+
+    def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], **cond: Any) -> torch.Tensor:
+        self.rows += len(members)
+        return self.family.route(x_t, t, members, **cond)
+
+
+@dataclass
+class Setting:
+    """A model family to evaluate on (see module docstring).
+
+    ``rewards[name](decoded)`` (or ``(decoded, prompts)`` when the setting has prompts) gives one value per sample.
+    ``scheduler_factory()`` returns a fresh diffusers DDIM/DDPM scheduler. ``sample_shape`` is one sample's shape.
+    ``prompts`` (text models) are cycled over the rows of a batch; ``encode_prompts(prompts) -> cond kwargs``.
+    ``morl_denoiser(preference)`` returns the MORL oracle's denoiser (e.g. via
+    :class:`~diffusion_blend.baselines.morl.MorlOracle`). ``draw_base_samples(n, generator)`` gives exact base draws
+    for the importance-weighted oracle when available (else the base model is sampled). ``options`` are recorded in every cell's fingerprint.
+    """
+
+    name: str
+    family: DenoiserFamily
+    rewards: Mapping[str, Callable[..., torch.Tensor]]
+    scheduler_factory: Callable[[], Any]
+    sample_shape: tuple[int, ...]
+    alpha: float
+    decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    num_inference_steps: int = 50
+    eta: float = 1.0
+    prompts: Sequence[str] | None = None
+    encode_prompts: Callable[[list[str]], Mapping[str, Any]] | None = None
+    morl_denoiser: Callable[[Preference], Denoiser] | None = None
+    draw_base_samples: Callable[[int, torch.Generator], torch.Tensor] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def supports(self, method: str) -> str | None:
+        """``None`` if ``method`` can run on this setting, else the reason it cannot."""
+        if method not in METHODS:
+            return f"unknown method {method!r}; choose from {', '.join(METHODS)}"
+        if method.startswith("rs-") and not isinstance(self.family, LoraFamily):
+            return f"{method} (Rewarded Soup) needs the experts as LoRA adapters of one network"
+        if method == "rgg":
+            flat = [n for n, r in self.rewards.items() if getattr(r, "differentiable", True) is False]
+            if flat:
+                return f"rgg needs differentiable rewards; {', '.join(flat)} is not"
+        if method == "morl" and self.morl_denoiser is None:
+            return "morl needs the setting's MORL oracle (no morl_denoiser given)"
+        return None
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep and the baselines' hyper-parameters (paper sections 5.2-5.3 defaults)."""
+
+    methods: Sequence[str]
+    preferences: Sequence[Preference]
+    seeds: Sequence[int] = (0, 1)
+    samples_per_seed: int = 64
+    code_candidates: int = 20
+    code_block_size: int = 5
+    rgg_scale: float = 1.0
+    rgg_normalize: bool = False
+    rgg_tempering: bool = True
+    oracle_samples: int = 20_000
+    oracle_seed: int = 12345
+
+    def __post_init__(self) -> None:
+        if not self.methods or not self.preferences or not self.seeds:
+            raise DiffusionBlendError("a sweep needs at least one method, one preference and one seed")
+        if int(self.samples_per_seed) < 1 or int(self.oracle_samples) < 2:
+            raise DiffusionBlendError("samples_per_seed must be >= 1 and oracle_samples >= 2")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        skip = {"methods", "preferences", "seeds"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    preference: Preference | None  # None: the base model (preference-free)
+    seed: int
+
+    @property
+    def key(self) -> str:
+        pref = "none" if self.preference is None else preference_key(self.preference, 0.0)
+        return f"{pref}_s{self.seed}"
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(value, handle, indent=1, sort_keys=True, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def fingerprint(setting: Setting, config: SweepConfig) -> str:
+    payload = {
+        "setting": setting.name,
+        "options": dict(setting.options),
+        "steps": setting.num_inference_steps,
+        "eta": setting.eta,
+        "alpha": setting.alpha,
+        "rewards": sorted(setting.rewards),
+        "shape": list(setting.sample_shape),
+        "prompts": list(setting.prompts or []),
+        "hyper": config.hyperparameters(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cells_of(setting: Setting, config: SweepConfig) -> list[Cell]:
+    """Every cell of the sweep; ``base`` once per seed, ``is-oracle`` once per preference."""
+    for method in dict.fromkeys(config.methods):
+        reason = setting.supports(method)
+        if reason:
+            raise DiffusionBlendError(reason)
+    for preference in config.preferences:
+        preference.coefficients(setting.family.expert_names)  # validates reward names
+    cells = [Cell("base", None, int(seed)) for seed in config.seeds]
+    for method in dict.fromkeys(config.methods):
+        if method == "base":
+            continue
+        for preference in dict.fromkeys(config.preferences):
+            if method == "is-oracle":
+                cells.append(Cell(method, preference, config.oracle_seed))
+                continue
+            cells.extend(Cell(method, preference, int(seed)) for seed in config.seeds)
+    return cells
+
+
+def cell_path(out_dir: Path, cell: Cell) -> Path:
+    return out_dir / "cells" / cell.method / f"{cell.key}.json"
+
+
+def _conditioning(setting: Setting, batch: int) -> tuple[list[str] | None, dict[str, Any]]:
+    if not setting.prompts:
+        return None, {}
+    prompts = [setting.prompts[b % len(setting.prompts)] for b in range(batch)]
+    cond = dict(setting.encode_prompts(prompts)) if setting.encode_prompts else {}
+    return prompts, cond
+
+
+def _score(setting: Setting, samples: torch.Tensor, prompts: list[str] | None) -> dict[str, list[float]]:
+    images = setting.decode(samples)
+    scores = {}
+    for name, reward in setting.rewards.items():
+        values = reward(images) if prompts is None else reward(images, prompts)
+        values = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+        if values.shape != (samples.shape[0],) or not torch.isfinite(values).all():
+            raise DiffusionBlendError(f"reward {name!r} must return one finite value per sample")
+        scores[name] = values.tolist()
+    return scores
+
+
+def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any]:
+    batch = int(config.oracle_samples)
+    prompts, cond = _conditioning(setting, batch)
+    if setting.draw_base_samples is not None:
+        samples = setting.draw_base_samples(batch, torch.Generator().manual_seed(cell.seed))
+    else:
+        with torch.no_grad():
+            samples = sample(
+                setting.family.member(BASE), setting.scheduler_factory(), generator=cell.seed,
+                shape=(batch, *setting.sample_shape), num_inference_steps=setting.num_inference_steps, eta=setting.eta,
+                cond=cond, progress=False,
+            ).samples
+    scores = _score(setting, samples, prompts)
+    estimate = importance_weighted_oracle({k: torch.tensor(v) for k, v in scores.items()}, cell.preference, setting.alpha)
+    return {
+        "expected_rewards": estimate.expected_rewards,
+        "standard_errors": estimate.standard_errors,
+        "effective_sample_size": estimate.effective_sample_size,
+        "num_base_samples": estimate.num_samples,
+    }
+
+
+def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any]:
+    """Evaluate one cell; returns its JSON record (without the fingerprint)."""
+    record: dict[str, Any] = {
+        "method": cell.method,
+        "seed": cell.seed,
+        "weights": None if cell.preference is None else dict(cell.preference.weights),
+        "kl_scale": None if cell.preference is None else cell.preference.kl_scale,
+    }
+    start = time.perf_counter()
+    if cell.method == "is-oracle":
+        record.update(_oracle_cell(setting, config, cell))
+        record["wall_time_per_sample"] = None
+        record["network_evaluations_per_sample"] = None
+        return record
+    batch = int(config.samples_per_seed)
+    shape = (batch, *setting.sample_shape)
+    prompts, cond = _conditioning(setting, batch)
+    counting = CountingFamily(setting.family)
+    scheduler = setting.scheduler_factory()
+    common = dict(generator=cell.seed, shape=shape, num_inference_steps=setting.num_inference_steps, eta=setting.eta,
+                  cond=cond, progress=False)
+    preference = cell.preference
+    method = cell.method
+    extra: dict[str, Any] = {}
+    if method in ("base", "mpa", "ls", "morl", "rs-factors", "rs-deltas"):
+        if method == "base":
+            denoiser: Denoiser = counting.member(BASE)
+        elif method == "mpa":
+            denoiser = BlendedDenoiser(counting, preference)
+        elif method == "ls":
+            denoiser = SwitchingDenoiser(counting, preference, torch.Generator().manual_seed(10_007 * cell.seed + 1))
+        elif method == "morl":
+            inner = setting.morl_denoiser(preference)
+
+            def denoiser(x_t, t, **kw):  # noqa: E306 - count one evaluation per row
+                counting.rows += x_t.shape[0]
+                return inner(x_t, t, **kw)
+        else:
+            soup = rewarded_soup_denoiser(setting.family, preference, variant=method.split("-", 1)[1])
+
+            def denoiser(x_t, t, **kw):  # noqa: E306
+                counting.rows += x_t.shape[0]
+                return soup(x_t, t, **kw)
+        with torch.no_grad():
+            samples = sample(denoiser, scheduler, **common).samples
+    elif method == "code":
+        out = code_sample(
+            counting.member(BASE), scheduler, rewards=setting.rewards, preference=preference, decode=setting.decode,
+            prompts=prompts, num_candidates=config.code_candidates, block_size=config.code_block_size, **common,
+        )
+        samples = out.samples
+        extra["reward_evaluations_per_sample"] = out.reward_evaluations
+    elif method == "rgg":
+        out = guided_sample(
+            counting.member(BASE), scheduler, rewards=setting.rewards, preference=preference, alpha=setting.alpha,
+            decode=setting.decode, prompts=prompts, guidance_scale=config.rgg_scale,
+            normalize_gradient=config.rgg_normalize, tempering=config.rgg_tempering, **common,
+        )
+        samples = out.samples
+        extra["reward_evaluations_per_sample"] = out.reward_evaluations
+    else:
+        raise DiffusionBlendError(f"unknown method {method!r}")
+    elapsed = time.perf_counter() - start
+    record["rewards"] = _score(setting, samples, prompts)
+    record["network_evaluations_per_sample"] = counting.rows / batch
+    record["wall_time_per_sample"] = elapsed / batch
+    record.update(extra)
+    return record
+
+
+def _finished(path: Path, print_: str) -> bool:
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == print_
+    except json.JSONDecodeError:
+        return False
+
+
+def run_sweep(
+    setting: Setting, config: SweepConfig, out_dir: str | os.PathLike, *, progress: bool = True
+) -> dict[str, Any] | None:
+    """Run the unfinished cells (split across processes), then aggregate and write reports on rank 0.
+
+    Returns the aggregate (rank 0) or ``None`` (other ranks); its ``"cells_run"`` is the number of cells this
+    call computed over all processes (0 when everything was already finished).
+    """
+    out = Path(out_dir)
+    state = PartialState()
+    print_ = fingerprint(setting, config)
+    cells = cells_of(setting, config)
+    todo = [cell for cell in cells if not _finished(cell_path(out, cell), print_)]
+    state.wait_for_everyone()  # every process has listed the same unfinished cells before anyone writes
+    with state.split_between_processes(todo) as mine:
+        for cell in tqdm(mine, desc=f"evaluate [rank {state.process_index}]", disable=not progress):
+            record = run_cell(setting, config, cell)
+            record["fingerprint"] = print_
+            _write_json_atomic(cell_path(out, cell), record)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    records = [json.loads(cell_path(out, cell).read_text()) for cell in cells]
+    result = aggregate(records, list(setting.rewards))
+    result["cells_run"] = len(todo)
+    result["setting"] = {"name": setting.name, "options": dict(setting.options), "alpha": setting.alpha,
+                         "num_inference_steps": setting.num_inference_steps, "eta": setting.eta}
+    result["sweep"] = {"methods": list(config.methods), "seeds": list(config.seeds), **config.hyperparameters()}
+    from .plots import write_plots
+    from .html import write_html
+
+    write_tables(result, out)
+    result["plots"] = write_plots(result, out)
+    _write_json_atomic(out / "results.json", _json_safe(result))
+    write_html(result, out / "summary.html")
+    return result
+
+
+def _rw(rewards: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> np.ndarray:
+    return sum(float(w) * np.asarray(rewards[n], dtype=np.float64) for n, w in weights.items())
+
+
+def aggregate(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str]) -> dict[str, Any]:
+    """Rows per (method, preference) with means, standard errors, gains, win rates; fronts and hypervolumes."""
+    base = {r["seed"]: r["rewards"] for r in records if r["method"] == "base"}
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for record in records:
+        if record["method"] == "base":
+            continue
+        pref = Preference(record["weights"], record["kl_scale"])
+        groups.setdefault((record["method"], str(pref)), []).append(record)
+    preferences = {str(Preference(r["weights"], r["kl_scale"])): Preference(r["weights"], r["kl_scale"])
+                   for r in records if r["method"] != "base"}
+    rows = []
+    for pref_label, preference in preferences.items():
+        base_all = {n: np.concatenate([np.asarray(base[s][n]) for s in sorted(base)]) for n in reward_names}
+        base_row = _sample_row("base", preference, [{"seed": s, "rewards": base[s]} for s in sorted(base)], base,
+                               reward_names, base_all)
+        base_row["network_evaluations_per_sample"] = _mean_field(
+            [r for r in records if r["method"] == "base"], "network_evaluations_per_sample")
+        base_row["wall_time_per_sample"] = _mean_field([r for r in records if r["method"] == "base"], "wall_time_per_sample")
+        rows.append(base_row)
+        for (method, label), group in groups.items():
+            if label != pref_label:
+                continue
+            if method == "is-oracle":
+                rows.append(_oracle_row(group[0], preference, reward_names, base_all))
+            else:
+                row = _sample_row(method, preference, group, base, reward_names, base_all)
+                row["network_evaluations_per_sample"] = _mean_field(group, "network_evaluations_per_sample")
+                row["wall_time_per_sample"] = _mean_field(group, "wall_time_per_sample")
+                if "reward_evaluations_per_sample" in group[0]:
+                    row["reward_evaluations_per_sample"] = _mean_field(group, "reward_evaluations_per_sample")
+                rows.append(row)
+    fronts, points = {}, {}
+    for row in rows:
+        points.setdefault(row["method"], []).append([row[f"mean_{n}"] for n in reward_names])
+    reference = common_reference_point([np.asarray(p) for p in points.values()]).tolist()
+    for method, pts in points.items():
+        fronts[method] = {
+            "points": pareto_front(np.unique(np.asarray(pts), axis=0)).tolist(),
+            "hypervolume": hypervolume(np.asarray(pts), reference),
+        }
+    return {"reward_names": list(reward_names), "rows": rows, "fronts": fronts, "reference_point": reference}
+
+
+def _mean_field(group: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    values = [g[key] for g in group if g.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _sample_row(method, preference, group, base, reward_names, base_all) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": method, "weights": dict(preference.weights), "kl_scale": preference.kl_scale}
+    stacked = {n: np.concatenate([np.asarray(g["rewards"][n]) for g in group]) for n in reward_names}
+    for name in reward_names:
+        mean, se = mean_and_standard_error(torch.from_numpy(stacked[name]))
+        row[f"mean_{name}"], row[f"se_{name}"] = mean, se
+        row[f"gain_{name}"] = mean - float(base_all[name].mean())
+    weighted = _rw(stacked, preference.weights)
+    row["weighted_reward"], row["se_weighted_reward"] = mean_and_standard_error(torch.from_numpy(weighted))
+    row["gain_weighted_reward"] = row["weighted_reward"] - float(_rw(base_all, preference.weights).mean())
+    wins = []
+    for g in group:  # paired by seed and row: the same seed gives the same initial noise
+        if g["seed"] in base:
+            ours, theirs = _rw(g["rewards"], preference.weights), _rw(base[g["seed"]], preference.weights)
+            if ours.shape == theirs.shape:
+                wins.append((ours > theirs) + 0.5 * (ours == theirs))
+    row["win_rate"] = float(np.concatenate(wins).mean()) if wins else None
+    row["num_samples"] = int(weighted.size)
+    return row
+
+
+def _oracle_row(record, preference, reward_names, base_all) -> dict[str, Any]:
+    row: dict[str, Any] = {"method": "is-oracle", "weights": dict(preference.weights), "kl_scale": preference.kl_scale}
+    for name in reward_names:
+        row[f"mean_{name}"] = record["expected_rewards"][name]
+        row[f"se_{name}"] = record["standard_errors"][name]
+        row[f"gain_{name}"] = record["expected_rewards"][name] - float(base_all[name].mean())
+    row["weighted_reward"] = sum(w * record["expected_rewards"][n] for n, w in preference.weights.items())
+    row["se_weighted_reward"] = None  # the per-reward errors are correlated; see the per-reward columns
+    row["gain_weighted_reward"] = row["weighted_reward"] - float(_rw(base_all, preference.weights).mean())
+    row["win_rate"] = None
+    row["num_samples"] = record["num_base_samples"]
+    row["effective_sample_size"] = record["effective_sample_size"]
+    row["network_evaluations_per_sample"] = None
+    row["wall_time_per_sample"] = None
+    return row
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_tables(result: Mapping[str, Any], out_dir: Path) -> None:
+    """``results.csv``: one row per (method, preference), weights as ``w_<name>`` columns."""
+    import csv
+
+    names = result["reward_names"]
+    columns = ["method", *[f"w_{n}" for n in names], "kl_scale"]
+    for name in names:
+        columns += [f"mean_{name}", f"se_{name}", f"gain_{name}"]
+    columns += ["weighted_reward", "se_weighted_reward", "gain_weighted_reward", "win_rate",
+                "network_evaluations_per_sample", "reward_evaluations_per_sample", "wall_time_per_sample",
+                "num_samples", "effective_sample_size"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".results.csv.", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in result["rows"]:
+            flat = {**row, **{f"w_{n}": row["weights"].get(n, 0.0) for n in names}}
+            writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
+    os.replace(tmp, out_dir / "results.csv")
+
+
+def parse_preference_grid(
+    reward_names: Sequence[str], weights: str | None, grid: int | None, kl_scales: Sequence[float]
+) -> list[Preference]:
+    """Preferences from ``"a=0.2,b=0.8;a=0.5,b=0.5"`` or an evenly spaced 2-reward grid, times each KL scale."""
+    if weights:
+        bases = [Preference.parse(part).weights for part in weights.split(";") if part.strip()]
+    elif grid:
+        if len(reward_names) != 2:
+            raise DiffusionBlendError(f"--grid needs exactly 2 rewards, the setting has {len(reward_names)}; use --weights")
+        if int(grid) < 2:
+            raise DiffusionBlendError("--grid needs at least 2 points")
+        first, second = reward_names
+        bases = [{first: float(w), second: float(1 - w)} for w in np.linspace(0.0, 1.0, int(grid)).round(10)]
+    else:
+        raise DiffusionBlendError("give --weights or --grid")
+    return [Preference(b, k) for k in kl_scales for b in bases]
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
+    """The 2-D Gaussian-mixture miniature: ideal experts (exact tilts) as a CallableFamily, closed-form rewards.
+
+    Rewards (differentiable quadratic forms): ``right(x) = x_1``, ``corner(x) = -|x - (-2, 2)|^2 / 2``. The
+    importance-weighted oracle reweights exact mixture draws, so it estimates the exact target. The MORL
+    oracle is the exact tilted target ``p_pre exp(lambda r_w / alpha)``: what an ideal fine-tune on ``r_w`` at KL
+    weight ``alpha / lambda`` would reach.
+    """
+    from ..sampling import make_scheduler
+    from ..studies.gmm_study import study_testbed
+    from ..testbeds.gmm import MixtureDenoiser, ideal_family, tilted_target
+
+    base, rewards = study_testbed()
+    scheduler = make_scheduler("ddim")
+    family = ideal_family(base, rewards, alpha, scheduler)
+
+    def morl(preference: Preference) -> Denoiser:
+        return MixtureDenoiser(tilted_target(base, rewards, preference, alpha), scheduler.alphas_cumprod)
+
+    return Setting(
+        name="gmm",
+        family=family,
+        rewards=rewards,
+        scheduler_factory=lambda: make_scheduler("ddim"),
+        sample_shape=(2,),
+        alpha=alpha,
+        num_inference_steps=num_inference_steps,
+        morl_denoiser=morl,
+        draw_base_samples=lambda n, generator: base.sample(n, generator).float(),
+        options={"num_inference_steps": num_inference_steps, "alpha": alpha},
+    )
+
+
+SETTINGS: dict[str, Callable[..., Setting]] = {"gmm": gmm_setting}
