@@ -324,7 +324,7 @@ def run_sweep(
     call computed over all processes (0 when everything was already finished).
     """
     out = Path(out_dir)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU runs under torchrun need cpu=True (gloo)
     print_ = fingerprint(setting, config)
     cells = cells_of(setting, config)
     todo = [cell for cell in cells if not _finished(cell_path(out, cell), print_)]
@@ -333,6 +333,7 @@ def run_sweep(
         for cell in tqdm(mine, desc=f"evaluate [rank {state.process_index}]", disable=not progress):
             record = run_cell(setting, config, cell)
             record["fingerprint"] = print_
+            record["process_index"] = state.process_index
             _write_json_atomic(cell_path(out, cell), record)
     state.wait_for_everyone()
     if not state.is_main_process:
