@@ -235,3 +235,24 @@ def test_morl_oracle_trains_once_per_preference_at_alpha_over_lambda(tmp_path):
     first.unlink()  # a lost file is retrained
     again.adapter_path(Preference({"a": 0.3, "b": 0.7}, 2.0))
     assert len(calls) == 3
+
+
+def test_morl_oracle_with_the_dpok_trainer_writes_and_loads_an_adapter_for_r_w(tmp_path):
+    from diffusion_blend.adapters import read_adapter
+    from diffusion_blend.baselines.morl import dpok_adapter_trainer, morl_denoiser
+    from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
+
+    config = {k: v for k, v in vars(tiny_config(iterations=1, batch_size=8, minibatch_size=8)).items()
+              if k not in ("reward_weights", "alpha")}
+    trainer = dpok_adapter_trainer(tiny_target, config, tmp_path / "runs", progress=False)
+    oracle = MorlOracle(tmp_path / "cache", trainer, alpha=1.0)
+    preference = Preference({"right": 1.0}, 2.0)
+    path = oracle.adapter_path(preference)
+    _, metadata = read_adapter(path)
+    assert metadata.rewards == {"right": 1.0} and metadata.alpha == 0.5  # alpha / lambda
+    target = tiny_target()
+    denoiser = morl_denoiser(oracle, preference, target.model.eval(), target.forward, architecture=target.architecture)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    assert denoiser(x, 500).shape == (4, 2) and oracle.trained == 1
+    base = morl_denoiser(oracle, Preference({"right": 1.0}, 0.0), target.model, target.forward)
+    torch.testing.assert_close(base(x, 500), target.forward(tiny_target().model.eval(), x, 500))

@@ -6,7 +6,7 @@ the exact target lives in :mod:`diffusion_blend.evaluation.oracle`.
 
 from .code import BaselineOutput, code_sample
 from .guidance import guided_sample, tempering_schedule
-from .morl import MorlOracle, dpok_adapter_trainer
+from .morl import MorlOracle, dpok_adapter_trainer, morl_denoiser
 from .rewarded_soup import add_soup_adapter, rewarded_soup_denoiser
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "code_sample",
     "dpok_adapter_trainer",
     "guided_sample",
+    "morl_denoiser",
     "rewarded_soup_denoiser",
     "tempering_schedule",
 ]

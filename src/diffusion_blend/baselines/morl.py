@@ -94,6 +94,27 @@ class MorlOracle:
         return path
 
 
+def morl_denoiser(
+    oracle: MorlOracle, preference: Preference, model: Any, forward: Callable[..., Any], architecture: Mapping[str, Any] | None = None
+) -> Callable[..., Any]:
+    """The MORL oracle's denoiser for ``preference`` on ``model`` (adapter loaded as ``morl-<key>``; base if lambda = 0)."""
+    from ..adapters import load_adapter
+    from ..lora import active_adapter, adapter_names
+
+    path = oracle.adapter_path(preference)
+    name = None
+    if path is not None:
+        name = f"morl-{preference_key(preference, oracle.alpha)}"
+        if name not in adapter_names(model):
+            load_adapter(model, path, name, architecture=architecture)
+
+    def denoise(x_t: Any, t: Any, **cond: Any) -> Any:
+        with active_adapter(model, name):
+            return forward(model, x_t, t, **cond)
+
+    return denoise
+
+
 def dpok_adapter_trainer(
     make_target: Callable[[], Any], config: Mapping[str, Any], out_root: str | os.PathLike, progress: bool = True
 ) -> TrainAdapter:
