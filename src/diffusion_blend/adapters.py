@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ def architecture_config(model: nn.Module, architecture: Mapping[str, Any] | None
     config = architecture if architecture is not None else getattr(model, "config", None)
     if config is None:
         return {"class": type(model).__name__}
+    if is_dataclass(config) and not isinstance(config, type):
+        config = {"class": type(model).__name__, **asdict(config)}
     return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
 
 
