@@ -26,3 +26,13 @@ def test_console_script_subprocess_has_no_traceback():
                            "--kl-scale", "-2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dblend: error: kl_scale (lambda) must be >= 0, got -2.0"
+
+
+def test_argument_errors_are_one_line_too(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["coefficients", "--weights", "a=1", "--kl-scale", "abc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dblend: error: argument --kl-scale") and "\n" not in err

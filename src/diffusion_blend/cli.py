@@ -16,8 +16,15 @@ import sys
 from . import commands
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dblend: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"dblend: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="dblend", description="Diffusion Blend: inference-time multi-preference alignment for diffusion models."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
