@@ -1,0 +1,266 @@
+"""Time per step and peak memory of Diffusion Blend sampling on the real Stable Diffusion 1.5 UNet architecture.
+
+The UNet is ``UNet2DConditionModel`` built from the SD 1.5 config (written below; random weights, no download)
+with rank-4 LoRA adapters on every attention projection (to_q, to_k, to_v, to_out.0). Every variant runs DDIM
+steps (eta = 1) at 64x64 latents with classifier-free guidance (CFG batch 2), batch 1:
+
+- ``single``: the base UNet alone, no adapter (the reference cost, ratio 1);
+- ``mpa_batched``: DB-MPA, all m adapters x both CFG rows in ONE mixed-adapter forward (the library path);
+- ``mpa_sequential``: DB-MPA by switching adapters: set adapter, forward, repeat m times;
+- ``reference_copies``: the reference code's approach: m full UNet copies, each with its LoRA merged;
+- ``ls``: DB-MPA-LS, one adapter drawn per step, one forward.
+
+Each variant runs in its own subprocess, so peak memory is not polluted by the others: on CPU the peak is the
+subprocess's peak resident set size (``ru_maxrss``, includes the Python/torch runtime); on CUDA it is
+``torch.cuda.max_memory_allocated``. Results are printed as ratios to ``single`` and written as JSON and Markdown.
+
+    python benchmarks/bench_sd_blend.py                               # CPU, float32, 2 timed steps
+    python benchmarks/bench_sd_blend.py --device cuda --dtype float16 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+VARIANTS = ("single", "mpa_batched", "mpa_sequential", "reference_copies", "ls")
+PROMPT_TOKENS = 77
+
+
+def _random_unet(dtype, device, seed):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    unet = unet.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+        for buffer in unet.buffers():
+            buffer.zero_()
+    return unet.to(device=device, dtype=dtype).eval()
+
+
+def _add_adapters(unet, names, seed):
+    import torch
+
+    from diffusion_blend.lora import add_lora
+
+    generator = torch.Generator().manual_seed(seed)
+    for name in names:
+        add_lora(unet, name, rank=4, target_modules=TARGETS, init_lora_weights="gaussian")
+    with torch.no_grad():
+        for key, param in unet.named_parameters():
+            if "lora_B" in key:
+                param.copy_((torch.randn(param.shape, generator=generator) * 0.01).to(param))
+    unet.eval()
+
+
+def _merged_copies(unet_with_adapters, names, dtype, device, seed):
+    """m full UNets, copy i = base weights + its LoRA merged in (W += scale * B A), as the reference code keeps."""
+    import torch
+
+    from diffusion_blend.lora import lora_layers
+
+    copies = []
+    layers = {id(layer) for layer in lora_layers(unet_with_adapters)}
+    for name in names:
+        copy = _random_unet(dtype, device, seed)  # same seed: the same base weights
+        modules = dict(copy.named_modules())
+        with torch.no_grad():
+            for layer_name, module in unet_with_adapters.named_modules():
+                if id(module) in layers and name in module.lora_A:
+                    delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
+                    target = modules[layer_name]
+                    target.weight += (module.scaling[name] * delta).to(target.weight)
+        copies.append(copy)
+    return copies
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtype_name: str, seed: int) -> dict:
+    """One measurement in this process; returns timing and memory."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    from diffusion_blend.denoisers import SwitchingDenoiser
+    from diffusion_blend.lora import LoraFamily, active_adapter
+    from diffusion_blend.pipelines.unet_blend import UNetBlend
+    from diffusion_blend.preference import Preference, blend_predictions
+
+    dtype = getattr(torch, dtype_name)
+    cuda = device.startswith("cuda")
+    names = [f"reward{i}" for i in range(m)]
+    preference = Preference({name: 1.0 / m for name in names})
+    unet = _random_unet(dtype, device, seed)
+    if variant != "single":
+        _add_adapters(unet, names, seed + 1)
+    copies = _merged_copies(unet, names, dtype, device, seed) if variant == "reference_copies" else None
+    if copies is not None:
+        del unet
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(2, PROMPT_TOKENS, 768, generator=generator).to(device, dtype)  # [uncond; cond]
+    latents = torch.randn(1, 4, 64, 64, generator=generator).to(device, dtype)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+
+    def call(model, x, t):
+        return model(x, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+
+    if variant == "single":
+        predict = lambda x, t: call(unet, x, t)  # noqa: E731
+    elif variant == "mpa_batched":
+        blend = UNetBlend(unet, preference, "mpa")
+        predict = lambda x, t: blend(x, t, encoder_hidden_states=embeddings, return_dict=False)[0]  # noqa: E731
+    elif variant == "mpa_sequential":
+        coefficients = [c for _, c in preference.coefficients(names).active()]
+
+        def predict(x, t):
+            outputs = []
+            for name in names:
+                with active_adapter(unet, name):
+                    outputs.append(call(unet, x, t))
+            return blend_predictions(coefficients, outputs)
+    elif variant == "reference_copies":
+        coefficients = [1.0 / m] * m
+        predict = lambda x, t: blend_predictions(coefficients, [call(c, x, t) for c in copies])  # noqa: E731
+    elif variant == "ls":
+        family = LoraFamily(unet, lambda model, x, t, **kw: call(model, x, t), names)
+        switching = SwitchingDenoiser(family, preference, seed, copies=2)
+        predict = lambda x, t: switching(x, t)  # noqa: E731
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    weights_bytes = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    scheduler.set_timesteps(warmup + steps)
+    times = []
+    x = latents
+    with torch.no_grad():
+        for index, t in enumerate(scheduler.timesteps):
+            start = time.perf_counter()
+            eps = predict(torch.cat([x, x]), t)
+            uncond, cond = eps.chunk(2)
+            guided = uncond + 7.5 * (cond - uncond)
+            x = scheduler.step(guided, t, x, eta=1.0, generator=generator).prev_sample
+            if cuda:
+                torch.cuda.synchronize()
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    finite = bool(torch.isfinite(x).all())
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        method = "torch.cuda.max_memory_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        method = "peak RSS of the variant's process (ru_maxrss)"
+    return {
+        "variant": variant, "m": m, "seconds_per_step": sum(times) / len(times), "step_times": times,
+        "memory_after_setup_bytes": weights_bytes, "peak_memory_bytes": peak, "memory_method": method,
+        "finite": finite,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 2 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
+    parser.add_argument("--adapters", default="2,3", help="comma-separated m values (default 2,3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "M"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps = args.steps or (20 if args.device.startswith("cuda") else 2)
+
+    if args.worker:
+        result = run_variant(args.worker[0], int(args.worker[1]), steps, args.warmup, args.device, args.dtype,
+                             args.seed)
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    ms = [int(v) for v in args.adapters.split(",")]
+    jobs = [("single", 1)] + [(variant, m) for m in ms for variant in VARIANTS[1:]]
+    results = []
+    base_cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--dtype", args.dtype,
+                "--steps", str(steps), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    for variant, m in jobs:
+        print(f"running {variant} (m={m}) ...", flush=True)
+        proc = subprocess.run([*base_cmd, "--worker", variant, str(m)], capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"variant {variant} (m={m}) failed with exit code {proc.returncode}")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+
+    single = results[0]
+    for row in results:
+        row["time_ratio"] = row["seconds_per_step"] / single["seconds_per_step"]
+        row["peak_memory_ratio"] = row["peak_memory_bytes"] / single["peak_memory_bytes"]
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    import torch
+
+    meta = {
+        "command": command, "device": args.device, "dtype": args.dtype, "timed_steps": steps, "warmup": args.warmup,
+        "latents": "1x4x64x64, CFG batch 2, 77 prompt tokens", "unet": "SD 1.5 architecture, random weights",
+        "lora": "rank 4 on to_q, to_k, to_v, to_out.0", "memory_method": single["memory_method"],
+        "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+    }
+    header = "| variant | m | s/step | time ratio | peak memory (GiB) | memory ratio |"
+    table = [header, "| --- | --- | --- | --- | --- | --- |"]
+    for row in results:
+        table.append(
+            f"| {row['variant']} | {row['m'] if row['variant'] != 'single' else '-'} | {row['seconds_per_step']:.3f} "
+            f"| {row['time_ratio']:.2f}x | {row['peak_memory_bytes'] / 2**30:.2f} | {row['peak_memory_ratio']:.2f}x |"
+        )
+    markdown = "\n".join([
+        f"Command: `{command}`", "",
+        f"Device {args.device} ({meta['cuda_device'] or platform.processor() or 'cpu'}), {args.dtype}, {steps} timed "
+        f"steps after {args.warmup} warm-up, {meta['latents']}. Memory: {meta['memory_method']}.", "", *table, "",
+    ])
+    print(markdown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"sd_blend_{args.device.split(':')[0]}_{args.dtype}"
+    for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=2)), (".md", markdown)):
+        tmp = args.out / (stem + suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out / (stem + suffix))
+    print(f"wrote {args.out / (stem + '.json')} and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
