@@ -22,7 +22,7 @@ from .model import DigitsDenoiser, DigitsDenoiserConfig, digits_forward, digits_
 from .model import save_digits_model
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits" / "denoiser"
-DEFAULT_RECIPE: dict[str, Any] = {"steps": 8000, "seed": 0, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.999}
+DEFAULT_RECIPE: dict[str, Any] = {"steps": 6000, "seed": 0, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.999}
 
 
 def default_command(steps: int, seed: int, batch_size: int, lr: float, ema_decay: float | None) -> str:
@@ -62,6 +62,7 @@ def train_digits_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "architecture": asdict(model.config),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
     }
     return model, result, record
 
