@@ -223,3 +223,14 @@ def test_reward_boundary_errors():
         reward("ink")(torch.full((1, 1, 8, 8), math.nan))
     with pytest.raises(RewardError, match=r"\(B, 1, 8, 8\)"):
         reward("digit_prob", digit=1)(torch.zeros(2, 1, 16, 16))
+
+
+def test_default_loader_retrains_through_the_same_code_path_when_files_are_absent(tmp_path, monkeypatch):
+    from diffusion_blend.digits import train
+
+    monkeypatch.setitem(train.DEFAULT_RECIPE, "steps", 2)
+    model = load_default_digits_model(tmp_path / "absent", progress=False)
+    assert model.record["steps"] == 2 and (tmp_path / "absent" / "model.safetensors").is_file()
+    again = load_digits_model(tmp_path / "absent")
+    for p, q in zip(model.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
