@@ -25,6 +25,15 @@ from diffusion_blend.rewards import available_rewards, get_reward
 CLASSIFIER_ACCURACY_THRESHOLD = 0.97
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small networks on 2 shared cores: intra-op threads only add spin-waiting (16 s vs 0.4 s measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- data -------------------------------------------------------------------------------------------------
 def test_data_scaling_and_split():
     images, labels = digit_images()
@@ -112,12 +121,13 @@ def test_committed_base_model_loads_with_its_record_and_samples_look_like_digits
     record = model.record
     assert record["command"].startswith("dblend pretrain digits") and f"--seed {record['seed']}" in record["command"]
     assert record["steps"] >= 1000
-    samples = sample_digits(model, 200, seed=3)
-    assert samples.shape == (200, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
+    samples = sample_digits(model, 160, seed=3)
+    assert samples.shape == (160, 1, 8, 8) and samples.min() >= 0 and samples.max() <= 1
     report = quality_report(samples, load_classifier())
-    assert report["mean_max_confidence"] > 0.85
+    assert report["mean_max_confidence"] > 0.85  # measured 0.90 on 1,024 samples; real digits 0.99
     assert min(report["class_histogram"]) > 0  # every digit class is generated
-    assert torch.equal(samples, sample_digits(model, 200, seed=3))
+    first = sample_digits(model, 8, seed=4, num_inference_steps=10)
+    assert torch.equal(first, sample_digits(model, 8, seed=4, num_inference_steps=10))
 
 
 # ---- classifier -------------------------------------------------------------------------------------------
