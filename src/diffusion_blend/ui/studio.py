@@ -1,0 +1,103 @@
+"""What the UI drives: a model with one LoRA adapter per basis reward, and those rewards.
+
+A :class:`Studio` turns (preference, method, seed, prompt) into images and each basis reward's mean score. The UI
+knows nothing else about models, so the digits default and Stable Diffusion bases plug in the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..denoisers import make_denoiser
+from ..lora import Forward, LoraFamily
+from ..preference import Preference
+from ..sampling import sample
+
+RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
+
+
+@dataclass
+class Generation:
+    images: np.ndarray  # one uint8 grid image (H, W, 3) for display
+    scores: dict[str, float]  # mean reward per basis reward
+    seconds: float  # generation wall time (sampling + scoring)
+
+
+class Studio(Protocol):
+    reward_names: tuple[str, ...]
+    text_conditioned: bool
+    description: str
+
+    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None) -> Generation: ...
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None, cell: int = 64) -> np.ndarray:
+    """``(B, C, H, W)`` in ``[0, 1]`` -> one uint8 RGB grid, each image upscaled (nearest) to ``cell`` pixels."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    images = torch.nn.functional.interpolate(images[:, :3], size=(cell, cell), mode="nearest")
+    count = images.shape[0]
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    pad = 2
+    grid = torch.ones(3, rows * (cell + pad) + pad, columns * (cell + pad) + pad)
+    for index in range(count):
+        r, c = divmod(index, columns)
+        top, left = pad + r * (cell + pad), pad + c * (cell + pad)
+        grid[:, top : top + cell, left : left + cell] = images[index]
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+class LoraStudio:
+    """Unconditional (or fixed-conditioning) models carrying LoRA experts: the digits default.
+
+    Every generation uses the same seeds for the same ``seed`` value, so moving a slider shows the same samples
+    changing, not new ones.
+    """
+
+    text_conditioned = False
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        forward: Forward,
+        scheduler: Any,
+        sample_shape: tuple[int, ...],
+        rewards: Mapping[str, RewardFn],
+        *,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        num_images: int = 16,
+        num_inference_steps: int = 50,
+        eta: float = 1.0,
+        description: str = "",
+    ):
+        self.family = LoraFamily(model.eval(), forward, expert_names=list(rewards))
+        self.reward_names = tuple(rewards)
+        self.rewards = dict(rewards)
+        self.scheduler = scheduler
+        self.sample_shape = tuple(sample_shape)
+        self.decode = decode
+        self.num_images = num_images
+        self.num_inference_steps = num_inference_steps
+        self.eta = eta
+        self.description = description
+
+    @torch.no_grad()
+    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None) -> Generation:
+        start = time.perf_counter()
+        denoiser = make_denoiser(self.family, preference, method, generator=seed + 1_000_003)
+        samples = sample(
+            denoiser, self.scheduler, generator=seed, shape=(self.num_images, *self.sample_shape),
+            num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
+        ).samples
+        images = self.decode(samples)
+        scores = {name: float(fn(images, None).mean()) for name, fn in self.rewards.items()}
+        return Generation(image_grid(images), scores, time.perf_counter() - start)

@@ -1,0 +1,183 @@
+"""`dblend ui` in a real headless Chromium (Debian's package, installed here if missing).
+
+Starts the app on a free local port with two digits experts, moves a weight slider, clicks Generate, waits for the
+image, and checks that the shown scores change with the slider; checks the LS/negative-coefficient rule, the in-page
+error for invalid input, and that files outside the app are not served. Saves a screenshot artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.browser
+
+ARTIFACTS = Path(os.environ.get("DBLEND_ARTIFACTS", "runs/artifacts"))
+CHROMIUM = "/usr/bin/chromium"
+HEADLESS_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def ensure_chromium() -> str:
+    """Debian's chromium (Playwright's own browser download cannot work offline)."""
+    if not Path(CHROMIUM).exists():
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=900,
+                       stdout=subprocess.DEVNULL)
+    assert Path(CHROMIUM).exists(), "chromium did not install"
+    return CHROMIUM
+
+
+RECEIVED: list = []  # (preference, method, seed) of every generation the server ran
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """Two distinct (randomly perturbed, not trained) adapters on the committed digits base, saved like real ones."""
+    from diffusion_blend.adapters import save_adapter
+    from diffusion_blend.digits.model import lora_target_modules
+    from diffusion_blend.digits.train import load_default_digits_model
+    from diffusion_blend.lora import add_lora, lora_layers
+
+    folder = tmp_path_factory.mktemp("adapters")
+    model = load_default_digits_model(progress=False)
+    torch.manual_seed(0)  # peft initialises lora_A from the global generator
+    generator = torch.Generator().manual_seed(0)
+    paths = {}
+    for name in ["ink", "compressibility"]:
+        add_lora(model, name, rank=4, target_modules=list(lora_target_modules()))
+        for layer in lora_layers(model):
+            weight = layer.lora_B[name].weight
+            weight.data = 0.05 * torch.randn(weight.shape, generator=generator)
+        paths[name] = save_adapter(model, name, folder / f"{name}.safetensors", rewards={name: 1.0}, alpha=0.1)
+    return folder, paths
+
+
+@pytest.fixture(scope="module")
+def server(experts):
+    from diffusion_blend.ui.app import build_app, launch
+    from diffusion_blend.ui.digits import digits_studio
+
+    folder, paths = experts
+    studio = digits_studio(paths, num_images=16, num_inference_steps=20)
+    generate = studio.generate
+
+    def recording_generate(preference, method, seed, prompt=None):
+        RECEIVED.append((preference, method, seed))
+        return generate(preference, method, seed, prompt)
+
+    studio.generate = recording_generate
+    reference = {"rewards": ["ink", "compressibility"],
+                 "series": {"DB-MPA": [{"ink": 0.30, "compressibility": 0.50}, {"ink": 0.35, "compressibility": 0.45}]}}
+    app = build_app(studio, reference)
+    port = free_port()
+    launch(app, port=port, block=False)
+    yield f"http://127.0.0.1:{port}", generate
+    app.close()
+
+
+def scores_of(text: str) -> dict[str, float]:
+    return {name: float(value) for name, value in re.findall(r"(ink|compressibility)\s+(-?[0-9]+\.[0-9]+)", text)}
+
+
+def test_ui_in_headless_chromium(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    from diffusion_blend.preference import Preference
+
+    url, direct_generate = server
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=ensure_chromium(), headless=True, args=HEADLESS_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        generate = page.locator("#generate")
+        expect(generate).to_be_visible(timeout=60_000)
+        scores = page.locator("#scores")
+
+        started = time.perf_counter()
+        generate.click()
+        expect(scores).to_contain_text("compressibility", timeout=120_000)
+        first_click_seconds = time.perf_counter() - started
+        expect(page.locator("#samples img")).to_be_visible()
+        before = scores_of(scores.inner_text())
+        assert set(before) == {"ink", "compressibility"}
+
+        # move the ink weight from 0.5 to 1.5 (twenty slider steps), then generate again with the same seed
+        ink_slider = page.locator("#weight-ink input[type=range]")
+        ink_slider.focus()
+        for _ in range(20):
+            page.keyboard.press("ArrowRight")
+        assert float(ink_slider.input_value()) == pytest.approx(1.5)
+        # weights 1.5 + 0.5 make the base coefficient negative: the server's slider handler disables LS and says why
+        # (waiting for it also means the server has the new slider value before we click)
+        expect(page.locator("#method-note")).to_contain_text("base: -1, ink: +1.5", timeout=30_000)
+        expect(page.locator("#method-note")).to_contain_text("DB-MPA-LS is disabled")
+        expect(page.get_by_label("DB-MPA-LS (one model per step)")).to_have_count(0)
+        expected = direct_generate(Preference({"ink": 1.5, "compressibility": 0.5}), "mpa", 0).scores
+        assert abs(expected["ink"] - before["ink"]) > 1e-4  # the slider move really changes the result
+        started = time.perf_counter()
+        generate.click()
+        for name, value in expected.items():  # the page shows exactly what the blend computes for the new weights
+            expect(scores).to_contain_text(f"{name}\t{value:.4f}", timeout=120_000)
+        second_click_seconds = time.perf_counter() - started
+        assert RECEIVED[-1][0].weights == {"ink": 1.5, "compressibility": 0.5} and RECEIVED[-1][1] == "mpa"
+
+        expect(page.locator("#samples img")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "ui-screenshot.png"), full_page=True)
+
+        # invalid input is rejected in the page with a readable message, no traceback
+        seed = page.locator("#seed input")
+        seed.fill("-3")
+        generate.click()
+        expect(page.get_by_text("the seed must be a non-negative whole number")).to_be_visible(timeout=60_000)
+        assert "Traceback" not in page.content()
+
+        page.screenshot(path=str(ARTIFACTS / "ui-invalid-input.png"), full_page=True)
+        browser.close()
+    timing = f"click-to-image: first {first_click_seconds:.2f} s, after slider move {second_click_seconds:.2f} s\n"
+    (ARTIFACTS / "ui-timing.txt").write_text(timing)
+    print(timing)
+
+
+def test_files_outside_the_app_are_not_served(server):
+    url, _ = server
+    for path in ["/gradio_api/file=/etc/passwd", "/file=/etc/passwd", "/gradio_api/file=../../pyproject.toml"]:
+        try:
+            with urllib.request.urlopen(url + path, timeout=30) as response:
+                body = response.read().decode(errors="replace")
+            assert "root:" not in body and "[project]" not in body
+        except urllib.error.HTTPError as err:
+            assert err.code in (403, 404)
+
+
+def test_adapter_paths_outside_the_configured_folders_are_refused(experts, tmp_path):
+    from diffusion_blend.errors import DiffusionBlendError
+    from diffusion_blend.ui.paths import resolve_within
+
+    folder, paths = experts
+    assert resolve_within(paths["ink"], [folder]) == paths["ink"].resolve()
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(paths["ink"], outside)
+    with pytest.raises(DiffusionBlendError, match="outside the configured adapter folders"):
+        resolve_within(outside, [folder])
+    with pytest.raises(DiffusionBlendError, match="outside"):
+        resolve_within(folder / ".." / outside.name, [folder])
