@@ -14,13 +14,6 @@ from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
 from diffusion_blend.models import LORA_TARGETS, TimeMLP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: intra-op threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_base(seed: int = 0, hidden: int = 16) -> TimeMLP:

@@ -25,13 +25,6 @@ from diffusion_blend.rewards import available_rewards, get_reward
 CLASSIFIER_ACCURACY_THRESHOLD = 0.97
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small networks on 2 shared cores: intra-op threads only add spin-waiting (16 s vs 0.4 s measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- data -------------------------------------------------------------------------------------------------

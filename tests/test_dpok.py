@@ -24,13 +24,6 @@ from diffusion_blend.training.dpok import (
 from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: intra-op threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_step_kl_is_the_gaussian_kl():

@@ -10,7 +10,6 @@ from html.parser import HTMLParser
 
 import matplotlib.image
 import pytest
-import torch
 
 from diffusion_blend.cli import main
 from diffusion_blend.evaluation.sweep import (

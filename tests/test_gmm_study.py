@@ -16,12 +16,6 @@ from diffusion_blend.studies.gmm_study import path_kl, study_cases, study_testbe
 from diffusion_blend.testbeds import GaussianMixture, QuadraticForm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 SCHEDULER = make_scheduler("ddim")

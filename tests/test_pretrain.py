@@ -13,13 +13,6 @@ from diffusion_blend.sampling import as_generator, make_scheduler
 from diffusion_blend.training.pretrain import denoising_loss, pretrain_denoiser
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small networks on 2 shared cores: intra-op threads only add spin-waiting (16 s vs 0.4 s measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyMLP(nn.Module):

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .denoisers import Denoiser
+from .errors import DiffusionBlendError
 
 
 def as_generator(generator: torch.Generator | int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -149,7 +150,27 @@ class SampleOutput:
     trajectory: Trajectory | None = None
 
 
-def _step_kwargs(scheduler: Any, eta: float, generator: torch.Generator) -> dict[str, Any]:
+def initial_latents(
+    scheduler: Any,
+    generator: torch.Generator,
+    shape: tuple[int, ...] | None = None,
+    latents: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``x_T``: the given ``latents`` (checked finite) or noise of ``shape`` drawn from ``generator``."""
+    if latents is None:
+        if shape is None:
+            raise DiffusionBlendError("give the sample shape or the initial latents")
+        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+    if not torch.isfinite(latents).all():
+        raise DiffusionBlendError("initial latents contain NaN or infinite values")
+    return latents
+
+
+def step_kwargs(scheduler: Any, eta: float, generator: torch.Generator) -> dict[str, Any]:
+    """The keyword arguments ``scheduler.step`` accepts among ``eta`` and ``generator``."""
     accepted = inspect.signature(scheduler.step).parameters
     kwargs: dict[str, Any] = {}
     if "eta" in accepted:
@@ -184,21 +205,15 @@ def sample(
     """
     generator = as_generator(generator)
     cond = dict(cond or {})
-    if latents is None:
-        if shape is None:
-            raise ValueError("give the sample shape or the initial latents")
-        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
-    if not torch.isfinite(latents).all():
-        raise ValueError("initial latents contain NaN or infinite values")
+    latents = initial_latents(scheduler, generator, shape, latents, device, dtype)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
-    step_kwargs = _step_kwargs(scheduler, eta, generator)
+    kwargs = step_kwargs(scheduler, eta, generator)
     x = latents
     states, log_probs, stds = [x], [], []
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
         model_output = denoiser(scheduler.scale_model_input(x, t), t, **cond)
         if not record_trajectory:
-            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+            x = scheduler.step(model_output, t, x, **kwargs).prev_sample
             continue
         eps = to_epsilon(scheduler, model_output, t, x)
         mean, std = transition_distribution(scheduler, eps, t, x, eta)

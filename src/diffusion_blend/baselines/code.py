@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ..denoisers import Denoiser, repeat_rows
 from ..errors import DiffusionBlendError
 from ..preference import Preference
-from ..sampling import _step_kwargs, as_generator, to_epsilon
+from ..sampling import as_generator, initial_latents, step_kwargs, to_epsilon
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -92,18 +91,6 @@ def selection_steps(num_inference_steps: int, block_size: int) -> list[int]:
     return [i for i in range(num_inference_steps - 1) if i % block_size == 0]
 
 
-def _check_initial(
-    scheduler: Any, generator: torch.Generator, shape: tuple[int, ...] | None, latents: torch.Tensor | None, device: Any, dtype: torch.dtype
-) -> torch.Tensor:
-    if latents is None:
-        if shape is None:
-            raise DiffusionBlendError("give the sample shape or the initial latents")
-        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
-    if not torch.isfinite(latents).all():
-        raise DiffusionBlendError("initial latents contain NaN or infinite values")
-    return latents
-
 
 @torch.no_grad()
 def code_sample(
@@ -139,12 +126,12 @@ def code_sample(
     decode = decode or (lambda x: x)
     generator = as_generator(generator)
     cond = dict(cond or {})
-    x = _check_initial(scheduler, generator, shape, latents, device, dtype)
+    x = initial_latents(scheduler, generator, shape, latents, device, dtype)
     batch, n = x.shape[0], int(num_candidates)
     if prompts is not None and len(prompts) != batch:
         raise DiffusionBlendError(f"{len(prompts)} prompts for a batch of {batch}")
     scheduler.set_timesteps(num_inference_steps, device=x.device)
-    step_kwargs = _step_kwargs(scheduler, eta, generator)
+    scheduler_kwargs = step_kwargs(scheduler, eta, generator)
     selecting = set(selection_steps(len(scheduler.timesteps), int(block_size)))
     timesteps = list(scheduler.timesteps)
     network_rows = reward_rows = 0
@@ -158,10 +145,10 @@ def code_sample(
         else:
             model_output, cached = cached, None
         if i not in selecting:
-            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+            x = scheduler.step(model_output, t, x, **scheduler_kwargs).prev_sample
             continue
         candidates = scheduler.step(
-            model_output.repeat(n, *([1] * (x.ndim - 1))), t, x.repeat(n, *([1] * (x.ndim - 1))), **step_kwargs
+            model_output.repeat(n, *([1] * (x.ndim - 1))), t, x.repeat(n, *([1] * (x.ndim - 1))), **scheduler_kwargs
         ).prev_sample  # candidate-major rows: [c_0 b_0..b_B-1, c_1 ...]
         t_next = timesteps[i + 1]
         look_ahead = denoiser(scheduler.scale_model_input(candidates, t_next), t_next, **repeat_rows(cond, n, batch))

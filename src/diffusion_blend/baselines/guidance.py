@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ..denoisers import Denoiser
 from ..errors import DiffusionBlendError, RewardError
 from ..preference import Preference
-from ..sampling import _step_kwargs, as_generator, to_epsilon, transition_distribution
-from .code import BaselineOutput, Decode, _check_initial, active_rewards, call_reward, tweedie_x0
+from ..sampling import as_generator, initial_latents, step_kwargs, to_epsilon, transition_distribution
+from .code import BaselineOutput, Decode, active_rewards, call_reward, tweedie_x0
 
 
 def tempering_schedule(step_index: int, gamma: float = 0.024) -> float:
@@ -103,18 +103,18 @@ def guided_sample(
     decode = decode or (lambda x: x)
     generator = as_generator(generator)
     cond = dict(cond or {})
-    x = _check_initial(scheduler, generator, shape, latents, device, dtype)
+    x = initial_latents(scheduler, generator, shape, latents, device, dtype)
     if prompts is not None and len(prompts) != x.shape[0]:
         raise DiffusionBlendError(f"{len(prompts)} prompts for a batch of {x.shape[0]}")
     scheduler.set_timesteps(num_inference_steps, device=x.device)
-    step_kwargs = _step_kwargs(scheduler, eta, generator)
+    scheduler_kwargs = step_kwargs(scheduler, eta, generator)
     network_steps = reward_calls = 0
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="RGG", disable=not progress, leave=False)):
         model_output = denoiser(scheduler.scale_model_input(x, t), t, **cond)
         network_steps += 1
         eps = to_epsilon(scheduler, model_output, t, x)
         scale = guidance_scale * preference.kl_scale * (tempering_schedule(i, tempering_gamma) if tempering else 1.0)
-        x_prev = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
+        x_prev = scheduler.step(model_output, t, x, **scheduler_kwargs).prev_sample
         if scale == 0.0:
             x = x_prev
             continue
