@@ -1,0 +1,261 @@
+"""Fine-tuning basis adapters on a Stable Diffusion pipeline (paper section 4 on the SD 1.5 setting of section 5).
+
+:func:`sd_finetune_target` turns a diffusers ``StableDiffusionPipeline`` into a
+:class:`~diffusion_blend.training.config.FinetuneTarget` for the DPOK trainer (``training.dpok.finetune``):
+
+- the policy is the sampler's chain on the VAE latents with the **classifier-free-guided** transition
+  (``eps = eps_uncond + g (eps_cond - eps_uncond)``, as the stock pipeline samples), so the trainer's exact
+  per-step KL compares the guided policy with the guided base, both evaluated by the same UNet (the base with
+  the adapter disabled, in the trainer's one mixed-adapter forward);
+- prompts are drawn uniformly from a list (:func:`read_prompts`: one per line, or a JSON list) and encoded
+  with the pipeline's own ``encode_prompt`` (negative prompt ``""``, as the stock pipeline does);
+- rewards score decoded images: ``VAE decode -> [0, 1] images -> reward(images, prompts)`` (registry rewards).
+
+:func:`export_diffusers_lora` writes the adapter in diffusers' LoRA format (``unet.``-prefixed peft keys plus
+diffusers' ``lora_adapter_metadata``), loadable by ``StableDiffusionPipeline.load_lora_weights`` and by
+:class:`~diffusion_blend.pipelines.BlendStableDiffusionPipeline`. Our :class:`~diffusion_blend.adapters.AdapterMetadata`
+(reward, ``alpha``, base fingerprint, training config) rides along in the safetensors header under
+``diffusion_blend.*`` keys; diffusers ignores them and keeps its own ``format: pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+
+from ..adapters import AdapterMetadata, atomic_save_safetensors, read_adapter
+from ..errors import DiffusionBlendError
+from ..training.config import FinetuneTarget, RewardFn
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections, as diffusers' LoRA scripts
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default weight name: a run folder loads as is
+METADATA_PREFIX = "diffusion_blend."
+DECODE_CHUNK = 8
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Training prompts from a file: a JSON list of strings, or one prompt per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DiffusionBlendError(f"prompts file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DiffusionBlendError(f"cannot read prompts file {path} ({err})") from None
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DiffusionBlendError(f"prompts file {path} looks like JSON but does not parse ({err})") from None
+        if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise DiffusionBlendError(f"prompts file {path}: the JSON list must hold non-empty strings only")
+        prompts = [p.strip() for p in prompts]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise DiffusionBlendError(f"prompts file {path} holds no prompt")
+    return prompts
+
+
+def unet_architecture(unet: torch.nn.Module) -> dict[str, Any]:
+    """The UNet's architecture config for the adapter fingerprint, without load-time entries (``_name_or_path``)."""
+    config = {key: value for key, value in dict(unet.config).items() if not key.startswith("_")}
+    return json.loads(json.dumps({"class": type(unet).__name__, **config}, sort_keys=True, default=str))
+
+
+def check_guidance_scale(guidance_scale: Any) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
+        raise DiffusionBlendError(f"guidance scale must be a finite number, got {guidance_scale!r}")
+    if guidance_scale < 1:
+        raise DiffusionBlendError(f"guidance scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}")
+    return float(guidance_scale)
+
+
+def guided_forward(guidance_scale: float):
+    """``forward(unet, x_t, t, encoder_hidden_states, negative_encoder_hidden_states) -> guided prediction``.
+
+    Classifier-free guidance (Ho & Salimans 2022) exactly as diffusers' pipelines combine the two branches; with
+    ``guidance_scale == 1`` only the conditional branch runs (the stock pipeline's rule, CFG iff ``g > 1``).
+    The two branches are two UNet calls on the same rows (not one ``[uncond; cond]`` batch) so that a peft
+    mixed-adapter batch, which names one adapter per input row, routes both branches of a row alike.
+    """
+
+    def forward(unet: torch.nn.Module, x_t: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor,
+                negative_encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        cond = unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if guidance_scale <= 1:
+            return cond
+        uncond = unet(x_t, t, encoder_hidden_states=negative_encoder_hidden_states, return_dict=False)[0]
+        return uncond + guidance_scale * (cond - uncond)
+
+    return forward
+
+
+def sd_finetune_target(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    rewards: Mapping[str, RewardFn],
+    *,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+    name: str = "sd",
+) -> FinetuneTarget:
+    """A :class:`FinetuneTarget` for the pipeline's UNet: CFG-guided DDIM policy on latents, rewards on decoded images.
+
+    The scheduler is DDIM built from the pipeline's scheduler config (the paper samples DDIM with ``eta = 1``).
+    ``resolution`` (pixels, square) defaults to the UNet's ``sample_size * vae_scale_factor``. The text encoder
+    and VAE are frozen and follow the UNet's device.
+    """
+    if isinstance(pipe, type) or not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "encode_prompt")):
+        raise DiffusionBlendError("fine-tuning needs a Stable Diffusion pipeline (unet, vae, text encoder)")
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise DiffusionBlendError("SDXL bases are not supported for fine-tuning yet (Stable Diffusion 1.x/2.x only)")
+    prompts = [str(p) for p in prompts]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise DiffusionBlendError("give at least one non-empty training prompt")
+    if not rewards:
+        raise DiffusionBlendError("give at least one reward")
+    guidance_scale = check_guidance_scale(guidance_scale)
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    factor = int(pipe.vae_scale_factor)
+    if resolution is None:
+        resolution = int(unet.config.sample_size) * factor
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
+        raise DiffusionBlendError(f"resolution must be a positive multiple of {factor} (the VAE's downsampling), "
+                                  f"got {resolution!r}")
+    for module in (vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    use_cfg = guidance_scale > 1
+
+    def follow_unet(module: torch.nn.Module) -> torch.device:
+        device = unet.device
+        if module.device != device:
+            module.to(device)
+        return device
+
+    @torch.no_grad()
+    def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = follow_unet(text_encoder)
+        positive, negative = pipe.encode_prompt(list(batch), device, 1, use_cfg)
+        cond = {"encoder_hidden_states": positive.to(unet.dtype)}
+        if use_cfg:
+            cond["negative_encoder_hidden_states"] = negative.to(unet.dtype)
+        return cond
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        follow_unet(vae)
+        images = [vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+                  for chunk in latents.split(DECODE_CHUNK)]
+        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+
+    latent_size = resolution // factor
+    return FinetuneTarget(
+        name=name,
+        model=unet,
+        forward=guided_forward(guidance_scale),
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        sample_shape=(int(unet.config.in_channels), latent_size, latent_size),
+        rewards=dict(rewards),
+        target_modules=list(target_modules),
+        decode=decode,
+        architecture=unet_architecture(unet),
+        prompts=prompts,
+        encode_prompts=encode_prompts,
+    )
+
+
+def export_diffusers_lora(
+    unet: torch.nn.Module, adapter_name: str, path: str | os.PathLike, metadata: AdapterMetadata | None = None
+) -> Path:
+    """Write UNet adapter ``adapter_name`` as a diffusers LoRA file (``save_lora_weights``' layout and header).
+
+    diffusers writes the file (``unet.``-prefixed keys, its ``lora_adapter_metadata`` with rank and
+    ``lora_alpha``, ``format: pt``); we add ``metadata`` under ``diffusion_blend.*`` header keys and move the
+    result into place atomically.
+    """
+    path = Path(path)
+    config = getattr(unet, "peft_config", {}).get(adapter_name)
+    if config is None:
+        raise DiffusionBlendError(f"the UNet has no LoRA adapter named {adapter_name!r}")
+    layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as scratch:
+        StableDiffusionPipeline.save_lora_weights(
+            scratch, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(),
+            weight_name=path.name, safe_serialization=True,
+        )
+        written = Path(scratch) / path.name
+        with safe_open(str(written), framework="pt") as handle:
+            header = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if metadata is not None:
+        header.update({METADATA_PREFIX + key: value for key, value in metadata.to_header().items()})
+    return atomic_save_safetensors(tensors, path, header)
+
+
+def lora_file(source: str | os.PathLike) -> Path:
+    """The weights file of a diffusers LoRA source (a file, or a folder holding ``pytorch_lora_weights.safetensors``)."""
+    path = Path(source)
+    return path / DIFFUSERS_LORA_NAME if path.is_dir() else path
+
+
+def read_diffusers_lora_metadata(source: str | os.PathLike) -> AdapterMetadata | None:
+    """Our metadata from a diffusers LoRA file's header, or ``None`` for a LoRA without it (a foreign file)."""
+    path = lora_file(source)
+    if not path.is_file():
+        raise DiffusionBlendError(f"adapter file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DiffusionBlendError(f"adapter file {path} is corrupt or not a safetensors file ({err})") from None
+    ours = {key[len(METADATA_PREFIX):]: value for key, value in header.items() if key.startswith(METADATA_PREFIX)}
+    if not ours:
+        return None
+    return AdapterMetadata.from_header(ours, path)
+
+
+def export_run_adapter(unet: torch.nn.Module, adapter_name: str, run_dir: str | os.PathLike,
+                       trainer_adapter: str | os.PathLike) -> Path:
+    """After ``finetune``: ``RUN/pytorch_lora_weights.safetensors`` with the metadata of the trainer's adapter file."""
+    _, metadata = read_adapter(trainer_adapter)
+    return export_diffusers_lora(unet, adapter_name, Path(run_dir) / DIFFUSERS_LORA_NAME, metadata)
+
+
+def load_sd_target(
+    base: str | os.PathLike,
+    prompts_file: str | os.PathLike,
+    reward_names: Sequence[str],
+    *,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    guidance_scale: float = 7.5,
+    resolution: int | None = None,
+) -> FinetuneTarget:
+    """The ``dblend finetune --target sd`` target: rewards and prompts are checked before the base is loaded."""
+    from ..rewards import get_reward
+    from .loading import is_sdxl_folder, load_base_pipeline
+
+    options = dict(reward_options or {})
+    unused = sorted(set(options) - set(reward_names))
+    if unused:
+        raise DiffusionBlendError(f"reward options given for {', '.join(unused)}, which are not trained rewards")
+    rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
+    prompts = read_prompts(prompts_file)
+    guidance_scale = check_guidance_scale(guidance_scale)
+    if is_sdxl_folder(base):
+        raise DiffusionBlendError(f"{base} is an SDXL pipeline; fine-tuning supports Stable Diffusion 1.x/2.x bases")
+    pipe = load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+    return sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution)
