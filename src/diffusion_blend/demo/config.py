@@ -1,0 +1,119 @@
+"""What the digits demo runs: basis rewards, the experts' KL weight alpha, training budget, sweep grids.
+
+One :class:`DemoConfig` fixes everything a demo run depends on. The fine-tuning part (:meth:`DemoConfig.training`)
+is the adapters' cache key together with the base model's fingerprint (``demo.adapters``); the rest only
+affects the evaluation. ``DemoConfig.quick()`` is a miniature for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import DiffusionBlendError
+from ..preference import Preference
+from ..training.config import DPOKConfig
+
+
+def _grid(start: float, stop: float, count: int) -> tuple[float, ...]:
+    return tuple(round(start + (stop - start) * i / (count - 1), 10) for i in range(count))
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of ``dblend demo`` (docs/demo.md explains each choice and its measured effect).
+
+    ``rewards``: the two basis rewards (registry names) ``(r_1, r_2)``; ``w`` is the weight of ``r_1``.
+    ``alpha``: the KL weight every expert is fine-tuned with (paper section 4); the target of a preference
+    ``(w, lambda)`` is ``p_pre exp(lambda r_w / alpha)``. ``finetune``: DPOKConfig fields shared by the experts.
+    ``seeds`` x ``samples_per_seed`` samples per sweep point; ``oracle_samples`` base samples for the
+    importance-weighted oracle and the experts' achievable objective; ``expert_samples`` trajectories to
+    estimate each expert's reward and path KL.
+    """
+
+    rewards: tuple[str, str] = ("ink", "compressibility")
+    alpha: float = 0.03
+    num_inference_steps: int = 10
+    eta: float = 1.0
+    finetune: dict[str, Any] = field(default_factory=lambda: {
+        "iterations": 300, "batch_size": 256, "minibatch_size": 64, "updates_per_batch": 1,
+        "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 8.0, "clip_range": 0.2,
+    })
+    seed: int = 0
+    weight_grid: tuple[float, ...] = _grid(0.0, 1.0, 11)
+    kl_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    combined_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
+    combined_kl_scales: tuple[float, ...] = (0.5, 1.5)
+    check_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    samples_per_seed: int = 256
+    oracle_samples: int = 20_000
+    expert_samples: int = 4096
+    grid_rows: int = 8
+    threads: int = 1
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.rewards) != 2 or self.rewards[0] == self.rewards[1]:
+            raise DiffusionBlendError(f"the demo needs two different basis rewards, got {self.rewards!r}")
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise DiffusionBlendError(f"alpha must be a positive number, got {self.alpha!r}")
+        for name in ("num_inference_steps", "samples_per_seed", "oracle_samples", "expert_samples", "grid_rows",
+                     "threads", "workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DiffusionBlendError(f"{name} must be a positive integer, got {value!r}")
+        if not self.seeds:
+            raise DiffusionBlendError("the demo needs at least one evaluation seed")
+        for w in (*self.weight_grid, *self.combined_weights, *self.check_weights):
+            if not 0.0 <= w <= 1.0:
+                raise DiffusionBlendError(f"weights must lie in [0, 1], got {w}")
+        if any(k < 0 for k in (*self.kl_scales, *self.combined_kl_scales)):
+            raise DiffusionBlendError("KL scales lambda must be >= 0")
+        missing = [w for w in self.check_weights if not any(abs(w - g) < 1e-9 for g in self.weight_grid)]
+        if missing:
+            raise DiffusionBlendError(f"check weights {missing} are not on the weight grid {self.weight_grid}")
+        self.training(self.rewards[0])  # validates the fine-tuning fields
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """A miniature run (seconds): tiny training budget, few samples, short grids (tests, smoke runs)."""
+        values: dict[str, Any] = dict(
+            finetune={"iterations": 2, "batch_size": 32, "minibatch_size": 32, "updates_per_batch": 1,
+                      "learning_rate": 1e-4, "lora_rank": 2, "lora_alpha": 2.0, "clip_range": 0.2},
+            num_inference_steps=4, weight_grid=(0.0, 0.2, 0.5, 0.8, 1.0), kl_scales=(0.0, 1.0, 2.0),
+            combined_weights=(0.5,), combined_kl_scales=(0.5,), seeds=(0, 1), samples_per_seed=16,
+            oracle_samples=256, expert_samples=64, grid_rows=3, workers=1,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def with_seed(self, seed: int) -> DemoConfig:
+        return replace(self, seed=int(seed))
+
+    def training(self, reward: str) -> DPOKConfig:
+        """The DPOK configuration of the expert for ``reward`` (paper section 4): ``r = reward``, KL weight alpha."""
+        return DPOKConfig.from_dict({
+            **self.finetune, "reward_weights": {reward: 1.0}, "alpha": self.alpha,
+            "num_inference_steps": self.num_inference_steps, "eta": self.eta, "seed": self.seed,
+            "checkpoint_every": max(1, int(self.finetune.get("iterations", 1)) // 4),
+        })
+
+    def weights(self, w: float) -> dict[str, float]:
+        """``{r_1: w, r_2: 1 - w}``."""
+        first, second = self.rewards
+        return {first: float(w), second: round(1.0 - float(w), 10)}
+
+    def mpa_preferences(self) -> list[Preference]:
+        """DB-MPA (and DB-MPA-LS) over the weight grid at lambda = 1 (paper Lemma 2, Proposition 2)."""
+        return [Preference(self.weights(w), 1.0) for w in self.weight_grid]
+
+    def kla_preferences(self) -> list[Preference]:
+        """DB-KLA of each expert over the lambda grid (paper section 2.5) and the combined (w, lambda) grid."""
+        single = [Preference.kl_only(reward, k) for reward in self.rewards for k in self.kl_scales]
+        combined = [Preference(self.weights(w), k) for k in self.combined_kl_scales for w in self.combined_weights]
+        return single + combined
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
