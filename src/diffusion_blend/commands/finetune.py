@@ -43,10 +43,33 @@ def digits_target_builder(reward_names: Sequence[str], args: argparse.Namespace)
     )
 
 
+def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
+    """A Stable Diffusion base (``--base``): CFG-guided rollouts on ``--prompts``, rewards on decoded images."""
+    from ..pipelines.finetune import load_sd_target
+
+    if args.base is None or args.prompts is None:
+        raise DiffusionBlendError("--target sd needs --base PATH_OR_ID and --prompts FILE")
+    options = json.loads(args.reward_options) if args.reward_options else {}
+    return load_sd_target(args.base, args.prompts, reward_names, reward_options=options,
+                          guidance_scale=args.guidance_scale, resolution=args.resolution)
+
+
+def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
+    """Also write the adapter in diffusers' LoRA format (``load_lora_weights(OUT)`` loads the run folder)."""
+    from ..pipelines.finetune import export_run_adapter
+
+    path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path)
+    return [f"diffusers LoRA: {path}"]
+
+
 TARGETS: dict[str, Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]] = {
     "gmm": gmm_target_builder,
     "digits": digits_target_builder,
+    "sd": sd_target_builder,
 }
+
+EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {"sd": sd_export}
+"""Per-target extra outputs written after training (each returns lines to print)."""
 
 FLAG_FIELDS = {
     "alpha": "alpha", "iterations": "iterations", "batch_size": "batch_size", "minibatch_size": "minibatch_size",
@@ -80,6 +103,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--reward-options", help='JSON: per-reward factory options, e.g. {"digit_prob": {"digit": 3}}')
     parser.add_argument("--cache-dir", type=Path, help="where the gmm base model is cached")
+    parser.add_argument("--base", help="sd: Stable Diffusion pipeline folder or hub id")
+    parser.add_argument("--prompts", type=Path, help="sd: training prompts, one per line or a JSON list")
+    parser.add_argument("--guidance-scale", type=float, default=7.5,
+                        help="sd: classifier-free guidance scale of the rollouts (default 7.5; 1 = none)")
+    parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the UNet's native size)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -103,9 +131,14 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
+    if args.target == "sd":  # recorded in the checkpoint (a resume must match) and the adapter's metadata
+        config.extra = {**config.extra, "sd": {"base": str(args.base), "prompts": str(args.prompts),
+                                               "guidance_scale": args.guidance_scale, "resolution": args.resolution}}
     target = TARGETS[args.target](list(config.reward_weights), args)
     result = finetune(target, config, out_dir=args.out, progress=not args.quiet)
     last = result.curves[-1]
     print(f"adapter: {result.adapter_path}")
+    for line in EXPORTS.get(args.target, lambda *_: [])(result, args):
+        print(line)
     print(f"final reward {last['reward']:.4f}  path KL {last['kl']:.4f}  objective {last['objective']:.4f}")
     return 0
