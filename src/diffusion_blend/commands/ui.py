@@ -22,21 +22,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--num-images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--sd-base", metavar="PATH_OR_ID",
+                        help="blend a Stable Diffusion base's LoRA experts (--adapter NAME=PATH each) with a prompt box")
+    parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
+                        help="sd: the registry reward that scores adapter NAME (default: from the adapter's metadata)")
+    parser.add_argument("--reward-options", help='sd: JSON per-reward factory options, e.g. {"aesthetic": {...}}')
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance scale")
+    parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the base's)")
+    parser.add_argument("--device", default="cpu", help="sd: torch device (cpu, cuda)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="sd: weights dtype")
     parser.set_defaults(func=run)
 
 
-def parse_adapter_args(items: list[str]) -> dict[str, str]:
+def parse_adapter_args(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
     from ..errors import DiffusionBlendError
 
     adapters = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise DiffusionBlendError(f"--adapter expects NAME=PATH, got {item!r}")
+            raise DiffusionBlendError(f"{flag} expects NAME={value}, got {item!r}")
         if name in adapters:
-            raise DiffusionBlendError(f"adapter {name!r} given twice")
+            raise DiffusionBlendError(f"{flag}: {name!r} given twice")
         adapters[name] = path
     return adapters
+
+
+def sd_studio(args: argparse.Namespace):
+    """``--sd-base``: the Stable Diffusion studio over the --adapter files (read only from --adapter-dir if given)."""
+    import json
+
+    import torch
+
+    from ..errors import DiffusionBlendError
+    from ..ui.paths import resolve_within
+    from ..ui.stable_diffusion import stable_diffusion_studio
+
+    adapters = parse_adapter_args(args.adapter)
+    if not adapters:
+        raise DiffusionBlendError("--sd-base needs the experts to blend: --adapter NAME=PATH (one per basis reward)")
+    if args.adapter_dir:
+        adapters = {name: resolve_within(path, args.adapter_dir) for name, path in adapters.items()}
+    try:
+        options = json.loads(args.reward_options) if args.reward_options else {}
+    except json.JSONDecodeError as err:
+        raise DiffusionBlendError(f"--reward-options is not valid JSON ({err})") from None
+    return stable_diffusion_studio(
+        args.sd_base, adapters, reward_names=parse_adapter_args(args.reward, flag="--reward", value="REWARD"),
+        reward_options=options, num_images=args.num_images, num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale, resolution=args.resolution, device=args.device,
+        dtype=getattr(torch, args.dtype),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise DiffusionBlendError(f"--port must be in 1..65535, got {args.port}")
+    if args.sd_base is not None:
+        app = build_app(sd_studio(args))
+        print(f"Diffusion Blend UI on http://{args.host}:{args.port} (Ctrl+C to stop)")
+        launch(app, host=args.host, port=args.port)
+        return 0
     demo_dir = Path(args.demo_dir)
     roots = args.adapter_dir or [demo_dir / "adapters"]
     adapters = parse_adapter_args(args.adapter)

@@ -1,0 +1,157 @@
+"""The UI's Stable Diffusion studio: a base pipeline with one LoRA expert per basis reward (paper section 5).
+
+:class:`StableDiffusionStudio` implements the :class:`~diffusion_blend.ui.studio.Studio` protocol with
+:class:`~diffusion_blend.pipelines.BlendStableDiffusionPipeline`: ``generate(preference, method, seed, prompt)``
+samples ``num_images`` images for the prompt (DB-MPA or DB-MPA-LS, DDIM ``eta = 1`` by default, one generator
+seeded with ``seed``: the same seed gives the same initial noise whatever the sliders say) and scores them with
+each adapter's basis reward. An adapter's reward comes from an explicit mapping (``--reward NAME=REWARD``) or
+else from our metadata in the LoRA file's header (written by ``dblend finetune --target sd``); when that
+metadata is present its base fingerprint must match the loaded UNet (checked when the base is loaded in
+float32, the dtype adapters are trained and fingerprinted in).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..adapters import base_fingerprint
+from ..errors import AdapterMismatchError, DiffusionBlendError
+from ..pipelines import BlendStableDiffusionPipeline
+from ..pipelines.finetune import read_diffusers_lora_metadata, unet_architecture
+from ..preference import Preference
+from ..rewards import get_reward
+from .digits import basis_reward_name
+from .studio import Generation, RewardFn, image_grid
+
+
+def adapter_rewards(
+    pipe: Any, adapters: Mapping[str, str | os.PathLike], reward_names: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The basis reward name of each adapter: ``reward_names[name]`` if given, else the file's metadata.
+
+    Files with our metadata must have been trained on this UNet (fingerprint check, one-line
+    :class:`AdapterMismatchError` otherwise); a foreign LoRA without metadata needs an explicit reward name.
+    """
+    reward_names = dict(reward_names or {})
+    unknown = sorted(set(reward_names) - set(adapters))
+    if unknown:
+        raise DiffusionBlendError(f"--reward names adapter(s) {', '.join(unknown)} that are not loaded "
+                                  f"(adapters: {', '.join(adapters)})")
+    fingerprint = None
+    chosen = {}
+    for name, path in adapters.items():
+        metadata = read_diffusers_lora_metadata(path)
+        if metadata is not None and pipe.unet.dtype == torch.float32:  # trained (and fingerprinted) in float32
+            if fingerprint is None:
+                fingerprint = base_fingerprint(pipe.unet, unet_architecture(pipe.unet))
+            if metadata.base_fingerprint != fingerprint:
+                raise AdapterMismatchError(
+                    f"adapter {name!r} ({path}) was fine-tuned on another base model (fingerprint "
+                    f"{metadata.base_fingerprint[:12]}..., this base is {fingerprint[:12]}...)")
+        if name in reward_names:
+            chosen[name] = reward_names[name]
+        elif metadata is not None:
+            chosen[name] = basis_reward_name(metadata.rewards, path)
+        else:
+            raise DiffusionBlendError(f"adapter {name!r} ({path}) carries no reward metadata; "
+                                      f"say which reward it serves with --reward {name}=REWARD")
+    return chosen
+
+
+class StableDiffusionStudio:
+    """Text-to-image studio over one SD base and its LoRA experts (see the module docstring)."""
+
+    text_conditioned = True
+
+    def __init__(
+        self,
+        pipe: BlendStableDiffusionPipeline,
+        rewards: Mapping[str, RewardFn],
+        *,
+        num_images: int = 4,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 1.0,
+        resolution: int | None = None,
+        description: str = "",
+    ):
+        missing = sorted(set(rewards) - set(pipe.adapter_names))
+        if missing:
+            raise DiffusionBlendError(f"no adapter loaded for reward slider(s) {', '.join(missing)}")
+        if not rewards:
+            raise DiffusionBlendError("the studio needs at least one adapter with its reward")
+        for value, what in ((num_images, "number of images"), (num_inference_steps, "number of steps")):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DiffusionBlendError(f"{what} must be a positive integer, got {value!r}")
+        self.pipe = pipe
+        self.rewards = dict(rewards)
+        self.reward_names = tuple(rewards)
+        self.num_images = num_images
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = float(guidance_scale)
+        self.eta = float(eta)
+        self.resolution = resolution
+        self.description = description or (
+            f"Stable Diffusion base with experts {', '.join(self.reward_names)}; {num_images} images per prompt, "
+            f"DDIM eta={eta:g}, {num_inference_steps} steps, guidance {guidance_scale:g}; same seed = same noise.")
+
+    @torch.no_grad()
+    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None) -> Generation:
+        """Images for ``prompt`` under ``preference`` (paper eq. for DB-MPA / DB-MPA-LS) and each reward's mean."""
+        if not prompt or not prompt.strip():
+            raise DiffusionBlendError("enter a prompt")
+        start = time.perf_counter()
+        device = self.pipe.unet.device
+        output = self.pipe(
+            prompt.strip(), num_images_per_prompt=self.num_images, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, eta=self.eta, height=self.resolution, width=self.resolution,
+            generator=torch.Generator(device).manual_seed(int(seed)), output_type="pt",
+            preference=preference, method=method,
+        )
+        images = output.images.float().cpu()
+        prompts = [prompt.strip()] * images.shape[0]
+        scores = {name: float(fn(images, prompts).mean()) for name, fn in self.rewards.items()}
+        cell = max(64, min(256, images.shape[-1]))
+        return Generation(image_grid(images, cell=cell), scores, time.perf_counter() - start)
+
+
+def stable_diffusion_studio(
+    base: str | os.PathLike,
+    adapters: Mapping[str, str | os.PathLike],
+    *,
+    reward_names: Mapping[str, str] | None = None,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    num_images: int = 4,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 1.0,
+    resolution: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> StableDiffusionStudio:
+    """Load the base (DDIM scheduler from its config), every adapter, and each adapter's basis reward."""
+    from diffusers import DDIMScheduler
+
+    from ..pipelines import is_sdxl_folder
+    from ..pipelines.loading import load_base_pipeline
+
+    if not adapters:
+        raise DiffusionBlendError("give the experts to blend with --adapter NAME=PATH (one per basis reward)")
+    if is_sdxl_folder(base):
+        raise DiffusionBlendError(f"{base} is an SDXL pipeline; the UI's SD studio serves Stable Diffusion 1.x/2.x")
+    pipe = load_base_pipeline(BlendStableDiffusionPipeline, base, torch_dtype=dtype, safety_checker=None,
+                              requires_safety_checker=False)
+    chosen = adapter_rewards(pipe, adapters, reward_names)
+    options = dict(reward_options or {})
+    rewards = {name: get_reward(reward, **dict(options.get(reward, {}))) for name, reward in chosen.items()}
+    pipe.load_adapters(adapters)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device)
+    return StableDiffusionStudio(pipe, rewards, num_images=num_images, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, eta=eta, resolution=resolution)

@@ -1,0 +1,144 @@
+"""The UI's Stable Diffusion studio on tiny offline components (no browser: the studio and the app's generate).
+
+Independent truth: the stock diffusers pipeline with one adapter loaded by ``load_lora_weights``, and the
+registry reward applied to its images.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from diffusion_blend.adapters import AdapterMetadata, base_fingerprint
+from diffusion_blend.cli import build_parser, main
+from diffusion_blend.commands.ui import sd_studio
+from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
+from diffusion_blend.pipelines.finetune import export_diffusers_lora, unet_architecture
+from diffusion_blend.preference import Preference, PreferenceError
+from diffusion_blend.rewards import get_reward
+from diffusion_blend.ui.app import MPA_LABEL, build_app
+from diffusion_blend.ui.stable_diffusion import stable_diffusion_studio
+from diffusion_blend.ui.studio import image_grid
+from tiny_sd import ATTENTION_PROJECTIONS, perturbed_lora, save_diffusers_lora, tiny_sd_pipeline
+
+STEPS, GUIDANCE, IMAGES = 3, 3.0, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def metadata_for(unet, reward):
+    return AdapterMetadata(rewards={reward: 1.0}, alpha=1.0, base_fingerprint=base_fingerprint(unet, unet_architecture(unet)),
+                           rank=4, lora_alpha=4.0, target_modules=ATTENTION_PROJECTIONS)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A saved tiny base; 'small' carries our metadata (reward jpeg_compressibility), 'big' is a foreign LoRA."""
+    root = tmp_path_factory.mktemp("ui_sd")
+    tiny_sd_pipeline(root).save_pretrained(root / "base")
+    unet = UNet2DConditionModel.from_pretrained(root / "base" / "unet")
+    perturbed_lora(unet, "small", seed=1)
+    export_diffusers_lora(unet, "small", root / "small.safetensors", metadata_for(unet, "jpeg_compressibility"))
+    perturbed_lora(unet, "big", seed=2)
+    save_diffusers_lora(StableDiffusionPipeline, unet, "big", root / "big.safetensors")
+    other = tiny_sd_pipeline(root / "other", seed=1).unet  # another base of the same architecture
+    perturbed_lora(other, "alien", seed=3)
+    export_diffusers_lora(other, "alien", root / "alien.safetensors", metadata_for(other, "jpeg_compressibility"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def studio(files):
+    return stable_diffusion_studio(
+        files / "base", {"small": files / "small.safetensors", "big": files / "big.safetensors"},
+        reward_names={"big": "jpeg_incompressibility"}, num_images=IMAGES, num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+    )
+
+
+def stock_images(files, adapter, prompt="a cat", seed=5):
+    pipe = StableDiffusionPipeline.from_pretrained(files / "base", safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(files / f"{adapter}.safetensors", adapter_name=adapter)
+    return pipe(prompt, num_images_per_prompt=IMAGES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=1.0,
+                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+def test_studio_reads_rewards_from_metadata_or_mapping(studio):
+    assert studio.reward_names == ("small", "big") and studio.text_conditioned
+    assert studio.rewards["small"].name == "jpeg_compressibility"
+    assert studio.rewards["big"].name == "jpeg_incompressibility"
+
+
+def test_one_hot_preference_equals_stock_diffusers_with_that_adapter(studio, files):
+    result = studio.generate(Preference({"small": 1.0, "big": 0.0}), "mpa", 5, "a cat")
+    expected = stock_images(files, "small")
+    prompts = ["a cat"] * IMAGES
+    assert result.scores["small"] == pytest.approx(float(get_reward("jpeg_compressibility")(expected, prompts).mean()),
+                                                   abs=2e-3)
+    assert result.scores["big"] == pytest.approx(float(get_reward("jpeg_incompressibility")(expected, prompts).mean()),
+                                                 abs=2e-3)
+    grid = image_grid(expected, cell=64).astype(int)
+    assert abs(result.images.astype(int) - grid).max() <= 1  # uint8 rounding of a < 1e-4 difference
+
+
+def test_same_seed_same_images_and_the_preference_moves_them(studio):
+    first = studio.generate(Preference({"small": 0.5, "big": 0.5}), "mpa", 0, "a red house")
+    again = studio.generate(Preference({"small": 0.5, "big": 0.5}), "mpa", 0, "a red house")
+    other = studio.generate(Preference({"small": 0.0, "big": 1.0}), "mpa", 0, "a red house")
+    assert (first.images == again.images).all() and first.scores == again.scores
+    assert (first.images != other.images).any()
+    switching = studio.generate(Preference({"small": 0.5, "big": 0.5}), "ls", 0, "a red house")
+    assert switching.images.shape == first.images.shape and set(switching.scores) == {"small", "big"}
+    with pytest.raises(PreferenceError):
+        studio.generate(Preference({"small": 0.5, "big": 0.5}, kl_scale=2.5), "ls", 0, "a red house")
+    with pytest.raises(DiffusionBlendError, match="prompt"):
+        studio.generate(Preference({"small": 1.0}), "mpa", 0, "  ")
+
+
+def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio):
+    app = build_app(studio)
+    generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    images, scores, pareto = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat")
+    assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
+    assert "| small |" in scores and "| big |" in scores
+    with pytest.raises(gr.Error):
+        generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "")
+
+
+def test_adapter_problems_are_one_line_errors(files):
+    kwargs = dict(num_images=1, num_inference_steps=1)
+    with pytest.raises(DiffusionBlendError, match="--reward big=REWARD"):
+        stable_diffusion_studio(files / "base", {"big": files / "big.safetensors"}, **kwargs)
+    with pytest.raises(AdapterMismatchError, match="another base"):
+        stable_diffusion_studio(files / "base", {"alien": files / "alien.safetensors"}, **kwargs)
+    with pytest.raises(DiffusionBlendError, match="not loaded"):
+        stable_diffusion_studio(files / "base", {"small": files / "small.safetensors"},
+                                reward_names={"typo": "aesthetic"}, **kwargs)
+    with pytest.raises(DiffusionBlendError, match="cannot load base"):
+        stable_diffusion_studio(files / "missing", {"small": files / "small.safetensors"}, **kwargs)
+
+
+def test_ui_command_builds_the_sd_studio_and_exits_2_on_bad_input(files, capsys):
+    args = build_parser().parse_args(["ui", "--sd-base", str(files / "base"), "--adapter",
+                                      f"small={files / 'small.safetensors'}", "--steps", "1", "--num-images", "1",
+                                      "--adapter-dir", str(files)])
+    built = sd_studio(args)
+    assert built.reward_names == ("small",) and built.text_conditioned
+    for argv in (["ui", "--sd-base", str(files / "base")],
+                 ["ui", "--sd-base", str(files / "base"), "--adapter", f"big={files / 'big.safetensors'}",
+                  "--reward", "big=no_such_reward"],
+                 ["ui", "--sd-base", str(files / "base"), "--adapter", f"small={files / 'small.safetensors'}",
+                  "--adapter-dir", str(files / "elsewhere")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("dblend: error: ") and not any("Traceback" in line for line in err)
