@@ -56,8 +56,12 @@ def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> 
 
 def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
     """Also write the adapter in diffusers' LoRA format (``load_lora_weights(OUT)`` loads the run folder)."""
+    from accelerate import PartialState
+
     from ..pipelines.finetune import export_run_adapter
 
+    if not PartialState().is_main_process:  # under torchrun every process returns the same adapter
+        return []
     path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path)
     return [f"diffusers LoRA: {path}"]
 
