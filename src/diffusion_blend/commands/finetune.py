@@ -28,19 +28,10 @@ def gmm_target_builder(reward_names: Sequence[str], args: argparse.Namespace) ->
 
 def digits_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
     """The 8x8 digits model (``digits.train.load_default_digits_model``) with rewards from the registry."""
-    from ..digits.data import IMAGE_SHAPE, to_image_space
-    from ..digits.model import digits_forward, digits_scheduler, lora_target_modules
-    from ..digits.train import load_default_digits_model
-    from ..rewards import get_reward
+    from ..digits.target import digits_finetune_target
 
     options = json.loads(args.reward_options) if args.reward_options else {}
-    rewards = {name: get_reward(name, **options.get(name, {})) for name in reward_names}
-    model = load_default_digits_model(progress=not args.quiet)
-    return FinetuneTarget(
-        name="digits", model=model, forward=digits_forward, scheduler=digits_scheduler("ddim"),
-        sample_shape=tuple(IMAGE_SHAPE), rewards=rewards, target_modules=list(lora_target_modules()),
-        decode=to_image_space,
-    )
+    return digits_finetune_target(reward_names, options, progress=not args.quiet)
 
 
 def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:

@@ -52,8 +52,7 @@ def cache_status(path: Path, fingerprint: str, config: DemoConfig, reward: str) 
     return None
 
 
-def train_expert(reward: str, config: DemoConfig, out_dir: str | os.PathLike, progress: bool = True,
-                 position: int = 0) -> str:
+def train_expert(reward: str, config: DemoConfig, out_dir: str | os.PathLike, progress: bool = True) -> str:
     """Fine-tune the expert for ``reward`` (``training.dpok.finetune``) and move it to its cache path."""
     from ..digits.target import digits_finetune_target
     from ..training.dpok import finetune
@@ -62,14 +61,41 @@ def train_expert(reward: str, config: DemoConfig, out_dir: str | os.PathLike, pr
     work = Path(out_dir) / ADAPTER_DIR / f".train-{reward}"
     target = digits_finetune_target([reward], progress=progress)
     target.name = f"digits:{reward}"
-    if progress:  # one bar line per worker
-        os.environ.setdefault("TQDM_POSITION", str(position))
+    target.target_modules = list(config.lora_targets)
     result = finetune(target, config.training(reward), out_dir=work, progress=progress)
     final = adapter_path(out_dir, reward)
     os.replace(result.adapter_path, final)
     os.replace(work / "log.json", final.with_suffix(".log.json"))
     shutil.rmtree(work, ignore_errors=True)
     return str(final)
+
+
+def _train_in_workers(rewards: Sequence[str], config: DemoConfig, out: Path, progress: bool) -> None:
+    """Train several experts at once, one spawned process (one torch thread) each, ``config.workers`` at a time.
+
+    Each worker's progress bar gets its own terminal line: tqdm reads ``TQDM_POSITION`` from the environment
+    the process starts with.
+    """
+    saved = os.environ.get("TQDM_POSITION")
+    for start in range(0, len(rewards), config.workers):
+        pools, futures = [], []
+        try:
+            for position, reward in enumerate(rewards[start: start + config.workers]):
+                os.environ["TQDM_POSITION"] = str(position)
+                pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+                pools.append(pool)
+                futures.append(pool.submit(train_expert, reward, config, str(out), progress))
+        finally:
+            if saved is None:
+                os.environ.pop("TQDM_POSITION", None)
+            else:
+                os.environ["TQDM_POSITION"] = saved
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            for pool in pools:
+                pool.shutdown()
 
 
 def ensure_demo_adapters(
@@ -100,10 +126,7 @@ def ensure_demo_adapters(
             log(f"adapter {reward}: {reason}; fine-tuning (alpha={config.alpha:g})")
             todo.append(reward)
     if len(todo) > 1 and config.workers > 1:
-        with ProcessPoolExecutor(max_workers=min(config.workers, len(todo)), mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(train_expert, reward, config, str(out), progress, i) for i, reward in enumerate(todo)]
-            for future in futures:
-                future.result()
+        _train_in_workers(todo, config, out, progress)
     else:
         for reward in todo:
             train_expert(reward, config, out, progress)

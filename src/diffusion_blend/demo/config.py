@@ -29,7 +29,8 @@ class DemoConfig:
     ``(w, lambda)`` is ``p_pre exp(lambda r_w / alpha)``. ``finetune``: DPOKConfig fields shared by the experts.
     ``seeds`` x ``samples_per_seed`` samples per sweep point; ``oracle_samples`` base samples for the
     importance-weighted oracle and the experts' achievable objective; ``expert_samples`` trajectories to
-    estimate each expert's reward and path KL.
+    estimate each expert's reward and path KL. ``lora_targets``: the digits modules that carry the LoRA
+    (recorded in the training config's ``extra``, so part of the adapters' cache key).
     """
 
     rewards: tuple[str, str] = ("ink", "compressibility")
@@ -37,17 +38,18 @@ class DemoConfig:
     num_inference_steps: int = 10
     eta: float = 1.0
     finetune: dict[str, Any] = field(default_factory=lambda: {
-        "iterations": 300, "batch_size": 256, "minibatch_size": 64, "updates_per_batch": 1,
-        "learning_rate": 1e-4, "lora_rank": 8, "lora_alpha": 8.0, "clip_range": 0.2,
+        "iterations": 350, "batch_size": 512, "minibatch_size": 128, "updates_per_batch": 1,
+        "learning_rate": 6e-4, "lora_rank": 2, "lora_alpha": 2.0, "clip_range": 0.2,
     })
+    lora_targets: tuple[str, ...] = ("fc2", "output_proj")
     seed: int = 0
     weight_grid: tuple[float, ...] = _grid(0.0, 1.0, 11)
     kl_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     combined_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
     combined_kl_scales: tuple[float, ...] = (0.5, 1.5)
     check_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
-    seeds: tuple[int, ...] = (0, 1, 2, 3)
-    samples_per_seed: int = 256
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    samples_per_seed: int = 512
     oracle_samples: int = 20_000
     expert_samples: int = 4096
     grid_rows: int = 8
@@ -74,6 +76,12 @@ class DemoConfig:
         missing = [w for w in self.check_weights if not any(abs(w - g) < 1e-9 for g in self.weight_grid)]
         if missing:
             raise DiffusionBlendError(f"check weights {missing} are not on the weight grid {self.weight_grid}")
+        from ..digits.model import lora_target_modules
+
+        unknown = [name for name in self.lora_targets if name not in lora_target_modules()]
+        if not self.lora_targets or unknown:
+            raise DiffusionBlendError(f"lora_targets must be a non-empty subset of {lora_target_modules()}, "
+                                      f"got {self.lora_targets!r}")
         self.training(self.rewards[0])  # validates the fine-tuning fields
 
     @classmethod
@@ -98,6 +106,7 @@ class DemoConfig:
             **self.finetune, "reward_weights": {reward: 1.0}, "alpha": self.alpha,
             "num_inference_steps": self.num_inference_steps, "eta": self.eta, "seed": self.seed,
             "checkpoint_every": max(1, int(self.finetune.get("iterations", 1)) // 4),
+            "extra": {"target_modules": list(self.lora_targets)},
         })
 
     def weights(self, w: float) -> dict[str, float]:
