@@ -182,3 +182,21 @@ def test_config_and_command_validation():
     assert args.quick and args.out == Path("x")
     with pytest.raises(DiffusionBlendError, match="seed"):
         args.func(args)
+
+
+def test_finetune_command_on_the_digits_target(tmp_path):
+    """``dblend finetune --target digits`` (through digits_finetune_target) writes an adapter of the committed base."""
+    from diffusion_blend.commands import finetune as command
+    from diffusion_blend.digits.train import load_default_digits_model
+
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "--target", "digits", "--rewards", "symmetry=1", "--alpha", "0.1",
+                              "--iterations", "1", "--batch-size", "8", "--minibatch-size", "8", "--steps", "3",
+                              "--out", str(tmp_path), "--quiet"])
+    assert args.func(args) == 0
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["target"] == "digits" and len(log["curves"]) == 1
+    assert 0.0 <= log["curves"][0]["reward/symmetry"] <= 1.0
+    metadata = load_adapter(load_default_digits_model(progress=False), tmp_path / "adapter.safetensors", "x")
+    assert metadata.rewards == {"symmetry": 1.0} and metadata.alpha == 0.1
