@@ -207,6 +207,34 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
     return checks
 
 
+def diagnostics(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Where a shortfall comes from: the experts' reward gains vs their targets', and DB-MPA vs the linear mix of
+    its experts' mean rewards (what the blend gives if it adds nothing and loses nothing beyond its experts)."""
+    first, second = config.rewards
+    rows = []
+    base = _find(points, BASE_LABEL)
+    for reward in config.rewards:
+        expert = _find(points, KLA, expert=reward, kl_scale=1.0)
+        if expert is None or base is None:
+            continue
+        gain, target = expert[f"mean_{reward}"] - base[f"mean_{reward}"], expert["oracle_gain_weighted_reward"]
+        rows.append({"name": f"expert {reward}: reward gain / its target's reward gain (IS)", "value": gain / target,
+                     "detail": f"{gain:.4f} / {target:.4f} (ESS {expert['oracle_ess']:.0f})"})
+    experts = {1.0: _find(points, MPA, w=1.0), 0.0: _find(points, MPA, w=0.0)}
+    if base is not None and all(experts.values()):
+        for w in config.check_weights:
+            mpa = _find(points, MPA, w=float(w))
+            if mpa is None:
+                continue
+            mix = {n: w * experts[1.0][f"mean_{n}"] + (1 - w) * experts[0.0][f"mean_{n}"] for n in (first, second)}
+            mix_gain = w * (mix[first] - base[f"mean_{first}"]) + (1 - w) * (mix[second] - base[f"mean_{second}"])
+            rows.append({"name": f"DB-MPA at w={w:g}: gain in r_w / gain of the experts' linear mix",
+                         "value": mpa["gain_weighted_reward"] / mix_gain if mix_gain else float("nan"),
+                         "detail": f"{mpa['gain_weighted_reward']:.4f} / {mix_gain:.4f}; oracle gain "
+                                   f"{mpa['oracle_gain_weighted_reward']:.4f}"})
+    return rows
+
+
 # -------------------------------------------------------------------------------------------------- pareto
 def pareto_reference(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``pareto.json`` for the UI (format in the module docstring); the experts are DB-MPA at w = 1 and w = 0."""
@@ -330,6 +358,7 @@ estimated by importance weighting {config['oracle_samples']} base samples; ESS =
 Total time {summary['timings']['total_s']:.0f} s.</p>
 <h2>Quality checks</h2>
 <table><tr><th>status</th><th>check</th><th>value</th><th>bar</th><th>measured</th></tr>{checks}</table>
+<h2>Diagnostics</h2>{_table(summary['diagnostics'], ['name', 'value', 'detail'])}
 <h2>Experts</h2>{_table(experts, ['reward', 'base_reward', 'expert_reward', 'se_expert_reward', 'path_kl', 'se_path_kl',
                                   'objective', 'best_objective', 'achieved_fraction', 'num_trajectories'])}
 <h2>Plots</h2>
@@ -351,6 +380,7 @@ def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, M
 
     points = collect_points(config, sweeps, base)
     checks = quality_checks(config, points, experts)
+    diagnosis = diagnostics(config, points)
     reference = pareto_reference(config, points)
     columns = point_columns(config)
     _write_json(report_dir / "pareto.json", reference)
@@ -365,7 +395,7 @@ def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, M
              "sweep-kl-scales/summary.html", "sweep-kl-scales/results.csv", *adapters.values()]
     timings["total_s"] = time.perf_counter() - started
     summary = {
-        "config": config.to_dict(), "seeds": evaluation_seeds(config), "checks": checks, "experts": dict(experts),
+        "config": config.to_dict(), "seeds": evaluation_seeds(config), "checks": checks, "diagnostics": diagnosis, "experts": dict(experts),
         "points": points, "point_columns": columns, "pareto": reference, "grids": dict(grids), "adapters": dict(adapters),
         "timings": timings, "torch_threads": torch.get_num_threads(), "files": files,
         "oracle": {"num_base_samples": int(next(iter(base.values())).numel()),
