@@ -200,3 +200,20 @@ def test_finetune_command_on_the_digits_target(tmp_path):
     assert 0.0 <= log["curves"][0]["reward/symmetry"] <= 1.0
     metadata = load_adapter(load_default_digits_model(progress=False), tmp_path / "adapter.safetensors", "x")
     assert metadata.rewards == {"symmetry": 1.0} and metadata.alpha == 0.1
+
+
+def test_interrupted_training_of_another_configuration_does_not_block(tmp_path):
+    """A checkpoint left by a killed run with another configuration is discarded, not resumed (which would fail)."""
+    from diffusion_blend.demo.adapters import ADAPTER_DIR
+    from diffusion_blend.digits.target import digits_finetune_target
+    from diffusion_blend.training.dpok import TrainingInterrupted, finetune
+
+    other = DemoConfig.quick(alpha=0.07, finetune={**CONFIG.finetune, "iterations": 4})
+    work = tmp_path / ADAPTER_DIR / f".train-{REWARDS[0]}"
+    target = digits_finetune_target([REWARDS[0]], progress=False)
+    with pytest.raises(TrainingInterrupted):
+        finetune(target, other.training(REWARDS[0]), out_dir=work, progress=False, stop_after=1)
+    assert (work / "checkpoint.safetensors").exists()
+    paths = ensure_demo_adapters(tmp_path, CONFIG, progress=False, log=lambda message: None)
+    assert read_adapter(paths[REWARDS[0]])[1].alpha == CONFIG.alpha
+    assert not work.exists()

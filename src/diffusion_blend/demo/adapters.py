@@ -59,10 +59,16 @@ def train_expert(reward: str, config: DemoConfig, out_dir: str | os.PathLike, pr
 
     torch.set_num_threads(config.threads)
     work = Path(out_dir) / ADAPTER_DIR / f".train-{reward}"
+    training = config.training(reward)
+    stamp = work / "demo-config.json"
+    if work.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != _json_normal(training.to_dict())):
+        shutil.rmtree(work)  # a checkpoint of another configuration cannot be resumed: start afresh
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(_json_normal(training.to_dict()), sort_keys=True))
     target = digits_finetune_target([reward], progress=progress)
     target.name = f"digits:{reward}"
     target.target_modules = list(config.lora_targets)
-    result = finetune(target, config.training(reward), out_dir=work, progress=progress)
+    result = finetune(target, training, out_dir=work, progress=progress)
     final = adapter_path(out_dir, reward)
     os.replace(result.adapter_path, final)
     os.replace(work / "log.json", final.with_suffix(".log.json"))
