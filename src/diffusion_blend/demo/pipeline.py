@@ -202,7 +202,13 @@ def run_demo(
     from .report import write_report
 
     config = config or DemoConfig()
-    log = log or (lambda message: print(message, file=sys.stderr))
+    printer = log or (lambda message: print(message, file=sys.stderr))
+    adapter_log: list[str] = []
+
+    def log(message: str) -> None:
+        adapter_log.append(message)
+        printer(message)
+
     torch.set_num_threads(config.threads)  # docs/demo.md: 1 thread is fastest for this MLP on shared cores
     out = Path(out_dir)
     report_dir = out / REPORT_DIR
@@ -224,6 +230,6 @@ def run_demo(
     timings["grids_s"] = time.perf_counter() - mark
     summary = write_report(report_dir, config, sweeps=sweeps, base=base, experts=experts, grids=grids,
                            adapters={name: os.path.relpath(path, report_dir) for name, path in paths.items()},
-                           timings=timings, started=started)
-    log(json.dumps({"checks": {c["name"]: c["status"] for c in summary["checks"]}}))
+                           timings=timings, started=started, adapter_log=adapter_log)
+    printer(json.dumps({"checks": {c["name"]: c["status"] for c in summary["checks"]}}))
     return summary

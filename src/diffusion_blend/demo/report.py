@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..evaluation.oracle import importance_weighted_oracle, weighted_reward  # noqa: E402
+from ..evaluation.oracle import importance_weighted_oracle  # noqa: E402
 from ..evaluation.plots import _save as save_figure  # noqa: E402
 from ..preference import Preference  # noqa: E402
 from .config import DemoConfig  # noqa: E402
@@ -72,12 +72,6 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[
 
 
 # ------------------------------------------------------------------------------------------------- points
-def _label(method: str, weights: Mapping[str, float]) -> str:
-    if method == "mpa":
-        return KLA if len(weights) == 1 else None  # type: ignore[return-value]
-    return method
-
-
 def collect_points(config: DemoConfig, sweeps: Mapping[str, Mapping[str, Any]],
                    base: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
     """One row per (method, preference) with mean ± se per reward, r_w, its gain, and the IS oracle's values."""
@@ -175,8 +169,8 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
         checks.append({
             "name": f"DB-MPA at w={w:g}: gain in r_w over the base / the oracle's gain", "value": ratio,
             "threshold": f">= {MPA_ORACLE_BAR}", "status": "PASS" if ratio >= MPA_ORACLE_BAR else "FAIL",
-            "detail": (f"DB-MPA gain {mpa['gain_weighted_reward']:.4f} (± {mpa['se_weighted_reward']:.4f}, paired "
-                       f"with the base's samples on the same seeds); oracle gain {mpa['oracle_gain_weighted_reward']:.4f}"
+            "detail": (f"DB-MPA gain {mpa['gain_weighted_reward']:.4f} (se of its mean r_w {mpa['se_weighted_reward']:.4f}; "
+                       f"base sampled on the same seeds); oracle gain {mpa['oracle_gain_weighted_reward']:.4f}"
                        f" (ESS {mpa['oracle_ess']:.0f} of {config.oracle_samples})"),
         })
         if ls is not None:
@@ -355,7 +349,7 @@ w {html.escape(rewards[0])} + (1 - w) {html.escape(rewards[1])}. Sampler: DDIM e
 {config['num_inference_steps']} steps. Every point uses the same seeds {html.escape(str(summary['seeds']))}
 ({config['samples_per_seed']} samples each); means ± standard errors over those samples. The oracle is the exact target
 estimated by importance weighting {config['oracle_samples']} base samples; ESS = effective sample size (small: unreliable).
-Total time {summary['timings']['total_s']:.0f} s.</p>
+This run took {summary['timings']['total_s']:.0f} s; adapters: {html.escape('; '.join(summary.get('adapter_log', [])))}.</p>
 <h2>Quality checks</h2>
 <table><tr><th>status</th><th>check</th><th>value</th><th>bar</th><th>measured</th></tr>{checks}</table>
 <h2>Diagnostics</h2>{_table(summary['diagnostics'], ['name', 'value', 'detail'])}
@@ -374,7 +368,7 @@ Total time {summary['timings']['total_s']:.0f} s.</p>
 def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, Mapping[str, Any]],
                  base: Mapping[str, torch.Tensor], experts: Mapping[str, Mapping[str, float]],
                  grids: Mapping[str, str], adapters: Mapping[str, str], timings: dict[str, float],
-                 started: float) -> dict[str, Any]:
+                 started: float, adapter_log: Sequence[str] = ()) -> dict[str, Any]:
     """Write every report file (module docstring); returns the summary that ``results.json`` holds."""
     from .pipeline import evaluation_seeds
 
@@ -398,6 +392,7 @@ def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, M
         "config": config.to_dict(), "seeds": evaluation_seeds(config), "checks": checks, "diagnostics": diagnosis, "experts": dict(experts),
         "points": points, "point_columns": columns, "pareto": reference, "grids": dict(grids), "adapters": dict(adapters),
         "timings": timings, "torch_threads": torch.get_num_threads(), "files": files,
+        "adapter_log": list(adapter_log),
         "oracle": {"num_base_samples": int(next(iter(base.values())).numel()),
                    "base_means": {k: float(v.mean()) for k, v in base.items()}},
     }
