@@ -104,7 +104,7 @@ def morl_denoiser(
     path = oracle.adapter_path(preference)
     name = None
     if path is not None:
-        name = f"morl-{preference_key(preference, oracle.alpha)}"
+        name = "morl-" + preference_key(preference, oracle.alpha).replace(".", "_")  # torch module names: no dots
         if name not in adapter_names(model):
             load_adapter(model, path, name, architecture=architecture)
 
