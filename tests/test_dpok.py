@@ -45,6 +45,21 @@ def test_advantages_are_kl_regularized_reward_to_go_minus_leave_one_out_mean():
     torch.testing.assert_close(kl_regularized_advantages(reward, kl, alpha), expected)
 
 
+def test_state_dependent_baseline_removes_predictable_variance_and_ignores_noise():
+    gen = torch.Generator().manual_seed(3)
+    kl = torch.rand(4, 256, generator=gen)
+    reward = torch.randn(256, generator=gen)
+    plain = kl_regularized_advantages(reward, kl, 0.1)
+    # an uninformative control variate gets a ~0 coefficient: close to the plain estimator
+    noise = torch.randn(4, 256, generator=gen)
+    torch.testing.assert_close(kl_regularized_advantages(reward, kl, 0.1, noise), plain, atol=0.25, rtol=0)
+    # a control variate that predicts the reward removes its variance from the advantages
+    informed = kl_regularized_advantages(reward, kl, 0.1, reward.expand(4, -1))
+    assert informed.var(1).max() < 0.05 * plain.var(1).min()
+    # the centring still holds: advantages are deviations from a baseline
+    assert informed.mean(1).abs().max() < 1e-5
+
+
 def test_rollout_kl_matches_separate_forwards_and_deterministic_steps_are_free():
     target = tiny_target()
     lora.add_lora(target.model, "policy", rank=2, target_modules=target.target_modules)
@@ -126,8 +141,10 @@ def test_config_validation_is_readable(tmp_path):
         DPOKConfig.from_json(tmp_path / "c.json")
 
 
-def test_training_raises_reward_and_objective_on_a_linear_reward():
-    config = tiny_config(iterations=25, batch_size=64, minibatch_size=64, num_inference_steps=8, learning_rate=1e-2)
+@pytest.mark.parametrize("baseline", ["batch", "tweedie"])
+def test_training_raises_reward_and_objective_on_a_linear_reward(baseline):
+    config = tiny_config(iterations=25, batch_size=64, minibatch_size=64, num_inference_steps=8, learning_rate=1e-2,
+                         baseline=baseline)
     result = finetune(tiny_target(), config, progress=False)
     first, last = result.curves[0], result.curves[-1]
     assert first["kl"] == 0.0  # the untrained adapter (lora_B = 0) is the base

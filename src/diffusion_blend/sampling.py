@@ -65,6 +65,13 @@ def to_epsilon(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Te
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def tweedie_x0(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor) -> torch.Tensor:
+    """``E[x_0 | x_t] ≈ (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Tweedie; differentiable in ``x_t``)."""
+    eps = to_epsilon(scheduler, model_output, t, x_t)
+    abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
 def _previous_alpha_cumprod(scheduler: Any, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     alphas_cumprod = scheduler.alphas_cumprod
     if isinstance(scheduler, DDIMScheduler):

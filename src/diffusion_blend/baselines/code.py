@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..denoisers import Denoiser, repeat_rows
 from ..errors import DiffusionBlendError
 from ..preference import Preference
-from ..sampling import as_generator, initial_latents, step_kwargs, to_epsilon
+from ..sampling import as_generator, initial_latents, step_kwargs, tweedie_x0
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,12 +46,6 @@ class BaselineOutput:
     reward_evaluations: float
     selection_steps: int = 0
 
-
-def tweedie_x0(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor) -> torch.Tensor:
-    """``E[x_0 | x_t] ≈ (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Tweedie; differentiable in ``x_t``)."""
-    eps = to_epsilon(scheduler, model_output, t, x_t)
-    abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
-    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
 
 def call_reward(reward: Callable[..., torch.Tensor], images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:

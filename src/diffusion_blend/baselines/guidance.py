@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from ..denoisers import Denoiser
 from ..errors import DiffusionBlendError, RewardError
 from ..preference import Preference
-from ..sampling import as_generator, initial_latents, step_kwargs, to_epsilon, transition_distribution
-from .code import BaselineOutput, Decode, active_rewards, call_reward, tweedie_x0
+from ..sampling import as_generator, initial_latents, step_kwargs, to_epsilon, transition_distribution, tweedie_x0
+from .code import BaselineOutput, Decode, active_rewards, call_reward
 
 
 def tempering_schedule(step_index: int, gamma: float = 0.024) -> float:

@@ -75,6 +75,9 @@ class DPOKConfig:
     ``batch_size`` trajectories per process per iteration, ``updates_per_batch`` passes (PPO epochs) over
     them in ``minibatch_size`` chunks, ``clip_range`` the PPO ratio clip, ``timestep_fraction`` the share of
     stochastic steps used per update (a random subset, DDPO's ``train_timestep_fraction``).
+    ``baseline``: the policy-gradient baseline (``training.dpok.kl_regularized_advantages``): ``"batch"``, the
+    leave-one-out batch mean per step; ``"tweedie"``, that plus the state-dependent control variate
+    ``r_w(decode(x0_hat(x_k)))`` (one extra reward evaluation per step and sample; both are unbiased).
     """
 
     reward_weights: dict[str, float]
@@ -94,6 +97,7 @@ class DPOKConfig:
     seed: int = 0
     checkpoint_every: int = 25
     adapter_name: str = "policy"
+    baseline: str = "batch"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ class DPOKConfig:
         self.eta = _positive(self.eta, "eta")
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise DiffusionBlendError(f"timestep_fraction must lie in (0, 1], got {self.timestep_fraction!r}")
+        if self.baseline not in ("batch", "tweedie"):
+            raise DiffusionBlendError(f"baseline must be 'batch' or 'tweedie', got {self.baseline!r}")
         if self.minibatch_size > self.batch_size:
             raise DiffusionBlendError(f"minibatch_size {self.minibatch_size} exceeds batch_size {self.batch_size}")
 
