@@ -125,11 +125,11 @@ def _morl_template(config: DemoConfig) -> dict[str, Any]:
     return template
 
 
-def _morl_target(rewards: Sequence[str], lora_targets: Sequence[str]):
+def _morl_target(rewards: Sequence[str], lora_targets: Sequence[str], name: str):
     from ..digits.target import digits_finetune_target
 
     target = digits_finetune_target(list(rewards), progress=False)
-    target.name = "digits:morl"
+    target.name = name
     target.target_modules = list(lora_targets)
     return target
 
@@ -152,7 +152,8 @@ def _train_morl(weights: dict[str, float], effective_alpha: float, config: DemoC
     from functools import partial
 
     torch.set_num_threads(config.threads)
-    train = dpok_adapter_trainer(partial(_morl_target, config.rewards, config.lora_targets), _morl_template(config),
+    label = "MORL " + ",".join(f"{n}={w:g}" for n, w in weights.items()) + f" alpha'={effective_alpha:.3g}"
+    train = dpok_adapter_trainer(partial(_morl_target, config.rewards, config.lora_targets, label), _morl_template(config),
                                  runs_dir, progress=progress)
     return str(train(dict(weights), float(effective_alpha)))
 
