@@ -39,7 +39,7 @@ class DemoConfig:
     eta: float = 1.0
     finetune: dict[str, Any] = field(default_factory=lambda: {
         "iterations": 500, "batch_size": 512, "minibatch_size": 128, "updates_per_batch": 1,
-        "learning_rate": 6e-4, "lora_rank": 2, "lora_alpha": 2.0, "clip_range": 0.2,
+        "learning_rate": 6e-4, "lora_rank": 2, "lora_alpha": 2.0, "clip_range": 0.2, "baseline": "tweedie",
     })
     lora_targets: tuple[str, ...] = ("fc2", "output_proj")
     seed: int = 0
