@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--num-images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the demo's sampler for digits, so results sit on its Pareto "
+                        "plot; 50 for Stable Diffusion)")
     parser.add_argument("--sd-base", metavar="PATH_OR_ID",
                         help="blend a Stable Diffusion base's LoRA experts (--adapter NAME=PATH each) with a prompt box")
     parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
@@ -69,7 +71,7 @@ def sd_studio(args: argparse.Namespace):
         raise DiffusionBlendError(f"--reward-options is not valid JSON ({err})") from None
     return stable_diffusion_studio(
         args.sd_base, adapters, reward_names=parse_adapter_args(args.reward, flag="--reward", value="REWARD"),
-        reward_options=options, num_images=args.num_images, num_inference_steps=args.steps,
+        reward_options=options, num_images=args.num_images, num_inference_steps=args.steps or 50,
         guidance_scale=args.guidance_scale, resolution=args.resolution, device=args.device,
         dtype=getattr(torch, args.dtype),
     )
@@ -99,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
             adapters = ensure_demo_adapters(demo_dir)
     adapters = {name: resolve_within(path, roots) for name, path in adapters.items()}
-    studio = digits_studio(adapters, num_images=args.num_images, num_inference_steps=args.steps)
+    from ..demo import DemoConfig
+
+    steps = args.steps or DemoConfig().num_inference_steps
+    studio = digits_studio(adapters, num_images=args.num_images, num_inference_steps=steps)
     app = build_app(studio, load_pareto_reference(demo_dir / "report" / "pareto.json"))
     print(f"Diffusion Blend UI on http://{args.host}:{args.port} (Ctrl+C to stop)")
     launch(app, host=args.host, port=args.port)
