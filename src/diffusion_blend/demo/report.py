@@ -27,8 +27,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..evaluation.html import format_cell  # noqa: E402
 from ..evaluation.oracle import importance_weighted_oracle  # noqa: E402
-from ..evaluation.plots import _save as save_figure  # noqa: E402
+from ..evaluation.plots import save_figure  # noqa: E402
 from ..preference import Preference  # noqa: E402
 from .config import DemoConfig  # noqa: E402
 
@@ -310,17 +311,9 @@ def plot_reward_vs_lambda(config: DemoConfig, points: Sequence[Mapping[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------------- html
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
-
-
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{format_cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -329,7 +322,7 @@ def render_index(summary: Mapping[str, Any]) -> str:
     config = summary["config"]
     checks = "".join(
         f"<tr class='{c['status'].lower()}'><td><b>{c['status']}</b></td><td>{html.escape(c['name'])}</td>"
-        f"<td>{_fmt(c['value'])}</td><td>{html.escape(c['threshold'])}</td><td>{html.escape(c['detail'])}</td></tr>"
+        f"<td>{format_cell(c['value'])}</td><td>{html.escape(c['threshold'])}</td><td>{html.escape(c['detail'])}</td></tr>"
         for c in summary["checks"])
     experts = [{"reward": k, **v} for k, v in summary["experts"].items()]
     grids = "".join(f"<figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: '–' for None, 4 significant digits for floats, HTML-escaped text otherwise."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -26,14 +27,14 @@ def render_html(result: Mapping[str, Any]) -> str:
     rows_html = []
     for row in result["rows"]:
         weights = ", ".join(f"{n}={w:g}" for n, w in row["weights"].items())
-        cells = [html.escape(row["method"]), html.escape(weights), _fmt(row["kl_scale"])]
-        cells += [f"{_fmt(row[f'mean_{n}'])} ± {_fmt(row[f'se_{n}'])}" for n in names]
-        cells += [_fmt(row[f"gain_{n}"]) for n in names]
-        cells += [f"{_fmt(row['weighted_reward'])} ± {_fmt(row['se_weighted_reward'])}", _fmt(row["gain_weighted_reward"]),
-                  _fmt(row["win_rate"]), _fmt(row["network_evaluations_per_sample"]), _fmt(row["wall_time_per_sample"])]
+        cells = [html.escape(row["method"]), html.escape(weights), format_cell(row["kl_scale"])]
+        cells += [f"{format_cell(row[f'mean_{n}'])} ± {format_cell(row[f'se_{n}'])}" for n in names]
+        cells += [format_cell(row[f"gain_{n}"]) for n in names]
+        cells += [f"{format_cell(row['weighted_reward'])} ± {format_cell(row['se_weighted_reward'])}", format_cell(row["gain_weighted_reward"]),
+                  format_cell(row["win_rate"]), format_cell(row["network_evaluations_per_sample"]), format_cell(row["wall_time_per_sample"])]
         rows_html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     fronts = "".join(
-        f"<tr><td>{html.escape(m)}</td><td>{_fmt(f['hypervolume'])}</td><td>{len(f['points'])}</td></tr>"
+        f"<tr><td>{html.escape(m)}</td><td>{format_cell(f['hypervolume'])}</td><td>{len(f['points'])}</td></tr>"
         for m, f in result["fronts"].items()
     )
     plots = "".join(

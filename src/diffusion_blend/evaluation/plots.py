@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig: Any, path: Path) -> str:
+def save_figure(fig: Any, path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -42,7 +42,7 @@ def plot_fronts(result: Mapping[str, Any], path: Path) -> str:
     ax.set_ylabel(f"mean {second}")
     ax.set_title("Pareto fronts (points: preferences; lines: non-dominated)")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_weighted_reward_vs_weight(result: Mapping[str, Any], path: Path) -> str:
@@ -59,7 +59,7 @@ def plot_weighted_reward_vs_weight(result: Mapping[str, Any], path: Path) -> str
     ax.set_xlabel(f"weight of {first}")
     ax.set_ylabel("weighted reward r_w")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reward_vs_kl_scale(result: Mapping[str, Any], path: Path) -> str:
@@ -75,7 +75,7 @@ def plot_reward_vs_kl_scale(result: Mapping[str, Any], path: Path) -> str:
     ax.set_xlabel("KL scale λ")
     ax.set_ylabel("weighted reward r_w")
     ax.legend(fontsize=6)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_plots(result: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
