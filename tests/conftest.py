@@ -16,3 +16,10 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Property tests draw from a fixed seed so every run (and CI) sees the same examples.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("reproducible", derandomize=True, database=None, deadline=None)
+settings.load_profile("reproducible")
