@@ -27,13 +27,12 @@ Special cases:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .errors import DiffusionBlendError
+from .errors import DiffusionBlendError, finite_number
 
 BASE = None
 """Member key of the pre-trained (base) model in a coefficient vector; experts are keyed by name."""
@@ -42,15 +41,6 @@ BASE = None
 class PreferenceError(DiffusionBlendError):
     """A preference, or its pairing with a set of experts, is invalid."""
 
-
-def _finite(value: float, what: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise PreferenceError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise PreferenceError(f"{what} must be finite, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -67,8 +57,8 @@ class Preference:
         for name, weight in self.weights.items():
             if not isinstance(name, str) or not name:
                 raise PreferenceError(f"reward names must be non-empty strings, got {name!r}")
-            clean[name] = _finite(weight, f"weight of {name!r}")
-        kl_scale = _finite(self.kl_scale, "kl_scale (lambda)")
+            clean[name] = finite_number(weight, f"weight of {name!r}", error=PreferenceError)
+        kl_scale = finite_number(self.kl_scale, "kl_scale (lambda)", error=PreferenceError)
         if kl_scale < 0:
             raise PreferenceError(f"kl_scale (lambda) must be >= 0, got {kl_scale}")
         object.__setattr__(self, "weights", dict(clean))
@@ -84,7 +74,7 @@ class Preference:
                 raise PreferenceError(f"cannot parse weight {item!r}: expected name=value, e.g. aesthetic=0.3")
             if name.strip() in weights:
                 raise PreferenceError(f"weight for {name.strip()!r} given twice")
-            weights[name.strip()] = _finite(value.strip(), f"weight of {name.strip()!r}")
+            weights[name.strip()] = finite_number(value.strip(), f"weight of {name.strip()!r}", error=PreferenceError)
         return cls(weights, kl_scale)
 
     @classmethod

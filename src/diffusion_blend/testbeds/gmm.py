@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..denoisers import CallableFamily
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, finite_number
 from ..preference import Preference
 
 DTYPE = torch.float64
@@ -54,19 +54,10 @@ def _check_points(x: torch.Tensor, dim: int, what: str = "points") -> torch.Tens
     return x.to(DTYPE)
 
 
-def _finite_number(value: Any, what: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise DiffusionBlendError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise DiffusionBlendError(f"{what} must be finite, got {value}")
-    return value
-
 
 def check_alpha(alpha: Any) -> float:
     """The reference KL weight ``alpha`` (paper section 1) must be a positive finite number."""
-    alpha = _finite_number(alpha, "alpha (KL weight)")
+    alpha = finite_number(alpha, "alpha (KL weight)")
     if alpha <= 0:
         raise DiffusionBlendError(f"alpha (KL weight) must be > 0, got {alpha}")
     return alpha
@@ -93,7 +84,7 @@ class QuadraticForm:
             )
         object.__setattr__(self, "linear", linear)
         object.__setattr__(self, "curvature", (curvature + curvature.T) / 2)
-        object.__setattr__(self, "offset", _finite_number(self.offset, "offset c"))
+        object.__setattr__(self, "offset", finite_number(self.offset, "offset c"))
 
     @classmethod
     def linear_reward(cls, direction: Any, offset: float = 0.0) -> QuadraticForm:
@@ -122,7 +113,7 @@ class QuadraticForm:
             raise DiffusionBlendError(f"{len(weights)} weights for {len(rewards)} rewards")
         total = QuadraticForm.zero(rewards[0].dim)
         for reward, weight in zip(rewards, weights):
-            total = total + _finite_number(weight, "reward weight") * reward
+            total = total + finite_number(weight, "reward weight") * reward
         return total
 
     @property
@@ -147,7 +138,7 @@ class QuadraticForm:
         return QuadraticForm(self.curvature + other.curvature, self.linear + other.linear, self.offset + other.offset)
 
     def __mul__(self, scale: float) -> QuadraticForm:
-        scale = _finite_number(scale, "reward scale")
+        scale = finite_number(scale, "reward scale")
         return QuadraticForm(scale * self.curvature, scale * self.linear, scale * self.offset)
 
     __rmul__ = __mul__
@@ -234,7 +225,7 @@ class GaussianMixture:
 
     def noised(self, abar: float) -> GaussianMixture:
         """The VP forward marginal: component ``k -> N(sqrt(abar) mu_k, abar Sigma_k + (1 - abar) I)``."""
-        abar = _finite_number(abar, "abar")
+        abar = finite_number(abar, "abar")
         if not 0.0 < abar <= 1.0:
             raise DiffusionBlendError(f"abar must be in (0, 1], got {abar}")
         eye = torch.eye(self.dim, dtype=DTYPE)
@@ -252,7 +243,7 @@ class GaussianMixture:
     def _tilted_components(self, reward: QuadraticForm, scale: float) -> tuple[torch.Tensor, ...]:
         if reward.dim != self.dim:
             raise DiffusionBlendError(f"reward is on R^{reward.dim} but the mixture on R^{self.dim}")
-        scale = _finite_number(scale, "tilt scale")
+        scale = finite_number(scale, "tilt scale")
         precisions = torch.linalg.inv(self.covariances)
         tilted_precisions = precisions + scale * reward.curvature
         tilted_precisions = (tilted_precisions + tilted_precisions.transpose(1, 2)) / 2

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, positive_int, positive_number
 from ..lora import Forward
 
 RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
@@ -52,18 +52,6 @@ class FinetuneTarget:
         return prompts, cond
 
 
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DiffusionBlendError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
-def _positive(value: Any, what: str, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DiffusionBlendError(f"{what} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise DiffusionBlendError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -109,17 +97,17 @@ class DPOKConfig:
                 raise DiffusionBlendError(f"weight of reward {name!r} must be a finite number, got {weight!r}")
             clean[str(name)] = float(weight)
         self.reward_weights = clean
-        self.alpha = _positive(self.alpha, "alpha (KL weight)")
+        self.alpha = positive_number(self.alpha, "alpha (KL weight)")
         for name in ("iterations", "batch_size", "minibatch_size", "updates_per_batch", "lora_rank",
                      "num_inference_steps", "checkpoint_every"):
-            _positive_int(getattr(self, name), name)
+            positive_int(getattr(self, name), name)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise DiffusionBlendError(f"seed must be a non-negative integer, got {self.seed!r}")
-        self.learning_rate = _positive(self.learning_rate, "learning_rate")
-        self.clip_range = _positive(self.clip_range, "clip_range")
-        self.max_grad_norm = _positive(self.max_grad_norm, "max_grad_norm")
-        self.lora_alpha = _positive(self.lora_alpha, "lora_alpha")
-        self.eta = _positive(self.eta, "eta")
+        self.learning_rate = positive_number(self.learning_rate, "learning_rate")
+        self.clip_range = positive_number(self.clip_range, "clip_range")
+        self.max_grad_norm = positive_number(self.max_grad_norm, "max_grad_norm")
+        self.lora_alpha = positive_number(self.lora_alpha, "lora_alpha")
+        self.eta = positive_number(self.eta, "eta")
         if not 0.0 < self.timestep_fraction <= 1.0:
             raise DiffusionBlendError(f"timestep_fraction must lie in (0, 1], got {self.timestep_fraction!r}")
         if self.baseline not in ("batch", "tweedie"):

@@ -12,7 +12,6 @@ optional exponential moving average of the weights (diffusers' ``EMAModel``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, positive_int, positive_number
 from ..lora import Forward
 from ..sampling import as_generator
 
@@ -58,10 +57,6 @@ def _data_sampler(data: torch.Tensor | Sampler) -> Sampler:
 
     return draw
 
-
-def _check_positive(value: float, what: str) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise DiffusionBlendError(f"{what} must be a positive number, got {value!r}")
 
 
 def denoising_loss(
@@ -107,11 +102,9 @@ def pretrain_denoiser(
     diffusers' warm-up ``min(decay, (1 + n) / (10 + n))``) and copies it into ``model`` at the end.
     Returns the model (in eval mode) and the per-step losses.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise DiffusionBlendError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DiffusionBlendError(f"batch_size must be a positive integer, got {batch_size!r}")
-    _check_positive(lr, "lr")
+    positive_int(steps, "steps")
+    positive_int(batch_size, "batch_size")
+    positive_number(lr, "lr")
     if ema_decay is not None and not 0.0 < ema_decay < 1.0:
         raise DiffusionBlendError(f"ema_decay must lie in (0, 1), got {ema_decay!r}")
     draw = _data_sampler(data)
