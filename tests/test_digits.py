@@ -12,6 +12,7 @@ from diffusion_blend.digits.model import (
     DigitsDenoiser,
     DigitsDenoiserConfig,
     digits_forward,
+    digits_scheduler,
     load_digits_model,
     lora_target_modules,
     save_digits_model,
@@ -209,12 +210,24 @@ def test_digit_prob_on_real_digits_and_gradients():
     for d in (0, 1):
         mine = labels[:200] == d
         assert probabilities[mine, d].mean() > 0.9 and probabilities[~mine, d].mean() < 0.1
+    for d in (3, 9):  # the option-free names score exactly like digit_prob(digit=d)
+        assert reward(f"digit_prob_{d}").name == f"digit_prob_{d}"
+        assert torch.equal(reward(f"digit_prob_{d}")(images[:200]), probabilities[:, d])
     x = images[:4].clone().requires_grad_(True)
     reward("digit_prob", digit=0)(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     y = images[:4].clone().requires_grad_(True)
     (reward("ink")(y) + reward("symmetry")(y)).sum().backward()
     assert y.grad is not None
+
+
+def test_every_ddim_step_is_stochastic_so_path_kl_bounds_sample_kl():
+    from diffusion_blend.sampling import sample
+
+    for steps in (4, 10, 50):
+        out = sample(lambda x, t: torch.zeros_like(x), digits_scheduler("ddim"), generator=0, shape=(2, 1, 8, 8),
+                     num_inference_steps=steps, eta=1.0, record_trajectory=True, progress=False)
+        assert (out.trajectory.stds > 0).all() and int(out.trajectory.timesteps[-1]) == 1
 
 
 def test_reward_boundary_errors():

@@ -1,4 +1,4 @@
-"""`dblend digits-table --quick`: the paper's Table 1 on digits (files, rows, RGG refusal, MORL cache, invariants)."""
+"""`dblend digits-table --quick`: the paper's Table 1 on digits (files, rows, RGG, MORL cache, invariants)."""
 
 import csv
 import json
@@ -49,14 +49,14 @@ def test_table_has_every_method_at_every_weight(quick_run):
         assert label in markdown
 
 
-def test_rgg_is_not_available_with_its_own_reason(quick_run):
+def test_rgg_runs_on_the_differentiable_demo_pair(quick_run):
+    # ink and digit_prob_3 both have gradients, so reward-gradient guidance runs (its refusal of a
+    # non-differentiable reward is tested in test_baselines.py)
     _, summary, _, _ = quick_run
     rgg = [row for row in summary["table"] if row["method"] == "rgg"]
     assert len(rgg) == 3
     for row in rgg:
-        assert "differentiable" in row["na"] and "compressibility" in row["na"]
-        assert "weighted_reward" not in row  # no invented numbers
-    assert "n/a: reward-gradient guidance needs differentiable rewards" in (quick_run[0] / "table.md").read_text()
+        assert "na" not in row and row["weighted_reward"] == row["weighted_reward"]  # a number, not NaN
 
 
 def test_costs_match_hand_counts(quick_run):

@@ -33,15 +33,15 @@ class DemoConfig:
     (recorded in the training config's ``extra``, so part of the adapters' cache key).
     """
 
-    rewards: tuple[str, str] = ("ink", "compressibility")
+    rewards: tuple[str, str] = ("ink", "digit_prob_3")
     alpha: float = 0.03
     num_inference_steps: int = 10
     eta: float = 1.0
     finetune: dict[str, Any] = field(default_factory=lambda: {
-        "iterations": 500, "batch_size": 512, "minibatch_size": 128, "updates_per_batch": 1,
-        "learning_rate": 6e-4, "lora_rank": 2, "lora_alpha": 2.0, "clip_range": 0.2, "baseline": "tweedie",
+        "estimator": "pathwise", "iterations": 400, "batch_size": 128, "minibatch_size": 128,
+        "learning_rate": 1e-3, "lora_rank": 8, "lora_alpha": 8.0,
     })
-    lora_targets: tuple[str, ...] = ("fc2", "output_proj")
+    lora_targets: tuple[str, ...] = ("input_proj", "fc1", "time_proj", "fc2", "output_proj")
     seed: int = 0
     weight_grid: tuple[float, ...] = _grid(0.0, 1.0, 11)
     kl_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -88,8 +88,8 @@ class DemoConfig:
     def quick(cls, **overrides: Any) -> DemoConfig:
         """A miniature run (seconds): tiny training budget, few samples, short grids (tests, smoke runs)."""
         values: dict[str, Any] = dict(
-            finetune={"iterations": 2, "batch_size": 32, "minibatch_size": 32, "updates_per_batch": 1,
-                      "learning_rate": 1e-4, "lora_rank": 2, "lora_alpha": 2.0, "clip_range": 0.2},
+            finetune={"estimator": "pathwise", "iterations": 2, "batch_size": 32, "minibatch_size": 16,
+                      "learning_rate": 1e-4, "lora_rank": 2, "lora_alpha": 2.0},
             num_inference_steps=4, weight_grid=(0.0, 0.2, 0.5, 0.8, 1.0), kl_scales=(0.0, 1.0, 2.0),
             combined_weights=(0.5,), combined_kl_scales=(0.5,), seeds=(0, 1), samples_per_seed=16,
             oracle_samples=256, expert_samples=64, grid_rows=3, workers=1,

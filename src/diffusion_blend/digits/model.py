@@ -36,6 +36,10 @@ from .data import IMAGE_SHAPE
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
+DDIM_SAMPLING_CONFIG = {"steps_offset": 1, "set_alpha_to_one": False}
+"""Stable Diffusion's DDIM settings: the last step goes to ``t = 0`` instead of a noise-free ``alpha = 1``, so
+with ``eta > 0`` every step is stochastic and a fine-tuned adapter's path KL bounds the KL of its samples
+(docs/finetuning.md, "Deterministic steps")."""
 
 
 @dataclass(frozen=True)
@@ -109,14 +113,16 @@ def digits_forward(model: nn.Module, x_t: torch.Tensor, t: Any, **cond: Any) -> 
 
 
 def lora_target_modules() -> tuple[str, ...]:
-    """Module names for :func:`diffusion_blend.lora.add_lora`: every block's ``fc1``/``fc2`` and the
-    input/output projections (the time pathway stays frozen)."""
-    return ("input_proj", "fc1", "fc2", "output_proj")
+    """Module names for :func:`diffusion_blend.lora.add_lora`: every block's ``fc1``/``time_proj``/``fc2`` and
+    the input/output projections (``time_proj`` lets the adapter's change depend on the noise level; the shared
+    ``time_mlp`` stays frozen)."""
+    return ("input_proj", "fc1", "time_proj", "fc2", "output_proj")
 
 
 def digits_scheduler(kind: str = "ddim"):
-    """The noise schedule the digits model is trained with (linear betas, 1,000 steps, no clipping)."""
-    return make_scheduler(kind, **SCHEDULER_CONFIG)
+    """The noise schedule the digits model is trained with (linear betas, 1,000 steps, no clipping); DDIM
+    samples with :data:`DDIM_SAMPLING_CONFIG`."""
+    return make_scheduler(kind, **SCHEDULER_CONFIG, **(DDIM_SAMPLING_CONFIG if kind == "ddim" else {}))
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -14,7 +14,8 @@ base-model samples):
   dominated by headers (the JPEG reward of rewards/image.py is built for large images), a run count is the
   size of the simplest lossless code and has an exact range.
 - ``digit_prob``: the probability the trained digit classifier (digits/classifier.py, committed weights)
-  gives to digit ``digit``. Differentiable (gradients flow through the frozen classifier).
+  gives to digit ``digit``. Differentiable (gradients flow through the frozen classifier). Also registered as
+  ``digit_prob_0`` ... ``digit_prob_9`` (no options), the names adapter files and the demo use.
 """
 
 from __future__ import annotations
@@ -114,3 +115,13 @@ def compressibility(levels: int = 4) -> Reward:
 @register_reward("digit_prob", "digits: classifier probability of digit=d (trained CNN) in [0, 1]")
 def digit_prob(digit: int, classifier_dir: str | os.PathLike | None = None) -> Reward:
     return DigitProbability(digit, classifier_dir)
+
+
+def _register_digit(digit: int) -> None:
+    @register_reward(f"digit_prob_{digit}", f"digits: classifier probability of a {digit} (digit_prob with digit={digit})")
+    def factory(classifier_dir: str | os.PathLike | None = None) -> Reward:
+        return DigitProbability(digit, classifier_dir)
+
+
+for _digit in range(10):  # one self-describing name per digit: adapter metadata names the reward completely
+    _register_digit(_digit)

@@ -7,8 +7,9 @@ sampler), :func:`run_digits_table` evaluates at ``w`` in {0.2, 0.5, 0.8} (``w`` 
 - ``base`` (the pre-trained model), Rewarded Soup over LoRA factors and over LoRA deltas (section 5.1),
 - CoDe (section 5.2): ``N = 20`` candidates; the paper's block of 5 of 50 DDIM steps (a selection every tenth of
   the trajectory) scaled to the 10-step sampler is a block of 1 step, i.e. a selection at every step but the last,
-- RGG (section 5.3): the compressibility reward is not differentiable, so the method refuses; the table records
-  its own error message as ``n/a: <reason>`` instead of numbers,
+- RGG (section 5.3): gradient guidance with the rewards' gradients at the Tweedie estimate; with a
+  non-differentiable basis reward (e.g. ``compressibility``) the method refuses and the table records its own
+  error message as ``n/a: <reason>`` instead of numbers,
 - DB-MPA (Lemma 2) and DB-MPA-LS (Proposition 2),
 - the MORL oracle (section 5.4): an adapter fine-tuned directly on ``r_w`` with the demo experts' trainer
   configuration, cached per ``(w, lambda, alpha)`` by :class:`~diffusion_blend.baselines.morl.MorlOracle`,

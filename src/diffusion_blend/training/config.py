@@ -66,6 +66,10 @@ class DPOKConfig:
     ``baseline``: the policy-gradient baseline (``training.dpok.kl_regularized_advantages``): ``"batch"``, the
     leave-one-out batch mean per step; ``"tweedie"``, that plus the state-dependent control variate
     ``r_w(decode(x0_hat(x_k)))`` (one extra reward evaluation per step and sample; both are unbiased).
+    ``estimator``: ``"score"``, REINFORCE/PPO on the KL-regularized return (any reward); ``"pathwise"``,
+    backpropagation through the reparameterised chain (differentiable rewards; one optimizer step per iteration
+    over ``batch_size`` trajectories in ``minibatch_size`` chunks; ``updates_per_batch``, ``clip_range``,
+    ``timestep_fraction`` and ``baseline`` do not apply). Both estimate the gradient of the same objective.
     """
 
     reward_weights: dict[str, float]
@@ -86,6 +90,7 @@ class DPOKConfig:
     checkpoint_every: int = 25
     adapter_name: str = "policy"
     baseline: str = "batch"
+    estimator: str = "score"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +117,8 @@ class DPOKConfig:
             raise DiffusionBlendError(f"timestep_fraction must lie in (0, 1], got {self.timestep_fraction!r}")
         if self.baseline not in ("batch", "tweedie"):
             raise DiffusionBlendError(f"baseline must be 'batch' or 'tweedie', got {self.baseline!r}")
+        if self.estimator not in ("score", "pathwise"):
+            raise DiffusionBlendError(f"estimator must be 'score' or 'pathwise', got {self.estimator!r}")
         if self.minibatch_size > self.batch_size:
             raise DiffusionBlendError(f"minibatch_size {self.minibatch_size} exceeds batch_size {self.batch_size}")
 
