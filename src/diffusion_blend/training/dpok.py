@@ -389,8 +389,8 @@ def _pathwise_update(
                 raise DiffusionBlendError(
                     f"sampler step t={int(t)} is deterministic (sigma = 0): the path KL would not bound the KL of "
                     "the samples and the pathwise gradient would change that step at no cost; use a scheduler "
-                    "whose every step is stochastic (DDIM with steps_offset=1 and set_alpha_to_one=False, or "
-                    "DDPM) or estimator='score'")
+                    "whose every step is stochastic (DDIM with steps_offset=1 and set_alpha_to_one=False, as "
+                    "Stable Diffusion's; DDPM's last step is deterministic too) or estimator='score'")
             mean_base, _ = transition_distribution(scheduler, to_epsilon(scheduler, base_out, t, x), t, x, config.eta)
             path_kl = path_kl + step_kl(mean, mean_base, std)
             x = mean + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
