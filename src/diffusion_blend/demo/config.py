@@ -7,11 +7,10 @@ affects the evaluation. ``DemoConfig.quick()`` is a miniature for tests and smok
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, positive_int, positive_number
 from ..preference import Preference
 from ..training.config import DPOKConfig
 
@@ -59,13 +58,10 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if len(self.rewards) != 2 or self.rewards[0] == self.rewards[1]:
             raise DiffusionBlendError(f"the demo needs two different basis rewards, got {self.rewards!r}")
-        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise DiffusionBlendError(f"alpha must be a positive number, got {self.alpha!r}")
+        positive_number(self.alpha, "alpha")
         for name in ("num_inference_steps", "samples_per_seed", "oracle_samples", "expert_samples", "grid_rows",
                      "threads", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DiffusionBlendError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(getattr(self, name), name)
         if not self.seeds:
             raise DiffusionBlendError("the demo needs at least one evaluation seed")
         for w in (*self.weight_grid, *self.combined_weights, *self.check_weights):

@@ -376,11 +376,11 @@ def _pathwise_update(
     scheduler, names = target.scheduler, list(config.reward_weights)
     optimizer.zero_grad(set_to_none=True)
     weighted, kls, basis = [], [], {name: [] for name in names}
+    scheduler.set_timesteps(config.num_inference_steps, device=accelerator.device)
     for start in range(0, config.batch_size, config.minibatch_size):
         rows = min(config.minibatch_size, config.batch_size - start)
         prompts, cond = target.conditioning(rows, generator)
         x = initial_latents(scheduler, generator, (rows, *target.sample_shape), device=accelerator.device)
-        scheduler.set_timesteps(config.num_inference_steps, device=x.device)
         path_kl = torch.zeros(rows, device=x.device)
         for t in scheduler.timesteps:
             policy_out, base_out = pair(scheduler.scale_model_input(x, t), t, **cond)
