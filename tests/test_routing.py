@@ -219,3 +219,19 @@ def test_bad_routing_is_one_clear_error():
     with pytest.raises(DiffusionBlendError, match="routing='sequential'"), torch.no_grad():
         with routed_adapters(net, [(0, 1, "a"), (1, 2, "b")]):
             net.wide(torch.randn(3, 6))  # a layer seeing another batch than the routed one
+
+
+def test_benchmark_cuda_path_refuses_in_one_line_without_cuda_and_checks_variants():
+    """The ``--device cuda`` figures need a GPU (none here): the script says so in one line, exit status 2."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sd_blend.py"
+    runs = [["--variants", "mpa_fastest"]]
+    if not torch.cuda.is_available():
+        runs.append(["--device", "cuda", "--dtype", "float16"])
+    for args in runs:
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert ("CUDA" if "cuda" in args else "mpa_fastest") in proc.stderr
