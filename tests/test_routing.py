@@ -235,3 +235,18 @@ def test_benchmark_cuda_path_refuses_in_one_line_without_cuda_and_checks_variant
         proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert ("CUDA" if "cuda" in args else "mpa_fastest") in proc.stderr
+
+
+def test_a_hooked_base_layer_keeps_peft_forward_and_its_hook():
+    net = token_net()
+    handle = net.wide.base_layer.register_forward_hook(lambda module, args, out: out + 1.0)
+    x, _ = inputs(3)
+    with torch.no_grad(), routed_adapters(net, [(0, 1, "a"), (1, 3, "c")]):
+        assert "forward" not in vars(net.wide) and "forward" in vars(net.deep)
+        ours = net(x, 70)
+    torch.testing.assert_close(ours[:1], peft_single(net, "a", x[:1], 70), **TOL)
+    torch.testing.assert_close(ours[1:], peft_single(net, "c", x[1:], 70), **TOL)
+    handle.remove()
+    with torch.no_grad(), routed_adapters(net, [(0, 1, "a"), (1, 3, "c")]):
+        unhooked = net(x, 70)
+    assert (ours - unhooked).abs().max() > 1e-3  # the hook took effect

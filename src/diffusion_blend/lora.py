@@ -147,7 +147,9 @@ def _fast_path_ok(layer: LoraLayer, names: set[str]) -> bool:
     base = layer.get_base_layer()
     if not (isinstance(layer, LoraLinear) and type(base) is nn.Linear) or layer.fan_in_fan_out or layer.merged:
         return False
-    if "forward" in vars(layer) or base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if "forward" in vars(layer) or "forward" in vars(base) or hasattr(base, "_hf_hook"):
+        return False  # someone else (accelerate offloading, a patch) wraps this layer's forward
+    if base._forward_hooks or base._forward_pre_hooks:
         return False
     for name in names & set(layer.lora_A.keys()):
         if name in layer.lora_variant or layer.lora_bias.get(name, False):
