@@ -19,8 +19,10 @@ steps (eta = 1) at 64x64 latents with classifier-free guidance (CFG batch 2), ba
 Each variant runs in its own subprocess, so peak memory is not polluted by the others: on CPU the peak is the
 subprocess's peak resident set size (``ru_maxrss``, includes the Python/torch runtime); on CUDA it is
 ``torch.cuda.max_memory_allocated``. Results are printed as ratios to ``single`` and written as JSON and Markdown, with the process CPU time per
-step and the load average before each variant (on a shared machine, wall-time ratios are only as good as the
-load was steady).
+step and the load average before each variant (on a shared machine, wall-time ratios across processes are only as
+good as the load was steady). The *paired ratio* is robust to slow load changes: right after each step, the same
+process times one forward of the single model (adapters disabled) on the same input, and the ratio is the step's
+time over that forward's.
 
     python benchmarks/bench_sd_blend.py                               # CPU, float32, 2 timed steps
     python benchmarks/bench_sd_blend.py --device cuda --dtype float16 --steps 20
@@ -37,6 +39,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 SD15_UNET_CONFIG = dict(
@@ -194,20 +197,39 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
         torch.cuda.reset_peak_memory_stats()
     weights_bytes = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     scheduler.set_timesteps(warmup + steps)
-    times, cpu_times = [], []
+    times, cpu_times, base_times = [], [], []
+    base_model = copies[0] if copies is not None else unet  # merged copies: a plain UNet's cost
+
+    def base_forward(x, t):
+        """The single model's forward (adapters disabled), timed in this process right after each step."""
+        with active_adapter(base_model, None) if variant not in ("single", "reference_copies") else nullcontext():
+            return call(base_model, x, t)
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start, time.process_time() - cpu_start
+
     x = latents
     with torch.no_grad():
         for index, t in enumerate(scheduler.timesteps):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            eps = predict(torch.cat([x, x]), t)
-            uncond, cond = eps.chunk(2)
-            guided = uncond + 7.5 * (cond - uncond)
-            x = scheduler.step(guided, t, x, eta=1.0, generator=generator).prev_sample
-            if cuda:
-                torch.cuda.synchronize()
+            def step():
+                eps = predict(torch.cat([x, x]), t)
+                uncond, cond = eps.chunk(2)
+                guided = uncond + 7.5 * (cond - uncond)
+                return scheduler.step(guided, t, x, eta=1.0, generator=generator).prev_sample
+
+            new_x, seconds, cpu_seconds = timed(step)
+            _, base_seconds, _ = timed(lambda: base_forward(torch.cat([x, x]), t))
+            x = new_x
             if index >= warmup:
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - cpu_start)
+                times.append(seconds)
+                cpu_times.append(cpu_seconds)
+                base_times.append(base_seconds)
     finite = bool(torch.isfinite(x).all())
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -218,6 +240,7 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
     return {
         "variant": variant, "m": m, "seconds_per_step": sum(times) / len(times), "step_times": times,
         "cpu_seconds_per_step": sum(cpu_times) / len(cpu_times),
+        "paired_base_seconds": base_times, "paired_ratio": sum(times) / sum(base_times),
         "routing_used": None if family is None else family.last_routing,
         "memory_after_setup_bytes": weights_bytes, "peak_memory_bytes": peak, "memory_method": method,
         "finite": finite,
@@ -285,13 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "cuda_device": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
     }
-    header = ("| variant | m | routing used | s/step | time ratio | CPU s/step | peak memory (GiB) | memory ratio "
-              "| load before |")
-    table = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    header = ("| variant | m | routing used | s/step | time ratio | paired ratio | CPU s/step | peak memory (GiB) "
+              "| memory ratio | load before |")
+    table = [header, "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in results:
         table.append(
             f"| {row['variant']} | {row['m'] if row['variant'] != 'single' else '-'} | {row['routing_used'] or '-'} "
-            f"| {row['seconds_per_step']:.3f} | {row['time_ratio']:.3f}x | {row['cpu_seconds_per_step']:.2f} "
+            f"| {row['seconds_per_step']:.3f} | {row['time_ratio']:.3f}x | {row['paired_ratio']:.3f}x "
+            f"| {row['cpu_seconds_per_step']:.2f} "
             f"| {row['peak_memory_bytes'] / 2**30:.2f} | {row['peak_memory_ratio']:.3f}x "
             f"| {row['load_average_before']:.2f} |"
         )
