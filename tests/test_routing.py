@@ -250,3 +250,15 @@ def test_a_hooked_base_layer_keeps_peft_forward_and_its_hook():
     with torch.no_grad(), routed_adapters(net, [(0, 1, "a"), (1, 3, "c")]):
         unhooked = net(x, 70)
     assert (ours - unhooked).abs().max() > 1e-3  # the hook took effect
+
+
+def test_routed_batch_under_cpu_autocast_matches_peft_under_autocast():
+    net = token_net()
+    x, _ = inputs(4)
+    blocks = [(0, 2, "a"), (2, 4, None)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with routed_adapters(net, blocks):
+            ours = net(x, 30)
+        with mixed_adapter_batch(net, ["a", "a", "__base__", "__base__"]):
+            peft = net(x, 30)
+    torch.testing.assert_close(ours.float(), peft.float(), rtol=2e-2, atol=2e-2)  # bfloat16 rounding

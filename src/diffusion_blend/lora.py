@@ -188,7 +188,7 @@ def _adapter_rows(layer: LoraLinear, x: torch.Tensor, name: str | None, out: tor
         return _linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias, out)  # W + s B A
     result = _linear(x, weight, bias, out)
     hidden = F.linear(x.to(lora_a.dtype), lora_a)
-    if same_dtype:
+    if same_dtype and not torch.is_autocast_enabled(x.device.type):  # in-place ops are not autocast
         return result.addmm_(hidden, lora_b.t(), alpha=scaling)  # in place: no full-size temporaries
     return result.add_(F.linear(hidden, lora_b).to(result.dtype), alpha=scaling)
 
@@ -211,9 +211,10 @@ def _routed_linear(layer: LoraLinear, blocks: Sequence[Block], x: torch.Tensor, 
     grad = torch.is_grad_enabled() and (
         x.requires_grad or any(param.requires_grad for param in layer.parameters())
     )
+    grad = grad or torch.is_autocast_enabled(x.device.type)  # autocast picks dtypes: no preallocated output
     if len(blocks) == 1:
         out = _adapter_rows(layer, flat, blocks[0][2], None)
-    elif grad:  # autograd: pieces and one concatenation (``out=`` does not record a graph)
+    elif grad:  # autograd or autocast: pieces and one concatenation (``out=`` records no graph, fixes the dtype)
         out = torch.cat([_adapter_rows(layer, flat[a * per_row: b * per_row], name, None) for a, b, name in blocks])
     else:
         out = torch.empty((flat.shape[0], out_features), dtype=base.weight.dtype, device=flat.device)
