@@ -166,12 +166,13 @@ def lora_net():
     return net.eval()
 
 
-def test_lora_family_batches_every_member_in_one_forward_and_matches_single_adapters():
+@pytest.mark.parametrize("routing, forwards", [("batched", 1), ("sequential", 3), ("auto", 3)])  # auto: CPU
+def test_lora_family_routes_every_member_and_matches_single_adapters(routing, forwards):
     net = lora_net()
-    fam = LoraFamily(net, lambda model, x, t: model(x, t))
+    fam = LoraFamily(net, lambda model, x, t: model(x, t), routing=routing)
     net.forwards = 0
     preds = fam.predict_all(X, 300, [BASE, "a", "b"])
-    assert net.forwards == 1
+    assert net.forwards == forwards == fam.forwards and fam.calls == 1
     for member, pred in zip([BASE, "a", "b"], preds):
         with active_adapter(net, member):
             torch.testing.assert_close(pred, net(X, 300), rtol=1e-5, atol=3e-5)

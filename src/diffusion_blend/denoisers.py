@@ -6,9 +6,11 @@ batch dimension are split and repeated with the batch; anything else is passed t
 
 A *denoiser family* is a base model and named experts that can be evaluated together. Its one primitive is
 :meth:`DenoiserFamily.route`: row ``b`` of the output is member ``members[b]``'s prediction for row ``b``.
-Families over a single network with several LoRA adapters implement ``route`` as ONE batched forward (a
-peft mixed-adapter batch), so m experts cost one network's memory, and the DB-MPA blend of m experts is one
-forward of batch ``m * B``.
+Families over a single network with several LoRA adapters (:class:`diffusion_blend.lora.LoraFamily`) cost one
+network's weights for m experts; their ``routing`` (:data:`ROUTINGS`) decides whether the DB-MPA blend of m
+experts is ONE forward of batch ``m * B`` (``"batched"``) or m forwards of batch ``B`` (``"sequential"``), and
+``"auto"`` picks per device (:func:`device_routing`). :class:`GuidedFamily` makes the same choice for the two
+classifier-free-guidance branches.
 """
 
 from __future__ import annotations
@@ -19,21 +21,48 @@ from typing import Any, Protocol
 
 import torch
 
+from .errors import DiffusionBlendError
 from .preference import BASE, Preference, PreferenceError, blend_predictions
 
 Member = str | None
+
+ROUTINGS = ("auto", "batched", "sequential")
+"""How a family evaluates several members (or CFG branches): ``"batched"`` in one forward of the stacked rows,
+``"sequential"`` in one forward per member, ``"auto"`` by device (:func:`device_routing`)."""
+
+
+def check_routing(routing: Any) -> str:
+    """``routing`` if it is one of :data:`ROUTINGS`, else one clear :class:`DiffusionBlendError`."""
+    if not isinstance(routing, str) or routing not in ROUTINGS:
+        raise DiffusionBlendError(f"unknown routing {routing!r}; choose one of {', '.join(ROUTINGS)}")
+    return routing
+
+
+def device_routing(routing: str, device: torch.device | str) -> str:
+    """``routing`` with ``"auto"`` resolved by device type: batched on CUDA, sequential elsewhere.
+
+    On CPU one forward per member is measured as fast as the batched forward and smaller (the stacked batch's
+    activations; benchmarks/README.md); on a GPU a small batch underuses the device. ``LoraFamily`` further
+    checks CUDA memory before batching.
+    """
+    if check_routing(routing) != "auto":
+        return routing
+    return "batched" if torch.device(device).type == "cuda" else "sequential"
 
 
 class Denoiser(Protocol):
     def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor: ...
 
 
-def select_rows(cond: Mapping[str, Any], index: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """Rows ``index`` of every batched tensor in ``cond`` (tensors whose first dim is ``batch_size``)."""
+def select_rows(cond: Mapping[str, Any], index: torch.Tensor | slice, batch_size: int) -> dict[str, Any]:
+    """Rows ``index`` (an index tensor, or a slice: a view, no copy) of every batched tensor in ``cond`` (tensors
+    whose first dim is ``batch_size``)."""
+
+    def rows(value: torch.Tensor) -> torch.Tensor:
+        return value[index] if isinstance(index, slice) else value.index_select(0, index.to(value.device))
+
     return {
-        key: value.index_select(0, index.to(value.device))
-        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size
-        else value
+        key: rows(value) if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch_size else value
         for key, value in cond.items()
     }
 
@@ -189,19 +218,62 @@ class GuidedDenoiser:
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
 
-class GuidedFamily(DenoiserFamily):
-    """A family whose every member is classifier-free guided (each member uses its own two predictions)."""
+def stack_conditions(first: Mapping[str, Any], second: Mapping[str, Any], batch_size: int) -> dict[str, Any] | None:
+    """``[first; second]`` row-stacked for a batch of ``2 * batch_size`` (batched tensors concatenated, shared values
+    kept), or ``None`` when they cannot share one call (different keys, or a shared value that differs)."""
+    if set(first) != set(second):
+        return None
+    stacked: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second[key]
+        if all(torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == batch_size for v in (a, b)):
+            stacked[key] = torch.cat([a, b])
+        elif a is b or (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and torch.equal(a, b)):
+            stacked[key] = a
+        elif not torch.is_tensor(a) and not torch.is_tensor(b) and a == b:
+            stacked[key] = a
+        else:
+            return None
+    return stacked
 
-    def __init__(self, family: DenoiserFamily, guidance_scale: float, uncond: Mapping[str, Any]):
+
+class GuidedFamily(DenoiserFamily):
+    """A family whose every member is classifier-free guided (each member uses its own two predictions).
+
+    ``routing``: ``"batched"`` evaluates the unconditional and conditional branches in one :meth:`route` call of
+    the row-stacked batch (when their conditioning can be stacked), ``"sequential"`` in two calls, ``"auto"`` by
+    device (:func:`device_routing`). ``last_routing`` is the one the last call used.
+    """
+
+    def __init__(self, family: DenoiserFamily, guidance_scale: float, uncond: Mapping[str, Any], routing: str = "auto"):
         self.family = family
         self.expert_names = family.expert_names
         self.guidance_scale = float(guidance_scale)
         self.uncond = dict(uncond)
+        self.routing = check_routing(routing)
+        self.last_routing: str | None = None
 
     def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], **cond: Any) -> torch.Tensor:
-        eps_uncond = self.family.route(x_t, t, members, **self.uncond)
-        eps_cond = self.family.route(x_t, t, members, **cond)
+        batch = x_t.shape[0]
+        stacked = None
+        if device_routing(self.routing, x_t.device) == "batched":
+            stacked = stack_conditions(self.uncond, cond, batch)
+        if stacked is not None:
+            self.last_routing = "batched"
+            both = self.family.route(torch.cat([x_t, x_t]), _tile_t(t, batch), [*members, *members], **stacked)
+            eps_uncond, eps_cond = both.split(batch)
+        else:
+            self.last_routing = "sequential"
+            eps_uncond = self.family.route(x_t, t, members, **self.uncond)
+            eps_cond = self.family.route(x_t, t, members, **cond)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+
+
+def _tile_t(t: Any, batch: int) -> Any:
+    """A per-row timestep vector repeated for the stacked ``[uncond; cond]`` batch; a shared timestep unchanged."""
+    if torch.is_tensor(t) and t.ndim == 1 and t.shape[0] == batch and batch > 1:
+        return torch.cat([t, t])
+    return t
 
 
 def make_denoiser(

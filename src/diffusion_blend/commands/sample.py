@@ -16,6 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..denoisers import ROUTINGS
 from ..errors import DiffusionBlendError
 from ..preference import Preference
 
@@ -52,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", choices=("ddim", "pipeline"), default="ddim",
                         help="ddim: DDIMScheduler from the base's scheduler config (the paper's sampler, honours "
                         "--eta); pipeline: the base's own scheduler")
+    parser.add_argument("--routing", choices=ROUTINGS, default="auto",
+                        help="how the experts are evaluated: batched (one forward of all members), sequential (one "
+                        "forward per member), auto (sequential on CPU, batched on CUDA when it fits; default)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.set_defaults(func=run)
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
         height=args.height, width=args.width,
     )
     switch = torch.Generator().manual_seed(args.seed) if args.method == "ls" else None
-    images = pipe(preference=preference, method=args.method, switch_generator=switch, **call).images
+    images = pipe(preference=preference, method=args.method, switch_generator=switch, routing=args.routing,
+                  **call).images
 
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -138,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "eta": args.eta, "seeds": [args.seed + k for k in range(len(files))],
         "height": args.height, "width": args.width, "device": args.device, "dtype": args.dtype,
-        "scheduler": type(pipe.scheduler).__name__, "unet_calls": pipe.last_blend.calls, "images": files,
+        "scheduler": type(pipe.scheduler).__name__, "unet_calls": pipe.last_blend.calls,
+        "routing": args.routing, "routing_used": pipe.last_blend.routing_used, "unet_forwards": pipe.last_blend.forwards,
+        "images": files,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
     tmp = args.out / "settings.json.tmp"

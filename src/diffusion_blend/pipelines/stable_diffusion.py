@@ -52,11 +52,17 @@ class BlendPipelineMixin:
       ``Categorical(c)`` (shared by its two CFG rows) from ``switch_generator`` (seed or generator; by default
       derived from ``generator``); one UNet forward of the CFG batch per step.
 
-    After a call, ``self.last_blend`` holds the :class:`UNetBlend` used (its ``calls`` and, for ``ls``, the
-    denoiser's ``selection_counts``).
+    ``routing="auto" | "batched" | "sequential"`` (call argument, default: the ``routing`` attribute, ``"auto"``):
+    how the members are evaluated on the CFG batch, one batched forward or one forward per member; ``"auto"`` is
+    sequential on CPU and batched on CUDA when the batch fits (:class:`diffusion_blend.lora.LoraFamily`). Every
+    routing gives the same images up to float32 rounding.
+
+    After a call, ``self.last_blend`` holds the :class:`UNetBlend` used (its ``calls``, ``forwards``, ``routing``
+    and ``routing_used`` and, for ``ls``, the denoiser's ``selection_counts``).
     """
 
     last_blend: UNetBlend | None = None
+    routing: str = "auto"
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
@@ -80,13 +86,15 @@ class BlendPipelineMixin:
         preference: Preference | None = None,
         method: str = "mpa",
         switch_generator: torch.Generator | int | None = None,
+        routing: str | None = None,
         **kwargs: Any,
     ) -> Any:
         if preference is None:
             return super().__call__(*args, **kwargs)
         if method == "ls" and switch_generator is None:
             switch_generator = _derived_switch_generator(kwargs.get("generator"))
-        blend = UNetBlend(self.unet, preference, method, switch_generator, guided_copies=self._guided_copies)
+        blend = UNetBlend(self.unet, preference, method, switch_generator, guided_copies=self._guided_copies,
+                          routing=self.routing if routing is None else routing)
         self.last_blend = blend
         with blended_unet(self.unet, blend):
             return super().__call__(*args, **kwargs)

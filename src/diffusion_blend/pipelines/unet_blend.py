@@ -11,9 +11,11 @@ guiding equals guiding each member and then blending (paper section 3.2), so the
 
 All members come from the ONE UNet: experts are its named LoRA adapters, the base is the same UNet with no
 adapter (:class:`diffusion_blend.lora.LoraFamily`). DB-MPA evaluates every member with a non-zero
-coefficient and both CFG branches in one batched forward (rows = members x [uncond, cond], a peft
-mixed-adapter batch). DB-MPA-LS draws one member per *sample* per step (both CFG rows of a sample use it)
-and runs one forward of the CFG batch.
+coefficient on the pipeline's CFG batch; ``routing`` decides how: ``"batched"`` is one forward of rows =
+members x [uncond, cond], ``"sequential"`` one forward of the CFG batch per member (what switching adapters one
+by one costs, never more), ``"auto"`` sequential on CPU and batched on CUDA when it fits. DB-MPA-LS draws one
+member per *sample* per step (both CFG rows of a sample use it); with one sample that is one forward of the CFG
+batch per step.
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ class UNetBlend:
 
     ``guided_copies()`` returns how many stacked copies of the samples the UNet batch holds at call time (2
     with classifier-free guidance, else 1); DB-MPA-LS uses it so that a sample's CFG rows share one draw.
-    ``calls`` counts UNet forwards (one per denoising step for both methods).
+    ``calls`` counts blended UNet evaluations (one per denoising step for both methods), ``forwards`` the
+    network forwards they took (``routing="sequential"``: one per member), ``routing`` is the requested routing
+    and ``routing_used`` the one the last step used.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class UNetBlend:
         method: str = "mpa",
         switch_generator: torch.Generator | int | None = None,
         guided_copies: Any = None,
+        routing: str = "auto",
     ):
         if method not in METHODS:
             raise PreferenceError(f"unknown blend method {method!r}; choose 'mpa' (DB-MPA) or 'ls' (DB-MPA-LS)")
@@ -97,7 +102,8 @@ class UNetBlend:
                 raise PreferenceError("method 'ls' draws a model per step: pass a seed or torch.Generator")
         self.unet = unet
         self.original_forward = unet.forward
-        self.family = LoraFamily(unet, self._forward_unet, names)
+        self.family = LoraFamily(unet, self._forward_unet, names, routing=routing)
+        self.routing = self.family.routing
         self.preference = preference
         self.method = method
         self.switch_generator = None if switch_generator is None else as_generator(switch_generator)
@@ -107,6 +113,14 @@ class UNetBlend:
     @property
     def calls(self) -> int:
         return self.family.calls
+
+    @property
+    def forwards(self) -> int:
+        return self.family.forwards
+
+    @property
+    def routing_used(self) -> str | None:
+        return self.family.last_routing
 
     def _forward_unet(self, model: nn.Module, sample: torch.Tensor, timestep: Any, **flat: Any) -> torch.Tensor:
         kwargs = _unflatten(flat)

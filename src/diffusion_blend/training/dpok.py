@@ -128,9 +128,10 @@ def step_kl(mean_policy: torch.Tensor, mean_base: torch.Tensor, std: torch.Tenso
     return ((mean_policy - mean_base) ** 2).sum(dims) / (2 * std**2)
 
 
-def adapter_pair(model: torch.nn.Module, forward: lora.Forward, adapter_name: str) -> PairFn:
-    """Policy (adapter on) and base (adapter off) predictions of ONE network in one mixed-adapter forward."""
-    family = lora.LoraFamily(model, forward, [adapter_name])
+def adapter_pair(model: torch.nn.Module, forward: lora.Forward, adapter_name: str, routing: str = "auto") -> PairFn:
+    """Policy (adapter on) and base (adapter off) predictions of ONE network (``routing``: one batched forward or
+    one forward each, see :class:`~diffusion_blend.lora.LoraFamily`)."""
+    family = lora.LoraFamily(model, forward, [adapter_name], routing=routing)
 
     def pair(x_t: torch.Tensor, t: Any, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
         policy, base = family.predict_all(x_t, t, [adapter_name, BASE], **cond)
