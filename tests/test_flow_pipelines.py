@@ -9,6 +9,8 @@ none (``disable_lora``); transformer call counts from a forward hook.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,64 @@ def test_flux_position_ids_are_not_tiled_when_their_length_equals_the_batch(flux
                      max_sequence_length=4, preference=preference, guidance_scale=3.5).images
     want = flux_reference(flux_files, preference, latents, 3.5, "cat", size=2, max_sequence_length=4)
     assert relative_error(ours, want) <= REL_TOL
+
+
+def flow_cli(files, out, *extra):
+    from diffusion_blend.cli import main
+
+    root, adapters = files
+    return main(["sample", "--base", str(root / "base"), "--adapter", f"a={adapters['aesthetic']}",
+                 "--adapter", f"b={adapters['align']}", "--weights", "a=0.3,b=0.7", "--prompt", "a cat",
+                 "--out", str(out), "--steps", "3", "--height", "16", "--width", "16", "--num-images", "2", *extra])
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_cli_sample_detects_the_flow_pipeline_and_writes_images_and_settings(which, request, tmp_path):
+    """The issue's bar: ``dblend sample --base TINY_SD3_DIR --adapter a=... --adapter b=... --weights a=0.3,b=0.7
+    --kl-scale 1.2`` writes images and settings (and the same for FLUX)."""
+    from PIL import Image
+
+    files = request.getfixturevalue(f"{which}_files")
+    assert flow_cli(files, tmp_path / "out", "--kl-scale", "1.2") == 0
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["pipeline"] == which and settings["scheduler"] == "FlowMatchSDEScheduler"
+    assert settings["coefficients"] == pytest.approx({"base": -0.2, "a": 0.36, "b": 0.84})
+    assert settings["transformer_calls"] == 3 and settings["eta"] == 0.7
+    images = [Image.open(tmp_path / "out" / name) for name in settings["images"]]
+    assert len(images) == 2 and all(image.size == (16, 16) for image in images)
+    assert flow_cli(files, tmp_path / "ls", "--method", "ls") == 0
+    assert json.loads((tmp_path / "ls" / "settings.json").read_text())["transformer_calls"] == 3
+
+
+def test_cli_flow_refusals_are_one_line(sd3_files, tmp_path, capsys):
+    cases = {
+        "needs a stochastic sampler": ["--method", "ls", "--scheduler", "pipeline"],
+        "noise level": ["--method", "ls", "--eta", "0"],
+        "--scheduler ddim is for SD/SDXL": ["--scheduler", "ddim"],
+    }
+    for message, extra in cases.items():
+        assert flow_cli(sd3_files, tmp_path / "x", *extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+
+
+def test_ui_studio_detects_sd3_and_matches_the_pipeline(sd3_files):
+    """``dblend ui --sd-base`` on an SD3 folder: the studio loads BlendStableDiffusion3Pipeline with the SDE sampler,
+    and its images are the pipeline's for the same seed (SDE noise derived from the seed)."""
+    from diffusion_blend.ui.stable_diffusion import stable_diffusion_studio
+
+    root, adapters = sd3_files
+    studio = stable_diffusion_studio(root / "base", adapters, reward_names={"aesthetic": "jpeg_compressibility",
+                                     "align": "jpeg_compressibility"}, num_images=1, num_inference_steps=STEPS,
+                                     guidance_scale=4.0, eta=0.7, resolution=SIZE)
+    assert isinstance(studio.pipe, BlendStableDiffusion3Pipeline)
+    assert isinstance(studio.pipe.scheduler, FlowMatchSDEScheduler) and studio.pipe.scheduler.config.noise_level == 0.7
+    preference = Preference({"aesthetic": 0.5, "align": 0.5})
+    for method in ("mpa", "ls"):
+        result = studio.generate(preference, method, seed=4, prompt="a cat")
+        assert set(result.scores) == {"aesthetic", "align"}
+    images = studio.pipe("a cat", num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
+                         generator=torch.Generator().manual_seed(4), output_type="pt", preference=preference).images
+    again = studio.pipe("a cat", num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
+                        generator=torch.Generator().manual_seed(4), output_type="pt", preference=preference).images
+    torch.testing.assert_close(images, again)
