@@ -301,3 +301,91 @@ def test_ui_studio_detects_sd3_and_matches_the_pipeline(sd3_files):
     again = studio.pipe("a cat", num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
                         generator=torch.Generator().manual_seed(4), output_type="pt", preference=preference).images
     torch.testing.assert_close(images, again)
+
+
+# ---- public expert LoRAs: the layouts they are published in, and one-line refusals -----------------------------
+
+
+def source_transformer(files, which):
+    """The transformer the LoRA files were saved from (independent of every loader)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from tiny_flow import perturbed_transformer_lora
+
+    cls = SD3Transformer2DModel if which == "sd3" else FluxTransformer2DModel
+    model = cls.from_pretrained(files[0] / "base" / "transformer")
+    for name, seed in SEEDS.items():
+        perturbed_transformer_lora(model, name, seed)
+    return model
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_diffusers_lora_files_load_exactly_the_saved_weights(which, request):
+    pipe, files = request.getfixturevalue(f"{which}_pipe"), request.getfixturevalue(f"{which}_files")
+    source = dict(source_transformer(files, which).named_parameters())
+    loaded = {k: v for k, v in pipe.transformer.named_parameters() if "lora_" in k}
+    assert loaded and set(loaded) == {k for k in source if "lora_" in k}
+    for key, value in loaded.items():
+        assert torch.equal(value, source[key]), key
+
+
+def test_flow_grpo_peft_folder_equals_the_diffusers_file(sd3_files, tmp_path):
+    """Flow-GRPO saves ``get_peft_model(transformer, config).save_pretrained(dir)``: adapter_config.json and
+    ``base_model.model.``-prefixed keys. It loads as the same expert as the diffusers file of the same weights."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig, get_peft_model
+    from tiny_flow import TRANSFORMER_PROJECTIONS
+
+    root, files = sd3_files
+    transformer = SD3Transformer2DModel.from_pretrained(root / "base" / "transformer")
+    peft_model = get_peft_model(transformer, LoraConfig(r=4, lora_alpha=8, target_modules=TRANSFORMER_PROJECTIONS,
+                                                        init_lora_weights="gaussian"))
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for key, param in peft_model.named_parameters():
+            if "lora_B" in key:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    peft_model.save_pretrained(tmp_path / "flow_grpo_ckpt")
+    from safetensors.torch import load_file
+
+    assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "flow_grpo_ckpt" / "adapter_model.safetensors"))
+    pipe = BlendStableDiffusion3Pipeline.from_pretrained(root / "base", **SD3_KW)
+    pipe.load_adapter(tmp_path / "flow_grpo_ckpt", "grpo")
+    pipe.set_progress_bar_config(disable=True)
+    latents = sd3_latents(6)
+    ours = call(pipe, latents, preference=Preference({"grpo": 1.0}))
+    merged = StableDiffusion3Pipeline.from_pretrained(root / "base", **SD3_KW)
+    merged.transformer = peft_model.merge_and_unload()  # the expert as Flow-GRPO's own code evaluates it
+    merged.set_progress_bar_config(disable=True)
+    want = call(merged, latents)
+    assert relative_error(ours, want) <= REL_TOL  # merged vs unmerged weights: float32 rounding only
+    assert relative_error(ours, call(merged.__class__.from_pretrained(root / "base", **SD3_KW), latents)) > 1e-3
+
+
+def test_foreign_and_broken_loras_are_refused_with_one_line(sd3_files, flux_files, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from diffusion_blend.errors import AdapterMismatchError
+
+    root, files = sd3_files
+    pipe = BlendStableDiffusion3Pipeline.from_pretrained(root / "base", **SD3_KW)
+    good = load_file(files["align"])
+    nan = dict(good)
+    first = next(iter(nan))
+    nan[first] = torch.full_like(nan[first], float("nan"))
+    save_file(nan, tmp_path / "nan.safetensors")
+    with_text = dict(good)
+    with_text["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(4, 32)
+    with_text["text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(with_text, tmp_path / "text.safetensors")
+    cases = {
+        "NaN/infinite": tmp_path / "nan.safetensors",
+        "text_encoder": tmp_path / "text.safetensors",
+        "does not fit|only": flux_files[1]["align"],  # a FLUX LoRA on an SD3 base
+    }
+    import re
+
+    for pattern, path in cases.items():
+        with pytest.raises(AdapterMismatchError) as info:
+            pipe.load_adapter(path, "x")
+        assert re.search(pattern, str(info.value)) and "\n" not in str(info.value), str(info.value)
+        assert "x" not in pipe.adapter_names  # nothing half-loaded stays behind

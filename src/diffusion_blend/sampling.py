@@ -73,7 +73,12 @@ def to_epsilon(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Te
 
 
 def tweedie_x0(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor) -> torch.Tensor:
-    """``E[x_0 | x_t] ≈ (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Tweedie; differentiable in ``x_t``)."""
+    """``E[x_0 | x_t] ≈ (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Tweedie; differentiable in ``x_t``).
+
+    Flow-matching schedulers: ``x_s - s v`` (the velocity's x0 prediction at ``s = sigma``)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sigma = scheduler.sigmas[_flow_step_index(scheduler, t)].to(x_t.device, x_t.dtype)
+        return x_t - sigma * model_output
     eps = to_epsilon(scheduler, model_output, t, x_t)
     abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
     return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()

@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--weights", required=True, help="reward weights by expert name, e.g. aesthetic=0.3,align=0.7")
     parser.add_argument("--kl-scale", type=float, default=1.0, help="KL scale lambda >= 0 (default 1)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="KL weight alpha the experts were fine-tuned with, for files without our metadata "
+                        "(foreign LoRAs, e.g. Flow-GRPO's: docs/flow-models.md); recorded in settings.json")
     parser.add_argument("--method", choices=("mpa", "ls"), default="mpa",
                         help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS)")
     parser.add_argument("--prompt", required=True)
@@ -88,6 +91,29 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DiffusionBlendError(f"--eta must be in [0, 1], got {args.eta}")
 
 
+def expert_alphas(adapters: dict[str, str], alpha: float | None) -> dict[str, float | None]:
+    """Each expert's KL weight: from our metadata in its file, else ``--alpha`` (``None`` if neither says).
+
+    The blend ``c_i = lambda w_i`` targets ``p_pre exp(lambda sum_i w_i r_i / alpha)`` only if every expert was
+    fine-tuned with the same ``alpha``; experts that disagree are refused (one line)."""
+    from ..pipelines.finetune import DIFFUSERS_LORA_NAME, read_diffusers_lora_metadata
+
+    if alpha is not None and not (alpha > 0 and alpha < float("inf")):
+        raise DiffusionBlendError(f"--alpha must be a finite number > 0, got {alpha}")
+    alphas: dict[str, float | None] = {}
+    for name, source in adapters.items():
+        path = Path(source)
+        readable = path.is_file() or (path / DIFFUSERS_LORA_NAME).is_file()
+        metadata = read_diffusers_lora_metadata(path) if readable else None
+        alphas[name] = float(metadata.alpha) if metadata is not None else alpha
+    known = {name: value for name, value in alphas.items() if value is not None}
+    if len(set(known.values())) > 1:
+        listed = ", ".join(f"{name}: {value:g}" for name, value in known.items())
+        raise DiffusionBlendError(f"the experts were fine-tuned with different KL weights alpha ({listed}); the "
+                                  "blend c_i = lambda w_i assumes one alpha for all experts")
+    return alphas
+
+
 def _save_png(image, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
     os.close(fd)
@@ -108,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     adapters = _parse_adapters(args.adapter)
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
+    alphas = expert_alphas(adapters, args.alpha)
     if args.method == "ls":
         coefficients.probabilities()  # negative coefficients fail before any loading
     kind = pipeline_kind(args.base, "sdxl" if args.sdxl and args.pipeline == "auto" else args.pipeline)
@@ -156,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {
         "base": str(args.base), "pipeline": kind, "sdxl": sdxl, "adapters": adapters, "weights": preference.weights,
-        "kl_scale": preference.kl_scale, "method": args.method,
+        "kl_scale": preference.kl_scale, "method": args.method, "alpha": alphas,
         "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "guidance_scale": guidance_scale, "eta": eta, "seeds": [args.seed + k for k in range(len(files))],
