@@ -115,3 +115,39 @@ def test_cli_finetune_sd3_then_sample_reads_the_expert_alpha(sd3_run, tmp_path):
     # a second expert trained with another alpha is refused before any loading
     assert main([*args[:4], f"a={tmp_path / 'run'}", "--adapter", f"b={root / 'run'}", "--weights", "a=0.5,b=0.5",
                  *args[7:], "--out", str(tmp_path / "x")]) == 2
+
+
+def test_rollout_kl_is_the_exact_gaussian_kl_of_the_guided_sde_steps(sd3_run):
+    """The trainer's per-step KL on SD3 = ``||mu_policy - mu_base||^2 / (2 std^2)`` of Flow-GRPO's SDE step, with
+    both velocities guided by hand from stock components (the expert through diffusers' loader, the base from disk)."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffusion_blend.training.dpok import adapter_pair, rollout
+
+    root, target, result = sd3_run
+    pair = adapter_pair(result.model, target.forward, result.adapter_name)
+    batch = rollout(target, pair, 2, torch.Generator().manual_seed(7), num_inference_steps=3, eta=0.7)
+    stock = StableDiffusion3Pipeline.from_pretrained(root / "base", **SD3_KW)
+    stock.load_lora_weights(str(root / "run"), adapter_name="expert")
+    base = SD3Transformer2DModel.from_pretrained(root / "base" / "transformer").eval()
+    cond = batch.cond
+    scheduler = FlowMatchSDEScheduler.from_config(stock.scheduler.config)
+    scheduler.set_timesteps(3)
+    for k in range(3):
+        x, t = batch.latents[k], batch.timesteps[k]
+        with torch.no_grad():
+            def guided(model):
+                def run(embeds, pooled):
+                    return model(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, return_dict=False)[0]
+                c = run(cond["encoder_hidden_states"], cond["pooled_projections"])
+                u = run(cond["negative_encoder_hidden_states"], cond["negative_pooled_projections"])
+                return u + 4.0 * (c - u)
+            v_policy, v_base = guided(stock.transformer), guided(base)
+        sigma, sigma_next = scheduler.sigmas[k].double(), scheduler.sigmas[k + 1].double()
+        dt = sigma_next - sigma
+        g = 0.7 * torch.sqrt(sigma / (1 - (scheduler.sigmas[1].double() if sigma == 1 else sigma)))
+        coef_v = (1 + g**2 * (1 - sigma) / (2 * sigma)) * dt  # Flow-GRPO's mean: the x-term cancels in the KL
+        kl = ((coef_v * (v_policy - v_base).double()) ** 2).flatten(1).sum(1) / (2 * g**2 * -dt)
+        torch.testing.assert_close(batch.kl[k].double(), kl, rtol=1e-3, atol=1e-7)
+    assert float(batch.kl.sum()) > 0
