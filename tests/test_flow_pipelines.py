@@ -389,3 +389,36 @@ def test_foreign_and_broken_loras_are_refused_with_one_line(sd3_files, flux_file
             pipe.load_adapter(path, "x")
         assert re.search(pattern, str(info.value)) and "\n" not in str(info.value), str(info.value)
         assert "x" not in pipe.adapter_names  # nothing half-loaded stays behind
+
+
+def test_kohya_flux_file_loads_as_the_deltas_it_describes(flux_files, tmp_path):
+    """A kohya-style FLUX LoRA (BFL block names, lora_down / lora_up / alpha, fused qkv) goes through diffusers'
+    converter; each loaded module's delta ``scale * B A`` equals ``alpha / r * up @ down`` of its kohya entry
+    (the fused qkv's up-projection split in three)."""
+    from safetensors.torch import save_file
+
+    root, _ = flux_files
+    generator = torch.Generator().manual_seed(0)
+    rank, alpha, dim = 4, 2.0, 32
+    kohya = {}
+    for block, rows in (("img_attn_proj", dim), ("txt_attn_proj", dim), ("img_attn_qkv", 3 * dim)):
+        key = f"lora_unet_double_blocks_0_{block}"
+        kohya[f"{key}.lora_down.weight"] = torch.randn(rank, dim, generator=generator)
+        kohya[f"{key}.lora_up.weight"] = torch.randn(rows, rank, generator=generator)
+        kohya[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    pipe = BlendFluxPipeline.from_pretrained(root / "base")
+    pipe.load_adapter(tmp_path / "kohya.safetensors", "kohya")
+
+    def expected(block, rows=slice(None)):
+        key = f"lora_unet_double_blocks_0_{block}"
+        return alpha / rank * kohya[f"{key}.lora_up.weight"][rows] @ kohya[f"{key}.lora_down.weight"]
+
+    want = {"to_out.0": expected("img_attn_proj"), "to_add_out": expected("txt_attn_proj"),
+            "to_q": expected("img_attn_qkv", slice(0, dim)), "to_k": expected("img_attn_qkv", slice(dim, 2 * dim)),
+            "to_v": expected("img_attn_qkv", slice(2 * dim, 3 * dim))}
+    modules = dict(pipe.transformer.named_modules())
+    for name, delta in want.items():
+        module = modules[f"transformer_blocks.0.attn.{name}"]
+        got = module.scaling["kohya"] * module.lora_B["kohya"].weight @ module.lora_A["kohya"].weight
+        torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-5)
