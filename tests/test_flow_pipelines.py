@@ -422,3 +422,18 @@ def test_kohya_flux_file_loads_as_the_deltas_it_describes(flux_files, tmp_path):
         module = modules[f"transformer_blocks.0.attn.{name}"]
         got = module.scaling["kohya"] * module.lora_B["kohya"].weight @ module.lora_A["kohya"].weight
         torch.testing.assert_close(got, delta, rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_benchmark_refuses_cuda_when_no_device_is_present():
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal does not apply")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_sd3_blend
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench_sd3_blend.main(["--device", "cuda"])

@@ -28,9 +28,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sample",
-        help="generate images from a Stable Diffusion base blended with LoRA experts (DB-MPA / DB-MPA-LS)",
-        description="Blend the noise predictions of LoRA experts of one Stable Diffusion (XL) base with reward "
-        "weights w and KL scale lambda (c_i = lambda w_i, c_0 = 1 - lambda sum w).",
+        help="generate images from a Stable Diffusion (XL, 3/3.5) or FLUX base blended with LoRA experts "
+        "(DB-MPA / DB-MPA-LS)",
+        description="Blend the noise (or velocity) predictions of LoRA experts of one Stable Diffusion (XL, 3/3.5) "
+        "or FLUX base with reward weights w and KL scale lambda (c_i = lambda w_i, c_0 = 1 - lambda sum w).",
     )
     parser.add_argument("--base", required=True, help="base pipeline: hub id or local folder (from_pretrained)")
     parser.add_argument(
