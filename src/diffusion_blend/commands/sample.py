@@ -105,7 +105,10 @@ def expert_alphas(adapters: dict[str, str], alpha: float | None) -> dict[str, fl
     for name, source in adapters.items():
         path = Path(source)
         readable = path.is_file() or (path / DIFFUSERS_LORA_NAME).is_file()
-        metadata = read_diffusers_lora_metadata(path) if readable else None
+        try:
+            metadata = read_diffusers_lora_metadata(path) if readable else None
+        except DiffusionBlendError:
+            metadata = None  # unreadable: the adapter loader reports it, with its own message
         alphas[name] = float(metadata.alpha) if metadata is not None else alpha
     known = {name: value for name, value in alphas.items() if value is not None}
     if len(set(known.values())) > 1:
