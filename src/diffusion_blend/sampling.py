@@ -5,6 +5,11 @@ also expose each step's Gaussian transition ``p(x_{t-1} | x_t) = N(mean, std^2 I
 (:func:`transition_distribution`), which diffusers does not: RL fine-tuning needs the per-step log-probability
 of a trajectory and the exact per-step KL between two models' transitions (DPOK; paper section 4). Tests
 check that ``mean + std * noise`` is exactly what ``scheduler.step`` returns for the same noise.
+
+Flow-matching models (SD3, FLUX: rectified flow ``x_s = (1 - s) x_0 + s eps``, the network predicts the velocity
+``v = eps - x_0``) sample with :class:`FlowMatchSDEScheduler`, the marginal-preserving SDE of Flow-GRPO
+(:func:`flow_transition`), whose steps are Gaussian with an explicit mean and std. :func:`model_transition` is the
+one entry point from a network's raw output to the step's Gaussian, for every scheduler the package samples with.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -66,7 +73,12 @@ def to_epsilon(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Te
 
 
 def tweedie_x0(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor) -> torch.Tensor:
-    """``E[x_0 | x_t] ≈ (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Tweedie; differentiable in ``x_t``)."""
+    """``E[x_0 | x_t] ≈ (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Tweedie; differentiable in ``x_t``).
+
+    Flow-matching schedulers: ``x_s - s v`` (the velocity's x0 prediction at ``s = sigma``)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sigma = scheduler.sigmas[_flow_step_index(scheduler, t)].to(x_t.device, x_t.dtype)
+        return x_t - sigma * model_output
     eps = to_epsilon(scheduler, model_output, t, x_t)
     abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
     return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
@@ -125,6 +137,153 @@ def transition_distribution(
     raise TypeError(f"transition_distribution supports DDIM and DDPM schedulers, not {type(scheduler).__name__}")
 
 
+class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
+    """Flow matching sampled with the marginal-preserving SDE of Flow-GRPO (``sde_step_with_logprob``, ``sde_type='sde'``).
+
+    A drop-in for diffusers' ``FlowMatchEulerDiscreteScheduler`` (same sigmas, shifts, ``set_timesteps``
+    arguments, so stock SD3/FLUX pipelines run with it unchanged) whose ``step`` draws from the Gaussian of
+    :func:`flow_transition` with noise level ``noise_level`` (Flow-GRPO's ``eta``; 0 is the Euler ODE).
+    ``step(..., eta=...)`` overrides the level for one call (the generic :func:`sample` loop passes its ``eta``).
+    Stock pipelines call ``step`` without a generator: :meth:`set_noise_generator` gives the noise a seeded stream
+    (else it comes from the global torch RNG, like diffusers' own stochastic schedulers).
+    """
+
+    init_noise_sigma = 1.0
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: float | None = 0.5,
+        max_shift: float | None = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: float | None = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+        noise_level: float = 0.7,
+    ):
+        if stochastic_sampling:
+            raise DiffusionBlendError("FlowMatchSDEScheduler is itself stochastic: leave stochastic_sampling False")
+        if invert_sigmas:
+            raise DiffusionBlendError("FlowMatchSDEScheduler does not support invert_sigmas")
+        noise_level = float(noise_level)
+        if not math.isfinite(noise_level) or noise_level < 0:
+            raise DiffusionBlendError(f"noise_level must be a finite number >= 0, got {noise_level}")
+        super().__init__(
+            num_train_timesteps=num_train_timesteps, shift=shift, use_dynamic_shifting=use_dynamic_shifting,
+            base_shift=base_shift, max_shift=max_shift, base_image_seq_len=base_image_seq_len,
+            max_image_seq_len=max_image_seq_len, invert_sigmas=invert_sigmas, shift_terminal=shift_terminal,
+            use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
+            use_beta_sigmas=use_beta_sigmas, time_shift_type=time_shift_type, stochastic_sampling=False,
+        )
+        self.noise_generator: torch.Generator | None = None
+
+    def set_noise_generator(self, generator: torch.Generator | int | None) -> None:
+        """The stream the SDE noise is drawn from when ``step`` gets no ``generator`` (``None``: global RNG)."""
+        self.noise_generator = None if generator is None else as_generator(generator)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        return sample  # flow models take x_s unscaled
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eta: float | None = None,
+        return_dict: bool = True,
+        **unused: Any,
+    ) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
+        """One SDE step ``x_s -> x_{s'} = mean + std * noise`` (:func:`flow_transition`), computed in float32."""
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        level = self.config.noise_level if eta is None else eta
+        mean, std = flow_transition(self, model_output.float(), timestep, sample.float(), level,
+                                    step_index=self.step_index)
+        noise = randn_tensor(mean.shape, generator=generator or self.noise_generator, device=mean.device,
+                             dtype=mean.dtype)
+        prev_sample = (mean + std * noise).to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return (prev_sample,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+
+def _flow_step_index(scheduler: FlowMatchEulerDiscreteScheduler, t: Any) -> int:
+    t = torch.as_tensor(t, device=scheduler.timesteps.device)
+    if t.ndim:
+        t = t.flatten()[0]
+    return int(scheduler.index_for_timestep(t.to(scheduler.timesteps.dtype)))
+
+
+def flow_transition(
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    velocity: torch.Tensor,
+    t: Any,
+    x_t: torch.Tensor,
+    eta: float = 0.7,
+    step_index: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the flow SDE step ``x_s -> x_{s'}`` (``s = sigma`` at timestep ``t``, ``s' < s`` the next sigma).
+
+    Flow-GRPO's SDE (``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py``, ``sde_type='sde'``): with
+    ``dt = s' - s < 0`` and ``g = eta * sqrt(s / (1 - s))`` (``s = 1`` uses ``sigmas[1]`` in the denominator),
+
+        mean = x (1 + g^2 dt / (2 s)) + v (1 + g^2 (1 - s) / (2 s)) dt,      std = g sqrt(-dt).
+
+    This is the Euler-Maruyama step of ``dx = [v - (g^2 / 2) score] dt + g dW`` with the rectified-flow score
+    ``-(x + (1 - s) v) / s``, whose marginals are the flow's for every ``g`` (``eta = 0``: the Euler ODE). The
+    step is affine in ``v`` with coefficients shared by all models, so it commutes with sum-to-one blends.
+    ``std`` is a 0-d tensor. ``step_index`` defaults to the index of ``t`` in ``scheduler.timesteps``.
+    """
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0:
+        raise DiffusionBlendError(f"the flow SDE's noise level eta must be a finite number >= 0, got {eta}")
+    index = _flow_step_index(scheduler, t) if step_index is None else int(step_index)
+    sigmas = scheduler.sigmas.to(torch.float64)
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    dt = sigma_next - sigma
+    denominator = 1 - (sigmas[1] if float(sigma) == 1.0 else sigma)
+    g = eta * (sigma / denominator).sqrt()
+    coef_x = (1 + g**2 / (2 * sigma) * dt).to(x_t.device, x_t.dtype)
+    coef_v = ((1 + g**2 * (1 - sigma) / (2 * sigma)) * dt).to(x_t.device, x_t.dtype)
+    mean = coef_x * x_t + coef_v * velocity
+    return mean, (g * (-dt).sqrt()).to(x_t.device, x_t.dtype)
+
+
+def model_transition(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor, eta: float = 1.0):
+    """Mean and std of the sampler's Gaussian step given the network's raw output.
+
+    - DDIM / DDPM: :func:`transition_distribution` of the output converted to a noise prediction (``eta``: DDIM's);
+    - :class:`FlowMatchSDEScheduler`: :func:`flow_transition` with noise level ``eta``;
+    - diffusers' ``FlowMatchEulerDiscreteScheduler``: its own step as a Gaussian: the Euler ODE ``x + dt v``
+      (std 0), or with ``stochastic_sampling=True`` ``N((1 - s') x0_hat, s'^2 I)`` (``x0_hat = x - s v``).
+    """
+    if isinstance(scheduler, FlowMatchSDEScheduler):
+        return flow_transition(scheduler, model_output, t, x_t, eta)
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        if not scheduler.config.stochastic_sampling:
+            return flow_transition(scheduler, model_output, t, x_t, 0.0)
+        index = _flow_step_index(scheduler, t)
+        sigma, sigma_next = (scheduler.sigmas[i].to(x_t.device, x_t.dtype) for i in (index, index + 1))
+        return (1 - sigma_next) * (x_t - sigma * model_output), sigma_next
+    return transition_distribution(scheduler, to_epsilon(scheduler, model_output, t, x_t), t, x_t, eta)
+
+
+def scale_input(scheduler: Any, x: torch.Tensor, t: Any) -> torch.Tensor:
+    """``scheduler.scale_model_input`` where the scheduler has one (flow-matching schedulers do not scale)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return x if scale is None else scale(x, t)
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``log N(x; mean, std^2 I)`` summed over all but the batch dimension (0 where ``std == 0``)."""
     if float(std) == 0.0:
@@ -170,7 +329,7 @@ def initial_latents(
         if shape is None:
             raise DiffusionBlendError("give the sample shape or the initial latents")
         latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     if not torch.isfinite(latents).all():
         raise DiffusionBlendError("initial latents contain NaN or infinite values")
     return latents
@@ -206,8 +365,8 @@ def sample(
     """Run the scheduler's reverse process with ``denoiser``.
 
     Give either ``shape`` (initial noise drawn from ``generator``) or ``latents`` (``x_T``). ``eta`` is the
-    DDIM stochasticity (the paper samples with ``eta = 1``); other schedulers ignore it. With
-    ``record_trajectory=True`` (DDIM/DDPM only) the output carries a :class:`Trajectory` with per-step
+    DDIM stochasticity (the paper samples with ``eta = 1``) and the noise level of :class:`FlowMatchSDEScheduler`;
+    other schedulers ignore it. With ``record_trajectory=True`` (DDIM, DDPM and the flow schedulers) the output carries a :class:`Trajectory` with per-step
     log-probabilities. The same generator seed gives the same samples.
     """
     generator = as_generator(generator)
@@ -218,12 +377,11 @@ def sample(
     x = latents
     states, log_probs, stds = [x], [], []
     for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        model_output = denoiser(scheduler.scale_model_input(x, t), t, **cond)
+        model_output = denoiser(scale_input(scheduler, x, t), t, **cond)
         if not record_trajectory:
             x = scheduler.step(model_output, t, x, **kwargs).prev_sample
             continue
-        eps = to_epsilon(scheduler, model_output, t, x)
-        mean, std = transition_distribution(scheduler, eps, t, x, eta)
+        mean, std = model_transition(scheduler, model_output, t, x, eta)
         noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x_prev = mean + std * noise
         log_probs.append(gaussian_log_prob(x_prev, mean, std))

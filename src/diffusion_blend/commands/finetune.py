@@ -45,6 +45,21 @@ def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> 
                           guidance_scale=args.guidance_scale, resolution=args.resolution)
 
 
+def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]:
+    """An SD3 / FLUX base (``--base``): flow-SDE rollouts on ``--prompts``, rewards on decoded images."""
+
+    def build(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
+        from ..pipelines.flow_finetune import load_flow_target
+
+        if args.base is None or args.prompts is None:
+            raise DiffusionBlendError(f"--target {kind} needs --base PATH_OR_ID and --prompts FILE")
+        options = json.loads(args.reward_options) if args.reward_options else {}
+        return load_flow_target(kind, args.base, args.prompts, reward_names, reward_options=options,
+                                guidance_scale=args.guidance_scale, resolution=args.resolution)
+
+    return build
+
+
 def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
     """Also write the adapter in diffusers' LoRA format (``load_lora_weights(OUT)`` loads the run folder)."""
     from accelerate import PartialState
@@ -53,7 +68,13 @@ def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
 
     if not PartialState().is_main_process:  # under torchrun every process returns the same adapter
         return []
-    path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path)
+    pipeline_class = None
+    if args.target in ("sd3", "flux"):
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+        pipeline_class = StableDiffusion3Pipeline if args.target == "sd3" else FluxPipeline
+    path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path,
+                              **({"pipeline_class": pipeline_class} if pipeline_class else {}))
     return [f"diffusers LoRA: {path}"]
 
 
@@ -61,9 +82,12 @@ TARGETS: dict[str, Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]
     "gmm": gmm_target_builder,
     "digits": digits_target_builder,
     "sd": sd_target_builder,
+    "sd3": flow_target_builder("sd3"),
+    "flux": flow_target_builder("flux"),
 }
 
-EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {"sd": sd_export}
+EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {"sd": sd_export, "sd3": sd_export,
+                                                                       "flux": sd_export}
 """Per-target extra outputs written after training (each returns lines to print)."""
 
 FLAG_FIELDS = {
@@ -93,16 +117,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip-range", type=float)
     parser.add_argument("--lora-rank", type=int)
     parser.add_argument("--steps", type=int, help="sampler steps")
-    parser.add_argument("--eta", type=float, help="DDIM eta > 0")
+    parser.add_argument("--eta", type=float, help="DDIM eta > 0; sd3/flux: the flow SDE's noise level (Flow-GRPO: 0.7)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--reward-options", help='JSON: per-reward factory options, e.g. {"digit_prob": {"digit": 3}}')
     parser.add_argument("--cache-dir", type=Path, help="where the gmm base model is cached")
-    parser.add_argument("--base", help="sd: Stable Diffusion pipeline folder or hub id")
-    parser.add_argument("--prompts", type=Path, help="sd: training prompts, one per line or a JSON list")
-    parser.add_argument("--guidance-scale", type=float, default=7.5,
-                        help="sd: classifier-free guidance scale of the rollouts (default 7.5; 1 = none)")
-    parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the UNet's native size)")
+    parser.add_argument("--base", help="sd/sd3/flux: pipeline folder or hub id")
+    parser.add_argument("--prompts", type=Path, help="sd/sd3/flux: training prompts, one per line or a JSON list")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="sd/sd3/flux: guidance scale of the rollouts (default 7.5 for sd, 7 for sd3, 3.5 for "
+                        "FLUX's distilled guidance; 1 = none)")
+    parser.add_argument("--resolution", type=int,
+                        help="sd/sd3/flux: image size in pixels (default: the denoiser's native size)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -126,8 +152,10 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
-    if args.target == "sd":  # recorded in the checkpoint (a resume must match) and the adapter's metadata
-        config.extra = {**config.extra, "sd": {"base": str(args.base), "prompts": str(args.prompts),
+    if args.target == "sd" and args.guidance_scale is None:
+        args.guidance_scale = 7.5
+    if args.target in ("sd", "sd3", "flux"):  # recorded in the checkpoint (a resume must match) and the metadata
+        config.extra = {**config.extra, args.target: {"base": str(args.base), "prompts": str(args.prompts),
                                                "guidance_scale": args.guidance_scale, "resolution": args.resolution}}
     target = TARGETS[args.target](list(config.reward_weights), args)
     result = finetune(target, config, out_dir=args.out, progress=not args.quiet)

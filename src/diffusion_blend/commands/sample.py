@@ -1,4 +1,4 @@
-"""``dblend sample``: images from a Stable Diffusion (XL) base blended with named LoRA experts (paper section 3).
+"""``dblend sample``: images from a Stable Diffusion (1.x/2.x, XL, 3/3.5) or FLUX base blended with named LoRA experts.
 
     dblend sample --base runwayml/stable-diffusion-v1-5 --adapter aesthetic=a.safetensors \\
         --adapter align=b.safetensors --weights aesthetic=0.3,align=0.7 --kl-scale 1.0 --method mpa \\
@@ -6,6 +6,9 @@
 
 writes ``image_000.png ...`` and ``settings.json`` (every setting, the blend coefficients, library versions).
 Image ``k`` uses seed ``--seed + k`` (paired noise across preferences, as in the paper's evaluation).
+The pipeline class comes from the base folder's ``model_index.json`` (or ``--pipeline``); flow-matching bases
+(SD3, FLUX) sample with the Flow-GRPO SDE (``--scheduler sde``, noise level ``--eta``, default 0.7), which
+DB-MPA-LS needs; ``--scheduler pipeline`` keeps the base's Euler ODE (DB-MPA only).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sample",
-        help="generate images from a Stable Diffusion base blended with LoRA experts (DB-MPA / DB-MPA-LS)",
-        description="Blend the noise predictions of LoRA experts of one Stable Diffusion (XL) base with reward "
-        "weights w and KL scale lambda (c_i = lambda w_i, c_0 = 1 - lambda sum w).",
+        help="generate images from a Stable Diffusion (XL, 3/3.5) or FLUX base blended with LoRA experts "
+        "(DB-MPA / DB-MPA-LS)",
+        description="Blend the noise (or velocity) predictions of LoRA experts of one Stable Diffusion (XL, 3/3.5) "
+        "or FLUX base with reward weights w and KL scale lambda (c_i = lambda w_i, c_0 = 1 - lambda sum w).",
     )
     parser.add_argument("--base", required=True, help="base pipeline: hub id or local folder (from_pretrained)")
     parser.add_argument(
@@ -37,22 +41,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--weights", required=True, help="reward weights by expert name, e.g. aesthetic=0.3,align=0.7")
     parser.add_argument("--kl-scale", type=float, default=1.0, help="KL scale lambda >= 0 (default 1)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="KL weight alpha the experts were fine-tuned with, for files without our metadata "
+                        "(foreign LoRAs, e.g. Flow-GRPO's: docs/flow-models.md); recorded in settings.json")
     parser.add_argument("--method", choices=("mpa", "ls"), default="mpa",
                         help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
-    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1, as in the paper)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="guidance scale (default 7.5 for SD/SDXL, 7 for SD3, 3.5 for FLUX's distilled guidance)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta (default 1, as in the paper); for SD3/FLUX the SDE noise level (default 0.7)")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed + k")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--sdxl", action="store_true", help="the base is SDXL (auto-detected for local folders)")
-    parser.add_argument("--scheduler", choices=("ddim", "pipeline"), default="ddim",
-                        help="ddim: DDIMScheduler from the base's scheduler config (the paper's sampler, honours "
-                        "--eta); pipeline: the base's own scheduler")
+    parser.add_argument("--pipeline", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto",
+                        help="the base's pipeline (default auto: from a local folder's model_index.json; hub ids: sd)")
+    parser.add_argument("--scheduler", choices=("ddim", "sde", "pipeline"), default=None,
+                        help="ddim (default for SD/SDXL): DDIMScheduler from the base's config (the paper's sampler, "
+                        "honours --eta); sde (default for SD3/FLUX): the Flow-GRPO SDE with noise level --eta; "
+                        "pipeline: the base's own scheduler")
     parser.add_argument("--routing", choices=ROUTINGS, default="auto",
                         help="how the experts are evaluated: batched (one forward of all members), sequential (one "
                         "forward per member), auto (sequential on CPU, batched on CUDA when it fits; default)")
@@ -80,8 +92,34 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value < 8 or value % 8):
             raise DiffusionBlendError(f"{flag} must be a positive multiple of 8, got {value}")
-    if not 0.0 <= args.eta <= 1.0:
+    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
         raise DiffusionBlendError(f"--eta must be in [0, 1], got {args.eta}")
+
+
+def expert_alphas(adapters: dict[str, str], alpha: float | None) -> dict[str, float | None]:
+    """Each expert's KL weight: from our metadata in its file, else ``--alpha`` (``None`` if neither says).
+
+    The blend ``c_i = lambda w_i`` targets ``p_pre exp(lambda sum_i w_i r_i / alpha)`` only if every expert was
+    fine-tuned with the same ``alpha``; experts that disagree are refused (one line)."""
+    from ..pipelines.finetune import DIFFUSERS_LORA_NAME, read_diffusers_lora_metadata
+
+    if alpha is not None and not (alpha > 0 and alpha < float("inf")):
+        raise DiffusionBlendError(f"--alpha must be a finite number > 0, got {alpha}")
+    alphas: dict[str, float | None] = {}
+    for name, source in adapters.items():
+        path = Path(source)
+        readable = path.is_file() or (path / DIFFUSERS_LORA_NAME).is_file()
+        try:
+            metadata = read_diffusers_lora_metadata(path) if readable else None
+        except DiffusionBlendError:
+            metadata = None  # unreadable: the adapter loader reports it, with its own message
+        alphas[name] = float(metadata.alpha) if metadata is not None else alpha
+    known = {name: value for name, value in alphas.items() if value is not None}
+    if len(set(known.values())) > 1:
+        listed = ", ".join(f"{name}: {value:g}" for name, value in known.items())
+        raise DiffusionBlendError(f"the experts were fine-tuned with different KL weights alpha ({listed}); the "
+                                  "blend c_i = lambda w_i assumes one alpha for all experts")
+    return alphas
 
 
 def _save_png(image, path: Path) -> None:
@@ -98,30 +136,46 @@ def _save_png(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..pipelines import BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline, is_sdxl_folder
-    from ..pipelines.loading import load_base_pipeline
+    from ..pipelines.loading import FLOW_KINDS, load_blend_pipeline, pipeline_kind
 
     _check_args(args)
     adapters = _parse_adapters(args.adapter)
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
+    alphas = expert_alphas(adapters, args.alpha)
     if args.method == "ls":
         coefficients.probabilities()  # negative coefficients fail before any loading
-    sdxl = args.sdxl or is_sdxl_folder(args.base)
-    pipeline_class = BlendStableDiffusionXLPipeline if sdxl else BlendStableDiffusionPipeline
-    pipe = load_base_pipeline(pipeline_class, args.base, torch_dtype=getattr(torch, args.dtype))
+    kind = pipeline_kind(args.base, "sdxl" if args.sdxl and args.pipeline == "auto" else args.pipeline)
+    sdxl, flow = kind == "sdxl", kind in FLOW_KINDS
+    scheduler = args.scheduler or ("sde" if flow else "ddim")
+    if (scheduler == "sde") != flow and scheduler != "pipeline":
+        raise DiffusionBlendError(f"--scheduler {scheduler} is for {'SD3/FLUX' if scheduler == 'sde' else 'SD/SDXL'} "
+                                  f"bases; this base is {kind} (use {'sde' if flow else 'ddim'} or pipeline)")
+    if flow and args.method == "ls" and scheduler != "sde":
+        raise DiffusionBlendError("--method ls needs a stochastic sampler that keeps the flow's marginals "
+                                  "(--scheduler sde), not the base's Euler ODE")
+    eta = args.eta if args.eta is not None else (0.7 if flow else 1.0)
+    if flow and args.method == "ls" and eta == 0:
+        raise DiffusionBlendError("--method ls needs SDE noise: --eta 0 makes the flow sampler the Euler ODE "
+                                  "(its noise level must be > 0)")
+    guidance_scale = args.guidance_scale if args.guidance_scale is not None else {"sd3": 7.0, "flux": 3.5}.get(kind, 7.5)
+    pipe = load_blend_pipeline(args.base, kind, torch_dtype=getattr(torch, args.dtype))
     pipe.load_adapters(adapters)
-    if args.scheduler == "ddim":
+    if scheduler == "ddim":
         from diffusers import DDIMScheduler
 
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler == "sde":
+        from ..sampling import FlowMatchSDEScheduler
+
+        pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=eta)
     pipe = pipe.to(args.device)
     generators = [torch.Generator(args.device).manual_seed(args.seed + k) for k in range(args.num_images)]
     call = dict(
         prompt=[args.prompt] * args.num_images,
         negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * args.num_images,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta, generator=generators,
-        height=args.height, width=args.width,
+        num_inference_steps=args.steps, guidance_scale=guidance_scale, generator=generators,
+        height=args.height, width=args.width, **({} if flow else {"eta": eta}),
     )
     switch = torch.Generator().manual_seed(args.seed) if args.method == "ls" else None
     images = pipe(preference=preference, method=args.method, switch_generator=switch, routing=args.routing,
@@ -137,15 +191,15 @@ def run(args: argparse.Namespace) -> int:
     import peft
 
     settings = {
-        "base": str(args.base), "sdxl": sdxl, "adapters": adapters, "weights": preference.weights,
-        "kl_scale": preference.kl_scale, "method": args.method,
+        "base": str(args.base), "pipeline": kind, "sdxl": sdxl, "adapters": adapters, "weights": preference.weights,
+        "kl_scale": preference.kl_scale, "method": args.method, "alpha": alphas,
         "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "guidance_scale": args.guidance_scale, "eta": args.eta, "seeds": [args.seed + k for k in range(len(files))],
+        "guidance_scale": guidance_scale, "eta": eta, "seeds": [args.seed + k for k in range(len(files))],
         "height": args.height, "width": args.width, "device": args.device, "dtype": args.dtype,
-        "scheduler": type(pipe.scheduler).__name__, "unet_calls": pipe.last_blend.calls,
-        "routing": args.routing, "routing_used": pipe.last_blend.routing_used, "unet_forwards": pipe.last_blend.forwards,
-        "images": files,
+        "scheduler": type(pipe.scheduler).__name__, f"{pipe.blend_component}_calls": pipe.last_blend.calls,
+        f"{pipe.blend_component}_forwards": pipe.last_blend.forwards,
+        "routing": args.routing, "routing_used": pipe.last_blend.routing_used, "images": files,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
     tmp = args.out / "settings.json.tmp"

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="sampling steps (default: the demo's sampler for digits, so results sit on its Pareto "
                         "plot; 50 for Stable Diffusion)")
     parser.add_argument("--sd-base", metavar="PATH_OR_ID",
-                        help="blend a Stable Diffusion base's LoRA experts (--adapter NAME=PATH each) with a prompt box")
+                        help="blend a Stable Diffusion (1.x/2.x, 3/3.5) or FLUX base's LoRA experts (--adapter NAME=PATH "
+                        "each) with a prompt box; the pipeline class comes from the folder's model_index.json")
     parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
                         help="sd: the registry reward that scores adapter NAME (default: from the adapter's metadata)")
     parser.add_argument("--reward-options", help='sd: JSON per-reward factory options, e.g. {"aesthetic": {...}}')

@@ -1,14 +1,20 @@
-"""Layer 7: diffusers integration. Diffusion Blend pipelines for the Stable Diffusion family."""
+"""Layer 7: diffusers integration. Diffusion Blend pipelines for Stable Diffusion (1.x/2.x, XL, 3/3.5) and FLUX."""
 
+from .flow import BlendFluxPipeline, BlendStableDiffusion3Pipeline, BlendTransformerPipelineMixin
 from .loading import is_sdxl_folder, load_adapter, load_adapters, load_base_pipeline
 from .stable_diffusion import BlendPipelineMixin, BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline
-from .unet_blend import UNetBlend, blended_unet
+from .unet_blend import DenoiserBlend, UNetBlend, blended_denoiser, blended_unet
 
 __all__ = [
+    "BlendFluxPipeline",
     "BlendPipelineMixin",
+    "BlendStableDiffusion3Pipeline",
     "BlendStableDiffusionPipeline",
     "BlendStableDiffusionXLPipeline",
+    "BlendTransformerPipelineMixin",
+    "DenoiserBlend",
     "UNetBlend",
+    "blended_denoiser",
     "blended_unet",
     "is_sdxl_folder",
     "load_adapter",

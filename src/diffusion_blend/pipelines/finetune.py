@@ -178,13 +178,15 @@ def sd_finetune_target(
 
 
 def export_diffusers_lora(
-    unet: torch.nn.Module, adapter_name: str, path: str | os.PathLike, metadata: AdapterMetadata | None = None
+    unet: torch.nn.Module, adapter_name: str, path: str | os.PathLike, metadata: AdapterMetadata | None = None,
+    pipeline_class: type = StableDiffusionPipeline,
 ) -> Path:
-    """Write UNet adapter ``adapter_name`` as a diffusers LoRA file (``save_lora_weights``' layout and header).
+    """Write adapter ``adapter_name`` of a UNet (or of an SD3/FLUX transformer, with that ``pipeline_class``) as a
+    diffusers LoRA file (``save_lora_weights``' layout and header).
 
-    diffusers writes the file (``unet.``-prefixed keys, its ``lora_adapter_metadata`` with rank and
-    ``lora_alpha``, ``format: pt``); we add ``metadata`` under ``diffusion_blend.*`` header keys and move the
-    result into place atomically.
+    diffusers writes the file (``unet.``- or ``transformer.``-prefixed keys, its ``lora_adapter_metadata`` with
+    rank and ``lora_alpha``, ``format: pt``); we add ``metadata`` under ``diffusion_blend.*`` header keys and move
+    the result into place atomically.
     """
     path = Path(path)
     config = getattr(unet, "peft_config", {}).get(adapter_name)
@@ -193,8 +195,9 @@ def export_diffusers_lora(
     layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as scratch:
-        StableDiffusionPipeline.save_lora_weights(
-            scratch, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict(),
+        component = "transformer" if hasattr(pipeline_class, "transformer_name") else "unet"
+        pipeline_class.save_lora_weights(
+            scratch, **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config.to_dict()},
             weight_name=path.name, safe_serialization=True,
         )
         written = Path(scratch) / path.name
@@ -229,10 +232,10 @@ def read_diffusers_lora_metadata(source: str | os.PathLike) -> AdapterMetadata |
 
 
 def export_run_adapter(unet: torch.nn.Module, adapter_name: str, run_dir: str | os.PathLike,
-                       trainer_adapter: str | os.PathLike) -> Path:
+                       trainer_adapter: str | os.PathLike, pipeline_class: type = StableDiffusionPipeline) -> Path:
     """After ``finetune``: ``RUN/pytorch_lora_weights.safetensors`` with the metadata of the trainer's adapter file."""
     _, metadata = read_adapter(trainer_adapter)
-    return export_diffusers_lora(unet, adapter_name, Path(run_dir) / DIFFUSERS_LORA_NAME, metadata)
+    return export_diffusers_lora(unet, adapter_name, Path(run_dir) / DIFFUSERS_LORA_NAME, metadata, pipeline_class)
 
 
 def load_sd_target(

@@ -1,4 +1,5 @@
-"""Load a base pipeline and named LoRA adapters into its UNet, with one-line errors for adapters that do not fit.
+"""Load a base pipeline and named LoRA adapters into its denoiser (the UNet of SD/SDXL, the transformer of SD3 and
+FLUX), with one-line errors for adapters that do not fit.
 
 Accepted adapter sources:
 
@@ -8,7 +9,7 @@ Accepted adapter sources:
 - a peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, keys as written by
   ``get_peft_model_state_dict`` or ``PeftModel.save_pretrained``): injected into the UNet with peft.
 
-Only UNet adapters can be blended in output space: a LoRA that also changes the text encoder would make the
+Only denoiser adapters can be blended in output space: a LoRA that also changes a text encoder would make the
 prompt embedding depend on the adapter, so such files are refused.
 """
 
@@ -29,7 +30,22 @@ from ..errors import AdapterMismatchError, DiffusionBlendError
 from ..lora import PEFT_BASE, adapter_names
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-_PEFT_PREFIXES = ("base_model.model.", "unet.")
+_PEFT_PREFIXES = ("base_model.model.", "unet.", "transformer.")
+
+
+def blend_model(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoiser that adapters load into: ``pipe.transformer`` (SD3, FLUX) or ``pipe.unet``."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        return transformer
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise DiffusionBlendError(f"{type(pipe).__name__} has neither a UNet nor a transformer to load adapters into")
+    return unet
+
+
+def _component(pipe: Any) -> str:
+    return "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
 
 
 def _check_name(unet: torch.nn.Module, name: str) -> None:
@@ -45,9 +61,9 @@ def _count_adapter_tensors(unet: torch.nn.Module, name: str) -> int:
 
 def _remove_partial(pipe: Any, name: str) -> None:
     """Best effort: drop a half-loaded adapter so the pipeline stays usable after a failed load."""
-    if name in adapter_names(pipe.unet):
+    if name in adapter_names(blend_model(pipe)):
         try:
-            pipe.unet.delete_adapters(name)
+            blend_model(pipe).delete_adapters(name)
         except Exception:  # noqa: BLE001 - cleanup must not mask the real error
             pass
 
@@ -58,17 +74,20 @@ def _short(err: BaseException) -> str:
 
 
 def _load_diffusers_lora(pipe: Any, path: Path, name: str) -> int:
+    component = _component(pipe)
     try:
-        state_dict, _alphas = pipe.lora_state_dict(str(path))
+        state_dict = pipe.lora_state_dict(str(path))
+        if isinstance(state_dict, tuple):  # UNet/FLUX loaders also return network alphas (and metadata)
+            state_dict = state_dict[0]
     except Exception as err:  # noqa: BLE001 - any reader failure means "not a readable LoRA file"
         raise AdapterMismatchError(f"adapter {name!r}: cannot read LoRA weights from {path}: {_short(err)}") from None
     if not state_dict:
         raise AdapterMismatchError(f"adapter {name!r}: {path} holds no LoRA weights")
-    other = sorted({key.split(".")[0] for key in state_dict if not key.startswith("unet.")})
+    other = sorted({key.split(".")[0] for key in state_dict if not key.startswith(component + ".")})
     if other:
         raise AdapterMismatchError(
-            f"adapter {name!r}: {path} also holds LoRA weights for {', '.join(other)}; only UNet adapters can be "
-            "blended (the prompt embedding must not depend on the adapter)"
+            f"adapter {name!r}: {path} also holds LoRA weights for {', '.join(other)}; only {component} adapters "
+            "can be blended (the prompt embedding must not depend on the adapter)"
         )
     for key, value in state_dict.items():
         if not torch.is_floating_point(value) or not torch.isfinite(value).all():
@@ -78,7 +97,7 @@ def _load_diffusers_lora(pipe: Any, path: Path, name: str) -> int:
     except Exception as err:  # noqa: BLE001 - shape/key mismatches surface as several exception types
         _remove_partial(pipe, name)
         raise AdapterMismatchError(
-            f"adapter {name!r} from {path} does not fit this base model's UNet (trained on another base or "
+            f"adapter {name!r} from {path} does not fit this base model's {component} (trained on another base or "
             f"with another layout?): {_short(err)}"
         ) from None
     return len(state_dict)
@@ -105,29 +124,32 @@ def _load_peft_folder(pipe: Any, folder: Path, name: str) -> int:
             raise AdapterMismatchError(f"adapter {name!r}: {folder} has NaN/infinite values in {key}")
         cleaned[key] = value
     try:
-        inject_adapter_in_model(config, pipe.unet, adapter_name=name)
-        result = set_peft_model_state_dict(pipe.unet, cleaned, adapter_name=name)
+        inject_adapter_in_model(config, blend_model(pipe), adapter_name=name)
+        result = set_peft_model_state_dict(blend_model(pipe), cleaned, adapter_name=name)
     except Exception as err:  # noqa: BLE001
         _remove_partial(pipe, name)
         raise AdapterMismatchError(
-            f"adapter {name!r} from {folder} does not fit this base model's UNet: {_short(err)}"
+            f"adapter {name!r} from {folder} does not fit this base model's {_component(pipe)}: {_short(err)}"
         ) from None
     if getattr(result, "unexpected_keys", None):
         _remove_partial(pipe, name)
         raise AdapterMismatchError(
-            f"adapter {name!r} from {folder} has weights for modules this UNet lacks, e.g. {result.unexpected_keys[0]}"
+            f"adapter {name!r} from {folder} has weights for modules this {_component(pipe)} lacks, "
+            f"e.g. {result.unexpected_keys[0]}"
         )
-    pipe.unet.eval()
+    blend_model(pipe).eval()
     return len(cleaned)
 
 
 def load_adapter(pipe: Any, source: str | os.PathLike, name: str) -> None:
-    """Load one LoRA adapter into ``pipe.unet`` under ``name`` (see the module docstring for the formats).
+    """Load one LoRA adapter into the pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``) under ``name``.
+
+    See the module docstring for the formats.
 
     Raises :class:`AdapterMismatchError` (one line) if the file is missing, unreadable or corrupted, holds
     non-UNet weights, or does not fit the UNet (modules it lacks, other shapes: another base or rank layout).
     """
-    _check_name(pipe.unet, name)
+    _check_name(blend_model(pipe), name)
     path = Path(source)
     if not path.exists():
         raise AdapterMismatchError(f"adapter {name!r}: no such file or folder: {path}")
@@ -135,12 +157,12 @@ def load_adapter(pipe: Any, source: str | os.PathLike, name: str) -> None:
         expected = _load_peft_folder(pipe, path, name)
     else:
         expected = _load_diffusers_lora(pipe, path, name)
-    loaded = _count_adapter_tensors(pipe.unet, name)
+    loaded = _count_adapter_tensors(blend_model(pipe), name)
     if loaded < expected:
         _remove_partial(pipe, name)
         raise AdapterMismatchError(
             f"adapter {name!r} from {path}: only {loaded} of its {expected} LoRA tensors match modules of this "
-            "UNet (trained on another base model?)"
+            f"{_component(pipe)} (trained on another base model?)"
         )
 
 
@@ -169,3 +191,58 @@ def is_sdxl_folder(base: str | os.PathLike) -> bool:
         return "XL" in json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError):
         return False
+
+
+PIPELINE_KINDS = ("sd", "sdxl", "sd3", "flux")
+"""Base pipelines the blend supports: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 / 3.5, FLUX."""
+FLOW_KINDS = ("sd3", "flux")
+
+
+def _model_index(base: str | os.PathLike) -> dict[str, Any] | None:
+    index = Path(base) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise DiffusionBlendError(f"cannot read {index}: {_short(err)}") from None
+
+
+def pipeline_kind(base: str | os.PathLike, requested: str = "auto") -> str:
+    """The base's pipeline kind: ``requested`` if not ``"auto"``, else from a local folder's ``model_index.json``
+    (``_class_name``); a hub id (no local index to read offline) counts as ``"sd"`` unless ``requested`` says."""
+    if requested != "auto":
+        if requested not in PIPELINE_KINDS:
+            raise DiffusionBlendError(f"unknown pipeline {requested!r}; choose auto or one of {', '.join(PIPELINE_KINDS)}")
+        return requested
+    index = _model_index(base)
+    if index is None:
+        return "sd"
+    name = str(index.get("_class_name", ""))
+    for marker, kind in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("XL", "sdxl"), ("StableDiffusion", "sd")):
+        if marker in name:
+            return kind
+    raise DiffusionBlendError(f"{base} holds a {name or 'unnamed'} pipeline; Diffusion Blend supports Stable Diffusion "
+                              "1.x/2.x, SDXL, SD3/3.5 and FLUX (pass --pipeline if the folder is one of these)")
+
+
+def blend_pipeline_class(kind: str) -> type:
+    """The Diffusion Blend pipeline class of a :data:`PIPELINE_KINDS` entry."""
+    from .flow import BlendFluxPipeline, BlendStableDiffusion3Pipeline
+    from .stable_diffusion import BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline
+
+    classes = {"sd": BlendStableDiffusionPipeline, "sdxl": BlendStableDiffusionXLPipeline,
+               "sd3": BlendStableDiffusion3Pipeline, "flux": BlendFluxPipeline}
+    if kind not in classes:
+        raise DiffusionBlendError(f"unknown pipeline {kind!r}; choose one of {', '.join(PIPELINE_KINDS)}")
+    return classes[kind]
+
+
+def load_blend_pipeline(base: str | os.PathLike, kind: str, **from_pretrained_kwargs: Any) -> Any:
+    """Load ``base`` as the blend pipeline of ``kind``; an SD3 folder saved without its T5 encoder loads without it."""
+    index = _model_index(base) or {}
+    if kind == "sd3":
+        for part in ("text_encoder_3", "tokenizer_3"):
+            if part in index and not any(index[part] or []):
+                from_pretrained_kwargs.setdefault(part, None)
+    return load_base_pipeline(blend_pipeline_class(kind), base, **from_pretrained_kwargs)

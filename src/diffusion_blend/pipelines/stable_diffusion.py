@@ -25,10 +25,10 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from ..lora import adapter_names
 from ..preference import Preference
 from .loading import load_adapter, load_adapters
-from .unet_blend import UNetBlend, blended_unet
+from .unet_blend import DenoiserBlend, blended_denoiser
 
 
-def _derived_switch_generator(generator: Any) -> torch.Generator:
+def _derived_switch_generator(generator: Any, salt: int = 0x5EED) -> torch.Generator:
     """The DB-MPA-LS draw generator when none is given: seeded from the pipeline's ``generator`` (a separate
     stream, so the initial noise and the ``eta`` noise are the same as with ``method="mpa"``), else from the
     global torch RNG (``torch.manual_seed`` makes it reproducible)."""
@@ -38,7 +38,7 @@ def _derived_switch_generator(generator: Any) -> torch.Generator:
         seed = generator.initial_seed()
     else:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    return torch.Generator().manual_seed((seed * 0x9E3779B1 + 0x5EED) % 2**63)
+    return torch.Generator().manual_seed((seed * 0x9E3779B1 + salt) % 2**63)
 
 
 class BlendPipelineMixin:
@@ -57,20 +57,29 @@ class BlendPipelineMixin:
     sequential on CPU and batched on CUDA when the batch fits (:class:`diffusion_blend.lora.LoraFamily`). Every
     routing gives the same images up to float32 rounding.
 
-    After a call, ``self.last_blend`` holds the :class:`UNetBlend` used (its ``calls``, ``forwards``, ``routing``
-    and ``routing_used`` and, for ``ls``, the denoiser's ``selection_counts``).
+    After a call, ``self.last_blend`` holds the :class:`DenoiserBlend` used (its ``calls``, ``forwards``,
+    ``routing`` and ``routing_used`` and, for ``ls``, the denoiser's ``selection_counts``).
+
+    ``blend_component`` names the pipeline's denoiser attribute (``"unet"`` here; ``"transformer"`` in
+    :class:`~diffusion_blend.pipelines.flow.BlendTransformerPipelineMixin`).
     """
 
-    last_blend: UNetBlend | None = None
+    last_blend: DenoiserBlend | None = None
     routing: str = "auto"
+    blend_component = "unet"
+
+    @property
+    def blend_model(self) -> torch.nn.Module:
+        """The denoiser whose LoRA adapters are blended (``self.unet`` or ``self.transformer``)."""
+        return getattr(self, self.blend_component)
 
     @property
     def adapter_names(self) -> tuple[str, ...]:
-        """Names of the LoRA adapters on the UNet (the experts that a preference can weight)."""
-        return adapter_names(self.unet)
+        """Names of the LoRA adapters on the denoiser (the experts that a preference can weight)."""
+        return adapter_names(self.blend_model)
 
     def load_adapter(self, source: str | os.PathLike, name: str) -> None:
-        """Load a LoRA adapter (diffusers LoRA file/folder or peft folder) into the UNet as expert ``name``."""
+        """Load a LoRA adapter (diffusers LoRA file/folder or peft folder) into the denoiser as expert ``name``."""
         load_adapter(self, source, name)
 
     def load_adapters(self, adapters: Mapping[str, str | os.PathLike]) -> None:
@@ -78,6 +87,9 @@ class BlendPipelineMixin:
 
     def _guided_copies(self) -> int:
         return 2 if getattr(self, "do_classifier_free_guidance", False) else 1
+
+    def _check_blend_call(self, method: str, kwargs: Mapping[str, Any]) -> None:
+        """Refuse a blend call this pipeline cannot run faithfully (hook for subclasses; UNet pipelines accept all)."""
 
     @torch.no_grad()
     def __call__(
@@ -91,12 +103,13 @@ class BlendPipelineMixin:
     ) -> Any:
         if preference is None:
             return super().__call__(*args, **kwargs)
+        self._check_blend_call(method, kwargs)
         if method == "ls" and switch_generator is None:
             switch_generator = _derived_switch_generator(kwargs.get("generator"))
-        blend = UNetBlend(self.unet, preference, method, switch_generator, guided_copies=self._guided_copies,
-                          routing=self.routing if routing is None else routing)
+        blend = DenoiserBlend(self.blend_model, preference, method, switch_generator,
+                              guided_copies=self._guided_copies, routing=self.routing if routing is None else routing)
         self.last_blend = blend
-        with blended_unet(self.unet, blend):
+        with blended_denoiser(self.blend_model, blend):
             return super().__call__(*args, **kwargs)
 
 

@@ -1,15 +1,18 @@
-"""Blend LoRA adapters of a diffusers pipeline's UNet in output space, inside the stock denoising loop.
+"""Blend LoRA adapters of a diffusers pipeline's denoiser (UNet or transformer) in output space, inside the stock loop.
 
 Every diffusers UNet pipeline calls ``self.unet(latent_model_input, t, encoder_hidden_states=..., ...)`` once
-per step on the classifier-free-guidance batch ``[uncond; cond]`` and combines the two halves afterwards.
-:func:`blended_unet` replaces ``unet.forward`` for the duration of one pipeline call by a forward that
-returns, for every row, the blended noise prediction ``sum_j c_j eps_j`` of paper Lemma 2 / section 2.6
-(DB-MPA, DB-KLA, combined) or the prediction of one randomly drawn member (DB-MPA-LS, Proposition 2).
-Because CFG and the blend are both affine with coefficients summing to one, blending per CFG row and then
-guiding equals guiding each member and then blending (paper section 3.2), so the stock loop, its scheduler,
-``eta``, ``generator``, callbacks and output handling all stay untouched.
+per step on the classifier-free-guidance batch ``[uncond; cond]`` and combines the two halves afterwards; the
+SD3 pipeline calls ``self.transformer(hidden_states=..., timestep=..., encoder_hidden_states=...,
+pooled_projections=...)`` the same way, and FLUX (guidance-distilled: ``guidance=`` is an input, no CFG batch)
+once per step on the plain batch. :func:`blended_denoiser` replaces the denoiser's ``forward`` for the duration
+of one pipeline call by a forward that returns, for every row, the blended prediction ``sum_j c_j eps_j`` (noise
+or velocity) of paper Lemma 2 / section 2.6 (DB-MPA, DB-KLA, combined) or the prediction of one randomly drawn
+member (DB-MPA-LS, Proposition 2). Because CFG and the blend are both affine with coefficients summing to one,
+and a flow model's velocity is affine in its score with model-independent coefficients (docs/method.md),
+blending per CFG row and then guiding equals guiding each member and then blending (paper section 3.2), so the
+stock loop, its scheduler, ``eta``, ``generator``, callbacks and output handling all stay untouched.
 
-All members come from the ONE UNet: experts are its named LoRA adapters, the base is the same UNet with no
+All members come from the ONE denoiser: experts are its named LoRA adapters, the base is the same network with no
 adapter (:class:`diffusion_blend.lora.LoraFamily`). DB-MPA evaluates every member with a non-zero
 coefficient on the pipeline's CFG batch; ``routing`` decides how: ``"batched"`` is one forward of rows =
 members x [uncond, cond], ``"sequential"`` one forward of the CFG batch per member (what switching adapters one
@@ -20,8 +23,10 @@ batch per step.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +39,13 @@ from ..sampling import as_generator
 
 METHODS = ("mpa", "ls")
 _NESTED = "."  # separator of flattened nested keyword arguments (added_cond_kwargs.text_embeds, ...)
+UNBATCHED_KEYWORDS = frozenset({"txt_ids", "img_ids"})
+"""Tensor inputs without a batch dimension (FLUX's rotary position ids): passed through, never tiled with the batch."""
+
+
+@dataclass(frozen=True)
+class _Unbatched:
+    value: Any
 
 
 def _flatten(kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +53,9 @@ def _flatten(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     tiled and selected with the batch by the denoiser machinery."""
     flat: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if isinstance(value, Mapping):
+        if key in UNBATCHED_KEYWORDS:
+            flat[key] = _Unbatched(value)  # not a tensor: the member machinery leaves it alone
+        elif isinstance(value, Mapping):
             flat[key + _NESTED] = True  # marks a (possibly empty) nested dict
             flat.update({f"{key}{_NESTED}{sub}": item for sub, item in value.items()})
         else:
@@ -54,6 +68,8 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in flat.items():
         if key.endswith(_NESTED):
             continue
+        if isinstance(value, _Unbatched):
+            value = value.value
         outer, sep, inner = key.partition(_NESTED)
         if sep and outer in kwargs:
             kwargs[outer][inner] = value
@@ -69,19 +85,19 @@ def _match_timestep(timestep: Any, batch: int) -> Any:
     return timestep
 
 
-class UNetBlend:
-    """The blending forward installed on a UNet for one pipeline call (see the module docstring).
+class DenoiserBlend:
+    """The blending forward installed on a UNet or transformer for one pipeline call (see the module docstring).
 
-    ``guided_copies()`` returns how many stacked copies of the samples the UNet batch holds at call time (2
+    ``guided_copies()`` returns how many stacked copies of the samples the denoiser batch holds at call time (2
     with classifier-free guidance, else 1); DB-MPA-LS uses it so that a sample's CFG rows share one draw.
-    ``calls`` counts blended UNet evaluations (one per denoising step for both methods), ``forwards`` the
+    ``calls`` counts blended denoiser evaluations (one per denoising step for both methods), ``forwards`` the
     network forwards they took (``routing="sequential"``: one per member), ``routing`` is the requested routing
     and ``routing_used`` the one the last step used.
     """
 
     def __init__(
         self,
-        unet: nn.Module,
+        model: nn.Module,
         preference: Preference,
         method: str = "mpa",
         switch_generator: torch.Generator | int | None = None,
@@ -92,23 +108,32 @@ class UNetBlend:
             raise PreferenceError(f"unknown blend method {method!r}; choose 'mpa' (DB-MPA) or 'ls' (DB-MPA-LS)")
         if not isinstance(preference, Preference):
             raise PreferenceError(f"preference must be a diffusion_blend.Preference, got {type(preference).__name__}")
-        names = adapter_names(unet)
+        names = adapter_names(model)
         if not names:
-            raise PreferenceError("the pipeline's UNet carries no LoRA adapter; load some with load_adapter()")
+            raise PreferenceError(
+                f"the pipeline's {type(model).__name__} carries no LoRA adapter; load some with load_adapter()"
+            )
         preference.coefficients(names)  # unknown names fail here, before any work
         if method == "ls":
             preference.coefficients(names).probabilities()  # negative coefficients fail here
             if switch_generator is None:
                 raise PreferenceError("method 'ls' draws a model per step: pass a seed or torch.Generator")
-        self.unet = unet
-        self.original_forward = unet.forward
-        self.family = LoraFamily(unet, self._forward_unet, names, routing=routing)
+        self.model = model
+        self.original_forward = model.forward
+        parameters = list(inspect.signature(self.original_forward).parameters)
+        self.input_name = parameters[0]  # "sample" (UNets) or "hidden_states" (transformers)
+        self.parameter_names = parameters
+        self.family = LoraFamily(model, self._forward_model, names, routing=routing)
         self.routing = self.family.routing
         self.preference = preference
         self.method = method
         self.switch_generator = None if switch_generator is None else as_generator(switch_generator)
         self.guided_copies = guided_copies or (lambda: 1)
         self.denoiser: BlendedDenoiser | SwitchingDenoiser | None = None
+
+    @property
+    def unet(self) -> nn.Module:  # the name of the UNet-only version, kept for callers
+        return self.model
 
     @property
     def calls(self) -> int:
@@ -122,41 +147,57 @@ class UNetBlend:
     def routing_used(self) -> str | None:
         return self.family.last_routing
 
-    def _forward_unet(self, model: nn.Module, sample: torch.Tensor, timestep: Any, **flat: Any) -> torch.Tensor:
+    def _forward_model(self, model: nn.Module, sample: torch.Tensor, timestep: Any, **flat: Any) -> torch.Tensor:
         kwargs = _unflatten(flat)
         kwargs["return_dict"] = False
-        return self.original_forward(sample, _match_timestep(timestep, sample.shape[0]), **kwargs)[0]
+        kwargs[self.input_name] = sample
+        kwargs["timestep"] = _match_timestep(timestep, sample.shape[0])
+        return self.original_forward(**kwargs)[0]
 
     def _make_denoiser(self) -> BlendedDenoiser | SwitchingDenoiser:
         if self.method == "mpa":
             return BlendedDenoiser(self.family, self.preference)
         return SwitchingDenoiser(self.family, self.preference, self.switch_generator, copies=self.guided_copies())
 
-    def __call__(
-        self, sample: torch.Tensor, timestep: Any, encoder_hidden_states: torch.Tensor | None = None, **kwargs: Any
-    ) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        named = dict(zip(self.parameter_names, args))
+        duplicated = sorted(set(named) & set(kwargs))
+        if duplicated:
+            raise TypeError(f"{type(self.model).__name__}.forward got multiple values for {', '.join(duplicated)}")
+        kwargs.update(named)
         return_dict = kwargs.pop("return_dict", True)
+        sample = kwargs.pop(self.input_name)
+        timestep = kwargs.pop("timestep")
         if self.denoiser is None:  # built on the first step, when the pipeline has fixed its CFG setting
             self.denoiser = self._make_denoiser()
-        flat = _flatten({"encoder_hidden_states": encoder_hidden_states, **kwargs})
-        prediction = self.denoiser(sample, timestep, **flat)
+        prediction = self.denoiser(sample, timestep, **_flatten(kwargs))
         if not return_dict:
             return (prediction,)
+        if "Transformer" in type(self.model).__name__:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=prediction)
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
         return UNet2DConditionOutput(sample=prediction)
 
 
+UNetBlend = DenoiserBlend  # the name from before transformer pipelines were supported
+
+
 @contextmanager
-def blended_unet(unet: nn.Module, blend: UNetBlend) -> Iterator[UNetBlend]:
-    """Install ``blend`` as ``unet.forward`` (module hooks still run around it) and restore it afterwards."""
-    had_instance_forward = "forward" in vars(unet)
-    saved = vars(unet).get("forward")
-    unet.forward = blend
+def blended_denoiser(model: nn.Module, blend: DenoiserBlend) -> Iterator[DenoiserBlend]:
+    """Install ``blend`` as ``model.forward`` (module hooks still run around it) and restore it afterwards."""
+    had_instance_forward = "forward" in vars(model)
+    saved = vars(model).get("forward")
+    model.forward = blend
     try:
         yield blend
     finally:
         if had_instance_forward:
-            unet.forward = saved
+            model.forward = saved
         else:
-            del unet.forward
+            del model.forward
+
+
+blended_unet = blended_denoiser

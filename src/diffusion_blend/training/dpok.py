@@ -66,9 +66,8 @@ from ..preference import BASE
 from ..sampling import (
     gaussian_log_prob,
     initial_latents,
+    model_transition,
     sample,
-    to_epsilon,
-    transition_distribution,
     tweedie_x0,
 )
 from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
@@ -191,8 +190,8 @@ def rollout(
         x_t = trajectory.latents[k]
         policy_out, base_out = recorded[k]
         x0_estimates.append(tweedie_x0(scheduler, policy_out, t, x_t))
-        mean_policy, std = transition_distribution(scheduler, to_epsilon(scheduler, policy_out, t, x_t), t, x_t, eta)
-        mean_base, _ = transition_distribution(scheduler, to_epsilon(scheduler, base_out, t, x_t), t, x_t, eta)
+        mean_policy, std = model_transition(scheduler, policy_out, t, x_t, eta)
+        mean_base, _ = model_transition(scheduler, base_out, t, x_t, eta)
         means_base.append(mean_base)
         kls.append(step_kl(mean_policy, mean_base, std))
     return Rollout(
@@ -345,7 +344,7 @@ def _policy_update(
                     t = batch.timesteps[k]
                     x_t, x_next, std = batch.latents[k, rows], batch.latents[k + 1, rows], batch.stds[k]
                     out = target.forward(model, scheduler.scale_model_input(x_t, t), t, **cond)
-                    mean, _ = transition_distribution(scheduler, to_epsilon(scheduler, out, t, x_t), t, x_t, eta)
+                    mean, _ = model_transition(scheduler, out, t, x_t, eta)
                     log_prob = gaussian_log_prob(x_next, mean, std)
                     ratio = torch.exp(log_prob - batch.log_probs[k, rows])
                     advantage = advantages[k, rows]
@@ -385,14 +384,14 @@ def _pathwise_update(
         path_kl = torch.zeros(rows, device=x.device)
         for t in scheduler.timesteps:
             policy_out, base_out = pair(scheduler.scale_model_input(x, t), t, **cond)
-            mean, std = transition_distribution(scheduler, to_epsilon(scheduler, policy_out, t, x), t, x, config.eta)
+            mean, std = model_transition(scheduler, policy_out, t, x, config.eta)
             if float(std) == 0.0:
                 raise DiffusionBlendError(
                     f"sampler step t={int(t)} is deterministic (sigma = 0): the path KL would not bound the KL of "
                     "the samples and the pathwise gradient would change that step at no cost; use a scheduler "
                     "whose every step is stochastic (DDIM with steps_offset=1 and set_alpha_to_one=False, as "
                     "Stable Diffusion's; DDPM's last step is deterministic too) or estimator='score'")
-            mean_base, _ = transition_distribution(scheduler, to_epsilon(scheduler, base_out, t, x), t, x, config.eta)
+            mean_base, _ = model_transition(scheduler, base_out, t, x, config.eta)
             path_kl = path_kl + step_kl(mean, mean_base, std)
             x = mean + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         rewards = score_rewards(target, names, x, prompts, keep_grad=True)

@@ -46,9 +46,9 @@ def adapter_rewards(
     chosen = {}
     for name, path in adapters.items():
         metadata = read_diffusers_lora_metadata(path)
-        if metadata is not None and pipe.unet.dtype == torch.float32:  # trained (and fingerprinted) in float32
+        if metadata is not None and pipe.blend_model.dtype == torch.float32:  # trained (and fingerprinted) in float32
             if fingerprint is None:
-                fingerprint = base_fingerprint(pipe.unet, unet_architecture(pipe.unet))
+                fingerprint = base_fingerprint(pipe.blend_model, unet_architecture(pipe.blend_model))
             if metadata.base_fingerprint != fingerprint:
                 raise AdapterMismatchError(
                     f"adapter {name!r} ({path}) was fine-tuned on another base model (fingerprint "
@@ -106,10 +106,11 @@ class StableDiffusionStudio:
         if not prompt or not prompt.strip():
             raise DiffusionBlendError("enter a prompt")
         start = time.perf_counter()
-        device = self.pipe.unet.device
+        device = self.pipe.blend_model.device
+        eta = {"eta": self.eta} if self.pipe.blend_component == "unet" else {}  # flow: the SDE scheduler's level
         output = self.pipe(
             prompt.strip(), num_images_per_prompt=self.num_images, num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, eta=self.eta, height=self.resolution, width=self.resolution,
+            guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution, **eta,
             generator=torch.Generator(device).manual_seed(int(seed)), output_type="pt",
             preference=preference, method=method,
         )
@@ -134,23 +135,33 @@ def stable_diffusion_studio(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> StableDiffusionStudio:
-    """Load the base (DDIM scheduler from its config), every adapter, and each adapter's basis reward."""
+    """Load the base, every adapter, and each adapter's basis reward.
+
+    The pipeline class comes from the base folder's ``model_index.json`` (Stable Diffusion 1.x/2.x, SD3/3.5 or
+    FLUX). SD samples with DDIM (``eta``) from its scheduler config; SD3/FLUX with the Flow-GRPO SDE
+    (:class:`~diffusion_blend.sampling.FlowMatchSDEScheduler`, noise level ``eta``), which DB-MPA-LS needs.
+    """
     from diffusers import DDIMScheduler
 
-    from ..pipelines import is_sdxl_folder
-    from ..pipelines.loading import load_base_pipeline
+    from ..pipelines.loading import FLOW_KINDS, load_blend_pipeline, pipeline_kind
+    from ..sampling import FlowMatchSDEScheduler
 
     if not adapters:
         raise DiffusionBlendError("give the experts to blend with --adapter NAME=PATH (one per basis reward)")
-    if is_sdxl_folder(base):
-        raise DiffusionBlendError(f"{base} is an SDXL pipeline; the UI's SD studio serves Stable Diffusion 1.x/2.x")
-    pipe = load_base_pipeline(BlendStableDiffusionPipeline, base, torch_dtype=dtype, safety_checker=None,
-                              requires_safety_checker=False)
+    kind = pipeline_kind(base)
+    if kind == "sdxl":
+        raise DiffusionBlendError(f"{base} is an SDXL pipeline; the UI's studio serves Stable Diffusion 1.x/2.x, "
+                                  "SD3/3.5 and FLUX")
+    extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
+    pipe = load_blend_pipeline(base, kind, torch_dtype=dtype, **extra)
     chosen = adapter_rewards(pipe, adapters, reward_names)
     options = dict(reward_options or {})
     rewards = {name: get_reward(reward, **dict(options.get(reward, {}))) for name, reward in chosen.items()}
     pipe.load_adapters(adapters)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if kind in FLOW_KINDS:
+        pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=eta)
+    else:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     return StableDiffusionStudio(pipe, rewards, num_images=num_images, num_inference_steps=num_inference_steps,
