@@ -25,7 +25,16 @@ from .preference import BASE, PreferenceError
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 Forward = Callable[..., torch.Tensor]
-"""``forward(model, x_t, t, **cond) -> eps``: how a network is called (e.g. ``unet(x, t, ...).sample``)."""
+"""``forward(model, x_t, t, **cond) -> eps``: how a network is called (e.g. ``unet(x, t, ...).sample``).
+
+A forward that stacks its rows into one network batch of ``c`` copies (classifier-free guidance's
+``[uncond; cond]``: ``c = 2``) says so with the attribute ``forward.stacked_copies = c``; a mixed-adapter batch
+then routes every copy of row ``b`` through row ``b``'s member (:meth:`LoraFamily.route`)."""
+
+
+def stacked_copies(forward: Forward) -> int:
+    """How many stacked copies of its input rows ``forward`` sends through the network (1 unless declared)."""
+    return int(getattr(forward, "stacked_copies", 1))
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -152,6 +161,6 @@ class LoraFamily(DenoiserFamily):
             (member,) = unique
             with active_adapter(self.model, member):
                 return self.forward(self.model, x_t, t, **cond)
-        names = [PEFT_BASE if member is BASE else member for member in members]
+        names = [PEFT_BASE if member is BASE else member for member in members] * stacked_copies(self.forward)
         with mixed_adapter_batch(self.model, names):
             return self.forward(self.model, x_t, t, **cond)

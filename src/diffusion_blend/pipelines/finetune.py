@@ -84,20 +84,25 @@ def check_guidance_scale(guidance_scale: Any) -> float:
 def guided_forward(guidance_scale: float):
     """``forward(unet, x_t, t, encoder_hidden_states, negative_encoder_hidden_states) -> guided prediction``.
 
-    Classifier-free guidance (Ho & Salimans 2022) exactly as diffusers' pipelines combine the two branches; with
+    Classifier-free guidance (Ho & Salimans 2022) exactly as diffusers' pipelines do it: ONE UNet call on the
+    batch ``[uncond; cond]``, then ``uncond + g (cond - uncond)`` (in float32, whatever the UNet's dtype); with
     ``guidance_scale == 1`` only the conditional branch runs (the stock pipeline's rule, CFG iff ``g > 1``).
-    The two branches are two UNet calls on the same rows (not one ``[uncond; cond]`` batch) so that a peft
-    mixed-adapter batch, which names one adapter per input row, routes both branches of a row alike.
+    The forward declares ``stacked_copies = 2`` (:func:`diffusion_blend.lora.stacked_copies`), so in a peft
+    mixed-adapter batch both CFG copies of a row go through that row's adapter: the trainer's policy rows, base
+    rows and both CFG branches are one network batch of ``2 x members x rows``.
     """
 
     def forward(unet: torch.nn.Module, x_t: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor,
                 negative_encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        cond = unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
         if guidance_scale <= 1:
-            return cond
-        uncond = unet(x_t, t, encoder_hidden_states=negative_encoder_hidden_states, return_dict=False)[0]
+            return unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0].float()
+        both = unet(torch.cat([x_t, x_t]), t,
+                    encoder_hidden_states=torch.cat([negative_encoder_hidden_states, encoder_hidden_states]),
+                    return_dict=False)[0].float()
+        uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
+    forward.stacked_copies = 2 if guidance_scale > 1 else 1  # type: ignore[attr-defined]
     return forward
 
 
@@ -115,7 +120,9 @@ def sd_finetune_target(
 
     The scheduler is DDIM built from the pipeline's scheduler config (the paper samples DDIM with ``eta = 1``).
     ``resolution`` (pixels, square) defaults to the UNet's ``sample_size * vae_scale_factor``. The text encoder
-    and VAE are frozen and follow the UNet's device.
+    and VAE are frozen (``frozen_modules``: the trainer moves them to its device and ``DPOKConfig.dtype``).
+    ``decode`` keeps gradients when grad mode is on, so the pathwise estimator back-propagates a differentiable
+    reward through the VAE decode into the chain.
     """
     if isinstance(pipe, type) or not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "encode_prompt")):
         raise DiffusionBlendError("fine-tuning needs a Stable Diffusion pipeline (unet, vae, text encoder)")
@@ -154,8 +161,8 @@ def sd_finetune_target(
             cond["negative_encoder_hidden_states"] = negative.to(unet.dtype)
         return cond
 
-    @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""
         follow_unet(vae)
         images = [vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
                   for chunk in latents.split(DECODE_CHUNK)]
@@ -174,6 +181,7 @@ def sd_finetune_target(
         architecture=unet_architecture(unet),
         prompts=prompts,
         encode_prompts=encode_prompts,
+        frozen_modules=(vae, text_encoder),
     )
 
 
