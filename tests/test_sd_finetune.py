@@ -194,3 +194,43 @@ def test_cli_finetunes_a_saved_sd_base_and_fails_in_one_line(trained, tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len([line for line in err if line.startswith("dblend")]) == 1
         assert err[-1].startswith("dblend: error: ") and "Traceback" not in "\n".join(err)
+
+
+def test_cli_pathwise_low_precision_checkpointed_run_and_its_refusals(trained, tmp_path, capsys):
+    root, _, _ = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    out = tmp_path / "run"
+    argv = ["finetune", "--target", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
+            "brightness=1", "--alpha", "0.5", "--estimator", "pathwise", "--dtype", "bfloat16",
+            "--gradient-checkpointing", "--backprop-steps", "2", "--device", "cpu", "--iterations", "1",
+            "--batch-size", "2", "--steps", "3", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    config = read_diffusers_lora_metadata(out / DIFFUSERS_LORA_NAME).training_config
+    assert (config["estimator"], config["dtype"], config["gradient_checkpointing"], config["backprop_steps"]) == (
+        "pathwise", "bfloat16", True, 2)
+    # SD defaults (DDPO/DPOK range) fill what the flags leave: minibatch 2 <= batch 2, lr 1e-4, eta 1
+    assert (config["minibatch_size"], config["learning_rate"], config["eta"]) == (2, 1e-4, 1.0)
+    capsys.readouterr()
+    refusals = [["--backprop-steps", "2"],  # DRaFT-K without the pathwise estimator
+                ["--dtype", "float8"]]
+    if not torch.cuda.is_available():
+        refusals.append(["--device", "cuda"])
+    for extra in refusals:
+        bad = ["finetune", "--target", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
+               "brightness=1", "--alpha", "1", "--out", str(tmp_path / "bad"), *extra]
+        try:
+            status = main(bad)
+        except SystemExit as exit_:  # argparse's own choice errors exit directly
+            status = exit_.code
+        assert status == 2, extra
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+        assert len(err) == 1 and err[0].startswith("dblend: error: "), (extra, err)
+
+
+def test_finetune_help_prints_per_target_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = capsys.readouterr().out
+    assert "per-target defaults" in text and "sd: batch_size=8, minibatch_size=2" in text
+    assert "num_inference_steps=50" in text and "--gradient-checkpointing" in text

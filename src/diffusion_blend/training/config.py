@@ -176,8 +176,9 @@ class DPOKConfig:
         except TypeError as err:
             raise DiffusionBlendError(f"incomplete fine-tuning config: {err}") from None
 
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides: Any) -> DPOKConfig:
+    @staticmethod
+    def read_json(path: str | Path) -> dict[str, Any]:
+        """The JSON object of a config file (fields not checked yet), with one-line errors."""
         path = Path(path)
         try:
             values = json.loads(path.read_text())
@@ -187,5 +188,10 @@ class DPOKConfig:
             raise DiffusionBlendError(f"config file {path} is not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise DiffusionBlendError(f"config file {path} must hold a JSON object")
+        return values
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> DPOKConfig:
+        values = cls.read_json(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)

@@ -583,7 +583,8 @@ def _prepare_frozen_modules(target: FinetuneTarget, config: DPOKConfig, device: 
         dtype = config.torch_dtype
         if dtype == torch.float16 and getattr(getattr(module, "config", None), "force_upcast", False):
             dtype = torch.float32
-        module.to(device=device, dtype=dtype)
+        module.to(device)
+        cast_frozen(module, dtype)  # parameter-wise: diffusers' .to(dtype) warns on every cast
         if config.gradient_checkpointing and config.estimator == "pathwise" and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()  # the VAE decode back-propagates into the reward
 
