@@ -39,10 +39,11 @@ def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> 
     from ..pipelines.finetune import load_sd_target
 
     if args.base is None or args.prompts is None:
-        raise DiffusionBlendError("--target sd needs --base PATH_OR_ID and --prompts FILE")
+        raise DiffusionBlendError(f"--target {args.target} needs --base PATH_OR_ID and --prompts FILE")
     options = json.loads(args.reward_options) if args.reward_options else {}
     return load_sd_target(args.base, args.prompts, reward_names, reward_options=options,
-                          guidance_scale=args.guidance_scale, resolution=args.resolution)
+                          guidance_scale=args.guidance_scale, resolution=args.resolution,
+                          sdxl=True if args.target == "sdxl" else None)
 
 
 def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
@@ -61,9 +62,10 @@ TARGETS: dict[str, Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]
     "gmm": gmm_target_builder,
     "digits": digits_target_builder,
     "sd": sd_target_builder,
+    "sdxl": sd_target_builder,
 }
 
-EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {"sd": sd_export}
+EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {"sd": sd_export, "sdxl": sd_export}
 """Per-target extra outputs written after training (each returns lines to print)."""
 
 FLAG_FIELDS = {
@@ -80,6 +82,10 @@ TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sd": dict(batch_size=8, minibatch_size=2, updates_per_batch=1, num_inference_steps=50, eta=1.0,
                learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
                gradient_checkpointing=True),
+    # SDXL (1024 px): the same, at minibatch 1
+    "sdxl": dict(batch_size=8, minibatch_size=1, updates_per_batch=1, num_inference_steps=50, eta=1.0,
+                 learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
+                 gradient_checkpointing=True),
 }
 """Per-target starting points, applied under a --config file and the flags (``DPOKConfig`` defaults otherwise)."""
 
@@ -176,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     accelerator = make_accelerator(args.device)
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
-    if args.target == "sd":  # recorded in the checkpoint (a resume must match) and the adapter's metadata
+    if args.target in ("sd", "sdxl"):  # recorded in the checkpoint (a resume must match) and the adapter's metadata
         config.extra = {**config.extra, "sd": {"base": str(args.base), "prompts": str(args.prompts),
                                                "guidance_scale": args.guidance_scale, "resolution": args.resolution}}
     target = TARGETS[args.target](list(config.reward_weights), args)
