@@ -133,13 +133,17 @@ def save_adapter(
     steps: int = 0,
     training_config: Mapping[str, Any] | None = None,
     architecture: Mapping[str, Any] | None = None,
+    fingerprint: str | None = None,
 ) -> Path:
-    """Write adapter ``name`` of ``model`` to ``path`` (safetensors) with its :class:`AdapterMetadata`."""
+    """Write adapter ``name`` of ``model`` to ``path`` (safetensors) with its :class:`AdapterMetadata`.
+
+    ``fingerprint``: the base's :func:`base_fingerprint` taken before training cast its frozen weights to a lower
+    precision (default: computed from ``model`` now)."""
     rank, lora_alpha, targets = _lora_config(model, name)
     metadata = AdapterMetadata(
         rewards={str(k): float(v) for k, v in rewards.items()},
         alpha=float(alpha),
-        base_fingerprint=base_fingerprint(model, architecture),
+        base_fingerprint=fingerprint if fingerprint is not None else base_fingerprint(model, architecture),
         rank=rank,
         lora_alpha=lora_alpha,
         target_modules=targets,

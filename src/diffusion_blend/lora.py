@@ -41,7 +41,16 @@ from .preference import BASE, PreferenceError
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 Forward = Callable[..., torch.Tensor]
-"""``forward(model, x_t, t, **cond) -> eps``: how a network is called (e.g. ``unet(x, t, ...).sample``)."""
+"""``forward(model, x_t, t, **cond) -> eps``: how a network is called (e.g. ``unet(x, t, ...).sample``).
+
+A forward that stacks its rows into one network batch of ``c`` copies (classifier-free guidance's
+``[uncond; cond]``: ``c = 2``) says so with the attribute ``forward.stacked_copies = c``; a mixed-adapter batch
+then routes every copy of row ``b`` through row ``b``'s member (:meth:`LoraFamily.route`)."""
+
+
+def stacked_copies(forward: Forward) -> int:
+    """How many stacked copies of its input rows ``forward`` sends through the network (1 unless declared)."""
+    return int(getattr(forward, "stacked_copies", 1))
 
 
 def lora_layers(model: nn.Module) -> list[LoraLayer]:
@@ -133,13 +142,18 @@ def batched_fits(activation_bytes: int, members: int, free_bytes: int, headroom:
 
 def contiguous_blocks(members: Sequence[Member]) -> list[Block]:
     """Maximal runs of equal members: ``[a, a, b, b, a] -> [(0, 2, a), (2, 4, b), (4, 5, a)]``."""
-    blocks: list[Block] = []
-    for row, member in enumerate(members):
-        if blocks and blocks[-1][2] == member:
-            blocks[-1] = (blocks[-1][0], row + 1, member)
+    return contiguous_runs([(row, row + 1, member) for row, member in enumerate(members)])
+
+
+def contiguous_runs(blocks: Sequence[Block]) -> list[Block]:
+    """Adjacent blocks of the same adapter merged: ``[(0, 2, a), (2, 4, a)] -> [(0, 4, a)]``."""
+    merged: list[Block] = []
+    for a, b, name in blocks:
+        if merged and merged[-1][2] == name and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b, name)
         else:
-            blocks.append((row, row + 1, member))
-    return blocks
+            merged.append((a, b, name))
+    return merged
 
 
 def _fast_path_ok(layer: LoraLayer, names: set[str]) -> bool:
@@ -343,8 +357,13 @@ class LoraFamily(DenoiserFamily):
         return out
 
     def _forward(self, layers: list[LoraLayer], blocks: list[Block], x_t: torch.Tensor, t: Any, cond: dict) -> torch.Tensor:
+        """One network forward of ``x_t`` with rows ``[a, b)`` through member ``name`` for each block; a forward
+        that stacks ``c`` copies of its rows (:func:`stacked_copies`) gets the blocks repeated for every copy."""
         self.forwards += 1
-        with routed_adapters(self.model, [(a, b, _adapter(name)) for a, b, name in blocks], layers):
+        rows = x_t.shape[0]
+        stacked = [(a + copy * rows, b + copy * rows, _adapter(name))
+                   for copy in range(stacked_copies(self.forward)) for a, b, name in blocks]
+        with routed_adapters(self.model, contiguous_runs(stacked), layers):
             return self.forward(self.model, x_t, t, **cond)
 
     def _sequential(self, layers, x_t, t, members, groups, cond) -> torch.Tensor:

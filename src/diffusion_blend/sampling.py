@@ -31,9 +31,14 @@ from .denoisers import Denoiser
 from .errors import DiffusionBlendError
 
 
-def as_generator(generator: torch.Generator | int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` from a seed (or the generator itself)."""
+def as_generator(
+    generator: torch.Generator | int | list[torch.Generator], device: torch.device | str = "cpu"
+) -> torch.Generator | list[torch.Generator]:
+    """A ``torch.Generator`` from a seed (or the generator itself; a list of generators, one per batch row as in
+    diffusers' pipelines, passes through)."""
     if isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, list) and generator and all(isinstance(g, torch.Generator) for g in generator):
         return generator
     if isinstance(generator, bool) or not isinstance(generator, int):
         raise TypeError(f"expected an integer seed or a torch.Generator, got {generator!r}")
@@ -351,7 +356,7 @@ def sample(
     denoiser: Denoiser,
     scheduler: Any,
     *,
-    generator: torch.Generator | int,
+    generator: torch.Generator | int | list[torch.Generator],
     shape: tuple[int, ...] | None = None,
     latents: torch.Tensor | None = None,
     num_inference_steps: int = 50,
@@ -366,10 +371,17 @@ def sample(
 
     Give either ``shape`` (initial noise drawn from ``generator``) or ``latents`` (``x_T``). ``eta`` is the
     DDIM stochasticity (the paper samples with ``eta = 1``) and the noise level of :class:`FlowMatchSDEScheduler`;
-    other schedulers ignore it. With ``record_trajectory=True`` (DDIM, DDPM and the flow schedulers) the output carries a :class:`Trajectory` with per-step
-    log-probabilities. The same generator seed gives the same samples.
+    other schedulers ignore it. With ``record_trajectory=True`` (DDIM, DDPM and the flow schedulers) the output
+    carries a :class:`Trajectory` with per-step log-probabilities. The same generator seed gives the same samples.
+    ``generator`` may be a list of one generator per batch row (diffusers' convention): row ``b``'s initial noise
+    and step noise then come from ``generator[b]`` alone, so a row's trajectory does not depend on which other
+    rows share its batch.
     """
     generator = as_generator(generator)
+    if isinstance(generator, list):
+        rows = latents.shape[0] if latents is not None else (shape[0] if shape else None)
+        if rows != len(generator):
+            raise DiffusionBlendError(f"{len(generator)} generators for a batch of {rows} rows")
     cond = dict(cond or {})
     latents = initial_latents(scheduler, generator, shape, latents, device, dtype)
     scheduler.set_timesteps(num_inference_steps, device=latents.device)

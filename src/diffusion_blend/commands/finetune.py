@@ -39,10 +39,11 @@ def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> 
     from ..pipelines.finetune import load_sd_target
 
     if args.base is None or args.prompts is None:
-        raise DiffusionBlendError("--target sd needs --base PATH_OR_ID and --prompts FILE")
+        raise DiffusionBlendError(f"--target {args.target} needs --base PATH_OR_ID and --prompts FILE")
     options = json.loads(args.reward_options) if args.reward_options else {}
     return load_sd_target(args.base, args.prompts, reward_names, reward_options=options,
-                          guidance_scale=args.guidance_scale, resolution=args.resolution)
+                          guidance_scale=args.guidance_scale, resolution=args.resolution,
+                          sdxl=True if args.target == "sdxl" else None)
 
 
 def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]:
@@ -73,29 +74,67 @@ def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
         from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
         pipeline_class = StableDiffusion3Pipeline if args.target == "sd3" else FluxPipeline
-    path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path,
-                              **({"pipeline_class": pipeline_class} if pipeline_class else {}))
+    path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path, pipeline_class)
     return [f"diffusers LoRA: {path}"]
 
+
+SD_GUIDANCE_SCALE = {"sd": 7.5, "sdxl": 5.0}
+"""Default CFG scale of the rollouts: the stock pipelines' defaults (SD3 and FLUX: see ``load_flow_target``)."""
 
 TARGETS: dict[str, Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]] = {
     "gmm": gmm_target_builder,
     "digits": digits_target_builder,
     "sd": sd_target_builder,
+    "sdxl": sd_target_builder,
     "sd3": flow_target_builder("sd3"),
     "flux": flow_target_builder("flux"),
 }
 
-EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {"sd": sd_export, "sd3": sd_export,
-                                                                       "flux": sd_export}
+EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {
+    "sd": sd_export, "sdxl": sd_export, "sd3": sd_export, "flux": sd_export,
+}
 """Per-target extra outputs written after training (each returns lines to print)."""
 
 FLAG_FIELDS = {
     "alpha": "alpha", "iterations": "iterations", "batch_size": "batch_size", "minibatch_size": "minibatch_size",
     "updates_per_batch": "updates_per_batch", "lr": "learning_rate", "clip_range": "clip_range",
     "lora_rank": "lora_rank", "steps": "num_inference_steps", "eta": "eta", "seed": "seed",
-    "checkpoint_every": "checkpoint_every",
+    "checkpoint_every": "checkpoint_every", "dtype": "dtype", "gradient_checkpointing": "gradient_checkpointing",
+    "estimator": "estimator", "backprop_steps": "backprop_steps",
 }
+
+TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Stable Diffusion: the anchors' range (DDPO / DPOK: a few to tens of trajectories per process, minibatches
+    # of 1-4, 50 DDIM steps at eta 1, LoRA learning rate ~1e-4..3e-4); memory-bounded by default
+    "sd": dict(batch_size=8, minibatch_size=2, updates_per_batch=1, num_inference_steps=50, eta=1.0,
+               learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
+               gradient_checkpointing=True),
+    # SDXL (1024 px): the same, at minibatch 1
+    "sdxl": dict(batch_size=8, minibatch_size=1, updates_per_batch=1, num_inference_steps=50, eta=1.0,
+                 learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
+                 gradient_checkpointing=True),
+    # SD3 / 3.5 and FLUX: Flow-GRPO's training sampler (10 SDE steps at noise level 0.7, LoRA rank 32 / alpha 64,
+    # learning rate 3e-4) with the SD memory defaults
+    "sd3": dict(batch_size=8, minibatch_size=2, updates_per_batch=1, num_inference_steps=10, eta=0.7,
+                learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, iterations=100, checkpoint_every=5,
+                gradient_checkpointing=True),
+    "flux": dict(batch_size=8, minibatch_size=1, updates_per_batch=1, num_inference_steps=10, eta=0.7,
+                 learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, iterations=100, checkpoint_every=5,
+                 gradient_checkpointing=True),
+}
+"""Per-target starting points, applied under a --config file and the flags (``DPOKConfig`` defaults otherwise)."""
+
+
+def defaults_epilog() -> str:
+    from dataclasses import fields
+
+    base = {f.name: f.default for f in fields(DPOKConfig) if f.name in set(FLAG_FIELDS.values()) | {"lora_alpha"}}
+    lines = ["per-target defaults (a --config file and the flags override them):",
+             "  gmm, digits: " + ", ".join(f"{k}={v}" for k, v in base.items() if k != "alpha")]
+    for name, values in TARGET_DEFAULTS.items():
+        lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    lines.append("  (alpha and --rewards have no default; --device auto = cuda when available, else cpu)")
+    return "\n".join(lines)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,6 +142,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune a LoRA adapter for a reward (KL-regularized policy gradient, DPOK)",
         description="Maximise E[r_w] - alpha * KL(path to base) with r_w = sum_i w_i r_i. Flags override --config.",
+        epilog=defaults_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--target", choices=sorted(TARGETS), default="gmm", help="model to fine-tune (default gmm)")
     parser.add_argument("--rewards", help="reward weights, e.g. right=1 or right=0.5,corner=0.5")
@@ -120,45 +161,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eta", type=float, help="DDIM eta > 0; sd3/flux: the flow SDE's noise level (Flow-GRPO: 0.7)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--estimator", choices=("score", "pathwise"),
+                        help="score: REINFORCE/PPO, any reward; pathwise: backprop through the chain (differentiable rewards)")
+    parser.add_argument("--backprop-steps", type=int, metavar="K",
+                        help="pathwise: backprop through the last K steps only (DRaFT-K; a different, biased objective)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="precision of the frozen weights (LoRA, Adam, log-probs and KL stay float32)")
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="recompute activations in the backward pass (policy-update blocks; pathwise steps)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (default): cuda when available, else cpu; multi-GPU: launch with torchrun")
     parser.add_argument("--reward-options", help='JSON: per-reward factory options, e.g. {"digit_prob": {"digit": 3}}')
     parser.add_argument("--cache-dir", type=Path, help="where the gmm base model is cached")
-    parser.add_argument("--base", help="sd/sd3/flux: pipeline folder or hub id")
-    parser.add_argument("--prompts", type=Path, help="sd/sd3/flux: training prompts, one per line or a JSON list")
+    parser.add_argument("--base", help="sd/sdxl/sd3/flux: pipeline folder or hub id")
+    parser.add_argument("--prompts", type=Path, help="sd/sdxl/sd3/flux: training prompts, one per line or a JSON list")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="sd/sd3/flux: guidance scale of the rollouts (default 7.5 for sd, 7 for sd3, 3.5 for "
-                        "FLUX's distilled guidance; 1 = none)")
+                        help="sd/sdxl/sd3/flux: guidance scale of the rollouts (default 7.5 for sd, 5 for sdxl, 7 for "
+                        "sd3, 3.5 for FLUX's distilled guidance; 1 = none)")
     parser.add_argument("--resolution", type=int,
-                        help="sd/sd3/flux: image size in pixels (default: the denoiser's native size)")
+                        help="sd/sdxl/sd3/flux: image size in pixels (default: the denoiser's native size)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
 def build_config(args: argparse.Namespace) -> DPOKConfig:
-    overrides: dict[str, Any] = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()}
+    """Per-target defaults, then the --config file, then the flags."""
+    overrides: dict[str, Any] = {field: getattr(args, flag, None) for flag, field in FLAG_FIELDS.items()}
     if args.rewards:
         overrides["reward_weights"] = dict(Preference.parse(args.rewards).weights)
+    values = dict(TARGET_DEFAULTS.get(args.target, {}))
     if args.config is not None:
-        return DPOKConfig.from_json(args.config, **overrides)
-    values = {k: v for k, v in overrides.items() if v is not None}
+        values.update(DPOKConfig.read_json(args.config))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("batch_size") is not None and values.get("minibatch_size", 0) > values["batch_size"]:
+        if overrides.get("minibatch_size") is None:  # a default minibatch never exceeds a smaller --batch-size
+            values["minibatch_size"] = values["batch_size"]
     if "reward_weights" not in values or "alpha" not in values:
         raise DiffusionBlendError("give --rewards and --alpha (or a --config file that has them)")
     return DPOKConfig.from_dict(values)
+
+
+def make_accelerator(device: str):
+    """The run's accelerator; ``--device cuda`` without CUDA is refused in one line."""
+    import torch
+    from accelerate import Accelerator
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DiffusionBlendError("--device cuda: CUDA is not available on this machine (use --device cpu)")
+    return Accelerator(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
 
 
 def run(args: argparse.Namespace) -> int:
     from ..training.dpok import finetune
 
     config = build_config(args)
+    accelerator = make_accelerator(args.device)
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
-    if args.target == "sd" and args.guidance_scale is None:
-        args.guidance_scale = 7.5
-    if args.target in ("sd", "sd3", "flux"):  # recorded in the checkpoint (a resume must match) and the metadata
+    if args.target in ("sd", "sdxl") and args.guidance_scale is None:
+        args.guidance_scale = SD_GUIDANCE_SCALE[args.target]
+    if args.target in ("sd", "sdxl", "sd3", "flux"):  # in the checkpoint (a resume must match) and the metadata
         config.extra = {**config.extra, args.target: {"base": str(args.base), "prompts": str(args.prompts),
                                                "guidance_scale": args.guidance_scale, "resolution": args.resolution}}
     target = TARGETS[args.target](list(config.reward_weights), args)
-    result = finetune(target, config, out_dir=args.out, progress=not args.quiet)
+    result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.quiet)
     last = result.curves[-1]
     print(f"adapter: {result.adapter_path}")
     for line in EXPORTS.get(args.target, lambda *_: [])(result, args):

@@ -11,9 +11,14 @@
   with the pipeline's own ``encode_prompt`` (negative prompt ``""``, as the stock pipeline does);
 - rewards score decoded images: ``VAE decode -> [0, 1] images -> reward(images, prompts)`` (registry rewards).
 
+SDXL bases (``StableDiffusionXLPipeline``) work the same way: both text encoders through the stock
+``encode_prompt``, the pooled text embeddings and micro-conditioning ``time_ids`` as added conditioning in the
+same ``[uncond; cond]`` CFG batch as the stock pipeline.
+
 :func:`export_diffusers_lora` writes the adapter in diffusers' LoRA format (``unet.``-prefixed peft keys plus
-diffusers' ``lora_adapter_metadata``), loadable by ``StableDiffusionPipeline.load_lora_weights`` and by
-:class:`~diffusion_blend.pipelines.BlendStableDiffusionPipeline`. Our :class:`~diffusion_blend.adapters.AdapterMetadata`
+diffusers' ``lora_adapter_metadata``, written by the SD or SDXL pipeline class's own ``save_lora_weights``),
+loadable by ``StableDiffusionPipeline.load_lora_weights`` / ``StableDiffusionXLPipeline.load_lora_weights`` and by
+:class:`~diffusion_blend.pipelines.BlendStableDiffusionPipeline` / ``BlendStableDiffusionXLPipeline``. Our :class:`~diffusion_blend.adapters.AdapterMetadata`
 (reward, ``alpha``, base fingerprint, training config) rides along in the safetensors header under
 ``diffusion_blend.*`` keys; diffusers ignores them and keeps its own ``format: pt``.
 """
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
@@ -84,20 +89,36 @@ def check_guidance_scale(guidance_scale: Any) -> float:
 def guided_forward(guidance_scale: float):
     """``forward(unet, x_t, t, encoder_hidden_states, negative_encoder_hidden_states) -> guided prediction``.
 
-    Classifier-free guidance (Ho & Salimans 2022) exactly as diffusers' pipelines combine the two branches; with
+    Classifier-free guidance (Ho & Salimans 2022) exactly as diffusers' pipelines do it: ONE UNet call on the
+    batch ``[uncond; cond]``, then ``uncond + g (cond - uncond)`` (in float32, whatever the UNet's dtype); with
     ``guidance_scale == 1`` only the conditional branch runs (the stock pipeline's rule, CFG iff ``g > 1``).
-    The two branches are two UNet calls on the same rows (not one ``[uncond; cond]`` batch) so that a peft
-    mixed-adapter batch, which names one adapter per input row, routes both branches of a row alike.
+    The forward declares ``stacked_copies = 2`` (:func:`diffusion_blend.lora.stacked_copies`), so in a peft
+    mixed-adapter batch both CFG copies of a row go through that row's adapter: the trainer's policy rows, base
+    rows and both CFG branches are one network batch of ``2 x members x rows``.
+
+    SDXL's added conditioning (pooled ``text_embeds`` and ``time_ids``, with their ``negative_`` counterparts)
+    arrives as flat per-row keyword tensors, so the trainer chunks and indexes it with the batch, and is passed
+    as diffusers' ``added_cond_kwargs`` in the same ``[uncond; cond]`` layout as the stock SDXL pipeline.
     """
 
     def forward(unet: torch.nn.Module, x_t: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor,
-                negative_encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        cond = unet(x_t, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+                negative_encoder_hidden_states: torch.Tensor | None = None, text_embeds: torch.Tensor | None = None,
+                negative_text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                negative_time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         if guidance_scale <= 1:
-            return cond
-        uncond = unet(x_t, t, encoder_hidden_states=negative_encoder_hidden_states, return_dict=False)[0]
+            return unet(x_t, t, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added,
+                        return_dict=False)[0].float()
+        if added is not None:
+            added = {"text_embeds": torch.cat([negative_text_embeds, text_embeds]),
+                     "time_ids": torch.cat([negative_time_ids, time_ids])}
+        both = unet(torch.cat([x_t, x_t]), t,
+                    encoder_hidden_states=torch.cat([negative_encoder_hidden_states, encoder_hidden_states]),
+                    added_cond_kwargs=added, return_dict=False)[0].float()
+        uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
+    forward.stacked_copies = 2 if guidance_scale > 1 else 1  # type: ignore[attr-defined]
     return forward
 
 
@@ -115,12 +136,13 @@ def sd_finetune_target(
 
     The scheduler is DDIM built from the pipeline's scheduler config (the paper samples DDIM with ``eta = 1``).
     ``resolution`` (pixels, square) defaults to the UNet's ``sample_size * vae_scale_factor``. The text encoder
-    and VAE are frozen and follow the UNet's device.
+    and VAE are frozen (``frozen_modules``: the trainer moves them to its device and ``DPOKConfig.dtype``).
+    ``decode`` keeps gradients when grad mode is on, so the pathwise estimator back-propagates a differentiable
+    reward through the VAE decode into the chain.
     """
     if isinstance(pipe, type) or not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "encode_prompt")):
         raise DiffusionBlendError("fine-tuning needs a Stable Diffusion pipeline (unet, vae, text encoder)")
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise DiffusionBlendError("SDXL bases are not supported for fine-tuning yet (Stable Diffusion 1.x/2.x only)")
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     prompts = [str(p) for p in prompts]
     if not prompts or not all(p.strip() for p in prompts):
         raise DiffusionBlendError("give at least one non-empty training prompt")
@@ -134,7 +156,8 @@ def sd_finetune_target(
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
         raise DiffusionBlendError(f"resolution must be a positive multiple of {factor} (the VAE's downsampling), "
                                   f"got {resolution!r}")
-    for module in (vae, text_encoder):
+    text_encoders = [module for module in (text_encoder, getattr(pipe, "text_encoder_2", None)) if module is not None]
+    for module in (vae, *text_encoders):
         module.requires_grad_(False)
         module.eval()
     use_cfg = guidance_scale > 1
@@ -147,15 +170,31 @@ def sd_finetune_target(
 
     @torch.no_grad()
     def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
-        device = follow_unet(text_encoder)
-        positive, negative = pipe.encode_prompt(list(batch), device, 1, use_cfg)
-        cond = {"encoder_hidden_states": positive.to(unet.dtype)}
+        for module in text_encoders:
+            device = follow_unet(module)
+        if not sdxl:
+            positive, negative = pipe.encode_prompt(list(batch), device, 1, use_cfg)
+            cond = {"encoder_hidden_states": positive.to(unet.dtype)}
+            if use_cfg:
+                cond["negative_encoder_hidden_states"] = negative.to(unet.dtype)
+            return cond
+        # SDXL: the stock pipeline's encoding (two text encoders, pooled embeds; an empty negative prompt is zeros
+        # when force_zeros_for_empty_prompt) and its micro-conditioning time ids for a square image
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+            list(batch), device=device, num_images_per_prompt=1, do_classifier_free_guidance=use_cfg)
+        projection_dim = int(pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution),
+                                          dtype=positive.dtype, text_encoder_projection_dim=projection_dim)
+        time_ids = time_ids.to(device).repeat(len(batch), 1)
+        cond = {"encoder_hidden_states": positive.to(unet.dtype), "text_embeds": pooled.to(unet.dtype),
+                "time_ids": time_ids.to(unet.dtype)}
         if use_cfg:
-            cond["negative_encoder_hidden_states"] = negative.to(unet.dtype)
+            cond.update(negative_encoder_hidden_states=negative.to(unet.dtype),
+                        negative_text_embeds=negative_pooled.to(unet.dtype), negative_time_ids=time_ids.to(unet.dtype))
         return cond
 
-    @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""
         follow_unet(vae)
         images = [vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
                   for chunk in latents.split(DECODE_CHUNK)]
@@ -174,15 +213,24 @@ def sd_finetune_target(
         architecture=unet_architecture(unet),
         prompts=prompts,
         encode_prompts=encode_prompts,
+        frozen_modules=(vae, *text_encoders),
     )
+
+
+def lora_pipeline_class(unet: torch.nn.Module) -> type:
+    """The diffusers pipeline class whose LoRA format fits ``unet``: SDXL for a ``text_time`` UNet, else SD."""
+    if getattr(unet.config, "addition_embed_type", None) == "text_time":
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
 
 
 def export_diffusers_lora(
     unet: torch.nn.Module, adapter_name: str, path: str | os.PathLike, metadata: AdapterMetadata | None = None,
-    pipeline_class: type = StableDiffusionPipeline,
+    pipeline_class: type | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of a UNet (or of an SD3/FLUX transformer, with that ``pipeline_class``) as a
-    diffusers LoRA file (``save_lora_weights``' layout and header).
+    diffusers LoRA file (``save_lora_weights``' layout and header); ``pipeline_class`` defaults to
+    :func:`lora_pipeline_class` (SD or SDXL).
 
     diffusers writes the file (``unet.``- or ``transformer.``-prefixed keys, its ``lora_adapter_metadata`` with
     rank and ``lora_alpha``, ``format: pt``); we add ``metadata`` under ``diffusion_blend.*`` header keys and move
@@ -195,6 +243,8 @@ def export_diffusers_lora(
     layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as scratch:
+        if pipeline_class is None:
+            pipeline_class = lora_pipeline_class(unet)
         component = "transformer" if hasattr(pipeline_class, "transformer_name") else "unet"
         pipeline_class.save_lora_weights(
             scratch, **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config.to_dict()},
@@ -232,7 +282,7 @@ def read_diffusers_lora_metadata(source: str | os.PathLike) -> AdapterMetadata |
 
 
 def export_run_adapter(unet: torch.nn.Module, adapter_name: str, run_dir: str | os.PathLike,
-                       trainer_adapter: str | os.PathLike, pipeline_class: type = StableDiffusionPipeline) -> Path:
+                       trainer_adapter: str | os.PathLike, pipeline_class: type | None = None) -> Path:
     """After ``finetune``: ``RUN/pytorch_lora_weights.safetensors`` with the metadata of the trainer's adapter file."""
     _, metadata = read_adapter(trainer_adapter)
     return export_diffusers_lora(unet, adapter_name, Path(run_dir) / DIFFUSERS_LORA_NAME, metadata, pipeline_class)
@@ -246,8 +296,12 @@ def load_sd_target(
     reward_options: Mapping[str, Mapping[str, Any]] | None = None,
     guidance_scale: float = 7.5,
     resolution: int | None = None,
+    sdxl: bool | None = None,
 ) -> FinetuneTarget:
-    """The ``dblend finetune --target sd`` target: rewards and prompts are checked before the base is loaded."""
+    """The ``dblend finetune --target sd|sdxl`` target: rewards and prompts are checked before the base is loaded.
+
+    ``sdxl``: load the base as ``StableDiffusionXLPipeline`` (``None``: when the local folder's
+    ``model_index.json`` names an XL class)."""
     from ..rewards import get_reward
     from .loading import is_sdxl_folder, load_base_pipeline
 
@@ -258,7 +312,9 @@ def load_sd_target(
     rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
     prompts = read_prompts(prompts_file)
     guidance_scale = check_guidance_scale(guidance_scale)
-    if is_sdxl_folder(base):
-        raise DiffusionBlendError(f"{base} is an SDXL pipeline; fine-tuning supports Stable Diffusion 1.x/2.x bases")
-    pipe = load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
-    return sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution)
+    if sdxl or (sdxl is None and is_sdxl_folder(base)):
+        pipe = load_base_pipeline(StableDiffusionXLPipeline, base)
+    else:
+        pipe = load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+    return sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
+                              name="sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd")

@@ -8,7 +8,12 @@
   the trainer's ``eta``), whose steps are Gaussian with explicit mean and std (``sampling.model_transition``), so
   the per-step KL ``||mu_theta - mu_ref||^2 / (2 std^2)`` and log-probabilities are exact, as in Flow-GRPO;
 - SD3 rollouts use classifier-free guidance as the stock pipeline does (guided policy and guided reference, both
-  from the one transformer); FLUX uses its distilled guidance (an input of the transformer, no CFG branch);
+  from the one transformer; both CFG branches in one call, ``stacked_copies = 2``, so the policy, the reference
+  and both branches of a minibatch are one network batch); FLUX uses its distilled guidance (an input of the
+  transformer, no CFG branch);
+- the memory controls of the SD targets apply unchanged: ``frozen_modules`` (VAE, text encoders) follow
+  ``DPOKConfig.dtype``, the transformer checkpoints its blocks, and ``decode`` keeps gradients in grad mode so the
+  pathwise estimator back-propagates a differentiable reward through the VAE;
 - FLUX's dynamic timestep shift is resolved once for the training resolution into the equivalent static shift
   (``exp(mu)``: the exponential time shift and the static shift are the same map), so the trainer's
   ``set_timesteps(n)`` needs no ``mu``;
@@ -123,25 +128,29 @@ def flow_finetune_target(
     def forward(model: torch.nn.Module, x_t: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor,
                 pooled_projections: torch.Tensor, negative_encoder_hidden_states: torch.Tensor | None = None,
                 negative_pooled_projections: torch.Tensor | None = None) -> torch.Tensor:
-        """The velocity the stock pipeline steps with: SD3 CFG-guided (two calls on the same rows, so a
-        mixed-adapter batch routes both branches of a row alike), FLUX with its distilled guidance input."""
+        """The velocity the stock pipeline steps with (in float32): SD3 CFG-guided with ONE transformer call on
+        ``[uncond; cond]`` as the stock pipeline makes it, FLUX with its distilled guidance input."""
         timestep = _timestep_vector(t, x_t)
         if flux:
             text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
             guidance = torch.full((x_t.shape[0],), guidance_scale, device=x_t.device, dtype=torch.float32)
             return model(hidden_states=x_t, timestep=timestep / 1000, guidance=guidance,
                          pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
-                         txt_ids=text_ids, img_ids=image_ids.to(x_t.device, x_t.dtype), return_dict=False)[0]
-        cond = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                     pooled_projections=pooled_projections, return_dict=False)[0]
+                         txt_ids=text_ids, img_ids=image_ids.to(x_t.device, x_t.dtype), return_dict=False)[0].float()
         if not use_cfg:
-            return cond
-        uncond = model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=negative_encoder_hidden_states,
-                       pooled_projections=negative_pooled_projections, return_dict=False)[0]
+            return model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                         pooled_projections=pooled_projections, return_dict=False)[0].float()
+        both = model(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([timestep, timestep]),
+                     encoder_hidden_states=torch.cat([negative_encoder_hidden_states, encoder_hidden_states]),
+                     pooled_projections=torch.cat([negative_pooled_projections, pooled_projections]),
+                     return_dict=False)[0].float()
+        uncond, cond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
-    @torch.no_grad()
+    forward.stacked_copies = 2 if use_cfg else 1  # type: ignore[attr-defined]  (lora.stacked_copies)
+
     def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""
         follow(vae)
         if flux:
             latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
@@ -161,6 +170,7 @@ def flow_finetune_target(
         architecture=unet_architecture(transformer),
         prompts=prompts,
         encode_prompts=encode_prompts,
+        frozen_modules=(vae, *encoders),
     )
 
 

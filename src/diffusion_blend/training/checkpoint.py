@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class CheckpointState:
     generator_states: torch.Tensor  # (num_processes, state_bytes) uint8
     curves: list[dict[str, float]]
     config: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the float16 gradient scaler's state
 
 
 def save_checkpoint(
@@ -58,6 +59,7 @@ def save_checkpoint(
         "iteration": str(int(state.iteration)),
         "curves": json.dumps(state.curves),
         "config": json.dumps(state.config, default=str),
+        "extra": json.dumps(state.extra, default=str),
         "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
         "optimizer_scalars": json.dumps(scalars),
     }
@@ -98,4 +100,5 @@ def load_checkpoint(
         generator_states=tensors["generators"],
         curves=json.loads(metadata["curves"]),
         config=json.loads(metadata["config"]),
+        extra=json.loads(metadata.get("extra", "{}")),
     )

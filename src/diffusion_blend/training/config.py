@@ -41,16 +41,31 @@ class FinetuneTarget:
     architecture: Mapping[str, Any] | None = None
     prompts: Sequence[str] | None = None
     encode_prompts: Callable[[Sequence[str]], Mapping[str, Any]] | None = None
+    frozen_modules: Sequence[nn.Module] = ()
+    """Frozen networks besides ``model`` (VAE, text encoders): the trainer moves them to its device and casts
+    them to ``DPOKConfig.dtype`` (a module whose config says ``force_upcast``, like SDXL's VAE, stays float32
+    under float16)."""
+
+    def draw_prompts(self, batch_size: int, generator: torch.Generator) -> list[str] | None:
+        """``batch_size`` prompts drawn uniformly from ``generator`` (``None`` for an unconditional target)."""
+        if not self.prompts:
+            return None
+        index = torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
+        return [self.prompts[i] for i in index.tolist()]
+
+    def encode(self, prompts: Sequence[str] | None) -> dict[str, Any]:
+        """The conditioning keyword arguments of ``prompts`` (``{}`` without prompts or encoder)."""
+        if prompts is None or self.encode_prompts is None:
+            return {}
+        return dict(self.encode_prompts(prompts))
 
     def conditioning(self, batch_size: int, generator: torch.Generator) -> tuple[list[str] | None, dict[str, Any]]:
         """Draw ``batch_size`` prompts (uniformly, from ``generator``) and their conditioning kwargs."""
-        if not self.prompts:
-            return None, {}
-        index = torch.randint(0, len(self.prompts), (batch_size,), generator=generator)
-        prompts = [self.prompts[i] for i in index.tolist()]
-        cond = dict(self.encode_prompts(prompts)) if self.encode_prompts is not None else {}
-        return prompts, cond
+        prompts = self.draw_prompts(batch_size, generator)
+        return prompts, self.encode(prompts)
 
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 
@@ -70,6 +85,16 @@ class DPOKConfig:
     backpropagation through the reparameterised chain (differentiable rewards; one optimizer step per iteration
     over ``batch_size`` trajectories in ``minibatch_size`` chunks; ``updates_per_batch``, ``clip_range``,
     ``timestep_fraction`` and ``baseline`` do not apply). Both estimate the gradient of the same objective.
+
+    Memory (docs/finetuning.md, "Memory and precision"): rollouts are sampled ``minibatch_size`` rows at a time,
+    so activation memory does not grow with ``batch_size``. ``dtype`` (``"float32"``, ``"bfloat16"``,
+    ``"float16"``) is the precision of the FROZEN weights (network, VAE, text encoders); LoRA parameters,
+    optimizer state, log-probabilities and the per-step KL stay float32 (``"float16"`` adds a gradient scaler).
+    ``gradient_checkpointing``: recompute activations in the backward pass (the network's blocks in the policy
+    update; each sampler step in the pathwise estimator, whose memory then does not grow with the number of
+    steps). ``backprop_steps`` (pathwise only; ``None`` = all): back-propagate through the last ``K`` sampler
+    steps only (DRaFT-K); the earlier steps run without gradient, so the estimator then optimises a DIFFERENT,
+    biased objective (the reward and KL of the last ``K`` steps with the state before them held fixed).
     """
 
     reward_weights: dict[str, float]
@@ -91,6 +116,9 @@ class DPOKConfig:
     adapter_name: str = "policy"
     baseline: str = "batch"
     estimator: str = "score"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    backprop_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -119,8 +147,20 @@ class DPOKConfig:
             raise DiffusionBlendError(f"baseline must be 'batch' or 'tweedie', got {self.baseline!r}")
         if self.estimator not in ("score", "pathwise"):
             raise DiffusionBlendError(f"estimator must be 'score' or 'pathwise', got {self.estimator!r}")
+        if self.dtype not in DTYPES:
+            raise DiffusionBlendError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise DiffusionBlendError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.backprop_steps is not None:
+            positive_int(self.backprop_steps, "backprop_steps")
+            if self.estimator != "pathwise":
+                raise DiffusionBlendError("backprop_steps applies to the pathwise estimator only (estimator='pathwise')")
         if self.minibatch_size > self.batch_size:
             raise DiffusionBlendError(f"minibatch_size {self.minibatch_size} exceeds batch_size {self.batch_size}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,8 +176,9 @@ class DPOKConfig:
         except TypeError as err:
             raise DiffusionBlendError(f"incomplete fine-tuning config: {err}") from None
 
-    @classmethod
-    def from_json(cls, path: str | Path, **overrides: Any) -> DPOKConfig:
+    @staticmethod
+    def read_json(path: str | Path) -> dict[str, Any]:
+        """The JSON object of a config file (fields not checked yet), with one-line errors."""
         path = Path(path)
         try:
             values = json.loads(path.read_text())
@@ -147,5 +188,10 @@ class DPOKConfig:
             raise DiffusionBlendError(f"config file {path} is not valid JSON ({err})") from None
         if not isinstance(values, dict):
             raise DiffusionBlendError(f"config file {path} must hold a JSON object")
+        return values
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides: Any) -> DPOKConfig:
+        values = cls.read_json(path)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)

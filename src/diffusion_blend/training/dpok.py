@@ -36,6 +36,15 @@ inputs ``x_k`` depend on ``theta``). It estimates the gradient of the SAME objec
 reward the same way, without the exact KL). It refuses samplers with a deterministic step: there the path KL does
 not bound the KL of the samples, and the gradient would change that step at no cost (docs/finetuning.md).
 
+Memory and precision (docs/finetuning.md, "Memory and precision"): rollouts and the pathwise chain run
+``minibatch_size`` rows at a time, every row with its own generator (:func:`row_generators`), so chunking does
+not change a single random draw and peak activation memory does not grow with ``batch_size``; the policy, the
+base and both CFG branches of a chunk are ONE network batch (``lora.LoraFamily`` with the target forward's
+``stacked_copies``). Frozen weights may be bfloat16/float16 (``DPOKConfig.dtype``); LoRA parameters, Adam
+state, log-probabilities and the exact KL stay float32. Gradient checkpointing recomputes the network's blocks
+in the policy update and each sampler step of the pathwise chain (its memory then does not grow with the
+number of steps).
+
 Scale-out: each process samples its own trajectories from a generator seeded by ``(seed, rank)``; LoRA
 gradients are averaged across processes with ``accelerator.reduce`` after every backward pass (the network
 is not wrapped in DDP: one update runs one forward per denoising step before a backward, and the adapter
@@ -45,6 +54,7 @@ identical final adapter.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,22 +64,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from accelerate import Accelerator
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .. import lora
-from ..adapters import save_adapter
+from ..adapters import base_fingerprint, save_adapter
 from ..denoisers import Denoiser
 from ..errors import DiffusionBlendError, RewardError
 from ..preference import BASE
-from ..sampling import (
-    gaussian_log_prob,
-    initial_latents,
-    model_transition,
-    sample,
-    tweedie_x0,
-)
+from ..sampling import gaussian_log_prob, initial_latents, model_transition, sample, tweedie_x0
 from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from .config import DPOKConfig, FinetuneTarget
 
@@ -88,6 +93,33 @@ class TrainingInterrupted(RuntimeError):
 def process_seed(seed: int, rank: int) -> int:
     """A per-process seed derived from the run seed (distinct streams per rank, reproducible)."""
     return int.from_bytes(hashlib.sha256(f"dpok:{seed}:{rank}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def row_generators(generator: torch.Generator, rows: int) -> list[torch.Generator]:
+    """One CPU generator per trajectory, seeded from ``generator`` (``rows`` draws from it).
+
+    Each trajectory's initial noise and step noise come from its own generator, so sampling the batch in chunks
+    of any size draws exactly the same numbers as sampling it in one piece (diffusers' list-of-generators
+    convention; :func:`diffusion_blend.sampling.sample` accepts it).
+    """
+    seeds = torch.randint(0, 2**63 - 1, (rows,), generator=generator)
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds.tolist()]
+
+
+def _chunks(rows: int, chunk_size: int | None) -> list[slice]:
+    size = rows if chunk_size is None else max(1, int(chunk_size))
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def _concat_cond(parts: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    """Join per-chunk conditioning: batched tensors (leading dim = the chunk's rows) along the batch."""
+    if not parts:
+        return {}
+    joined = {}
+    for key, value in parts[0].items():
+        batched = torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == sizes[0]
+        joined[key] = torch.cat([part[key] for part in parts]) if batched else value
+    return joined
 
 
 @dataclass
@@ -158,13 +190,41 @@ def rollout(
     num_inference_steps: int,
     eta: float,
     device: torch.device | str = "cpu",
+    chunk_size: int | None = None,
 ) -> Rollout:
     """Sample ``batch_size`` trajectories of the policy and record the base's transition means along them.
 
-    Uses :func:`diffusion_blend.sampling.sample` with ``record_trajectory=True`` (per-step log-probs); the
-    denoiser passed to it also records both models' predictions so that the exact per-step KL can be formed.
+    Prompts are drawn for the whole batch first, then one generator per trajectory (:func:`row_generators`);
+    the trajectories are sampled ``chunk_size`` rows at a time (``None``: all at once) with
+    :func:`diffusion_blend.sampling.sample` (``record_trajectory=True``: per-step log-probs), so the result does
+    not depend on ``chunk_size`` while peak activation memory is that of one chunk. The denoiser passed to
+    ``sample`` records both models' predictions so that the exact per-step KL can be formed.
     """
-    prompts, cond = target.conditioning(batch_size, generator)
+    prompts = target.draw_prompts(batch_size, generator)
+    generators = row_generators(generator, batch_size)
+    parts = [
+        _rollout_chunk(target, pair, generators[rows], None if prompts is None else prompts[rows],
+                       num_inference_steps=num_inference_steps, eta=eta, device=device)
+        for rows in _chunks(batch_size, chunk_size)
+    ]
+    joined = {name: torch.cat([getattr(part, name) for part in parts], dim=1)
+              for name in ("latents", "log_probs", "means_base", "kl", "x0_estimates")}
+    return Rollout(timesteps=parts[0].timesteps, stds=parts[0].stds, prompts=prompts,
+                   cond=_concat_cond([part.cond for part in parts], [part.latents.shape[1] for part in parts]),
+                   **joined)
+
+
+def _rollout_chunk(
+    target: FinetuneTarget,
+    pair: PairFn,
+    generators: list[torch.Generator],
+    prompts: list[str] | None,
+    *,
+    num_inference_steps: int,
+    eta: float,
+    device: torch.device | str,
+) -> Rollout:
+    cond = target.encode(prompts)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     scheduler = target.scheduler
 
@@ -176,8 +236,8 @@ def rollout(
     trajectory = sample(
         record,
         scheduler,
-        generator=generator,
-        shape=(batch_size, *target.sample_shape),
+        generator=generators,
+        shape=(len(generators), *target.sample_shape),
         num_inference_steps=num_inference_steps,
         eta=eta,
         cond=cond,
@@ -209,33 +269,39 @@ def rollout(
 
 def score_rewards(
     target: FinetuneTarget, names: Sequence[str], samples: torch.Tensor, prompts: Sequence[str] | None,
-    keep_grad: bool = False,
+    keep_grad: bool = False, chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each named reward on the decoded samples; NaN/inf raises :class:`RewardError` naming the reward.
 
-    ``keep_grad``: keep the autograd graph from ``samples`` to the values (the pathwise estimator); a reward
-    that returns values without gradients then raises :class:`RewardError`.
+    ``keep_grad``: keep the autograd graph from ``samples`` through ``target.decode`` to the values (the pathwise
+    estimator); a reward that returns values without gradients then raises :class:`RewardError`. Without it the
+    decode runs under ``no_grad``. ``chunk_size``: decode and score that many samples at a time (decoded images
+    of the whole batch are never held at once).
     """
     unknown = [name for name in names if name not in target.rewards]
     if unknown:
         raise RewardError(f"target {target.name!r} has no reward {', '.join(map(repr, unknown))}; "
                           f"available: {', '.join(target.rewards)}")
-    decoded = target.decode(samples)
-    values = {}
-    for name in names:
-        value = torch.as_tensor(target.rewards[name](decoded, prompts)).to(torch.float32).reshape(-1)
-        if keep_grad and samples.requires_grad and not value.requires_grad:
-            raise RewardError(f"reward {name!r} returned values without gradients; the pathwise estimator needs a "
-                              "differentiable reward (use estimator='score')")
-        value = value if keep_grad else value.detach()
-        if value.shape[0] != samples.shape[0]:
-            raise RewardError(f"reward {name!r} returned {value.shape[0]} values for {samples.shape[0]} samples")
-        if not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            raise RewardError(f"reward {name!r} returned {bad} NaN or infinite value(s); training stopped "
-                              "(checkpoints and adapters already saved are kept)")
-        values[name] = value.to(samples.device)
-    return values
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for rows in _chunks(samples.shape[0], chunk_size):
+        part = samples[rows]
+        with torch.set_grad_enabled(keep_grad and torch.is_grad_enabled()):
+            decoded = target.decode(part)
+        for name in names:
+            value = torch.as_tensor(target.rewards[name](decoded, None if prompts is None else list(prompts[rows])))
+            value = value.to(torch.float32).reshape(-1)
+            if keep_grad and part.requires_grad and not value.requires_grad:
+                raise RewardError(f"reward {name!r} returned values without gradients; the pathwise estimator needs "
+                                  "a differentiable reward (use estimator='score')")
+            value = value if keep_grad else value.detach()
+            if value.shape[0] != part.shape[0]:
+                raise RewardError(f"reward {name!r} returned {value.shape[0]} values for {part.shape[0]} samples")
+            if not torch.isfinite(value).all():
+                bad = int((~torch.isfinite(value)).sum())
+                raise RewardError(f"reward {name!r} returned {bad} NaN or infinite value(s); training stopped "
+                                  "(checkpoints and adapters already saved are kept)")
+            pieces[name].append(value.to(samples.device))
+    return {name: torch.cat(values) for name, values in pieces.items()}
 
 
 def kl_regularized_advantages(
@@ -287,6 +353,18 @@ def _sync_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerat
         offset += g.numel()
 
 
+def _optimizer_step(
+    parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+    accelerator: Accelerator, max_grad_norm: float,
+) -> None:
+    """Average gradients across processes, unscale (float16), clip, step, update the loss scale."""
+    _sync_gradients(parameters, accelerator)
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    scaler.step(optimizer)  # skipped by the scaler when a float16 gradient overflowed
+    scaler.update()
+
+
 def _score_function_update(
     target: FinetuneTarget,
     config: DPOKConfig,
@@ -295,23 +373,36 @@ def _score_function_update(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One batch of the REINFORCE/PPO estimator (module docstring): rollout, advantages, ``updates_per_batch``
     passes; returns the weighted reward, path KL and basis rewards of the batch."""
     names = list(config.reward_weights)
+    chunk = config.minibatch_size
     batch = rollout(target, pair, config.batch_size, generator, num_inference_steps=config.num_inference_steps,
-                    eta=config.eta, device=accelerator.device)
-    rewards = score_rewards(target, names, batch.samples, batch.prompts)
+                    eta=config.eta, device=accelerator.device, chunk_size=chunk)
+    rewards = score_rewards(target, names, batch.samples, batch.prompts, chunk_size=chunk)
     reward = sum(config.reward_weights[name] * rewards[name] for name in names)
     state_values = None
     if config.baseline == "tweedie":
         state_values = torch.stack([
-            sum(config.reward_weights[n] * v for n, v in score_rewards(target, names, x0, batch.prompts).items())
+            sum(config.reward_weights[n] * v
+                for n, v in score_rewards(target, names, x0, batch.prompts, chunk_size=chunk).items())
             for x0 in batch.x0_estimates
         ])
     advantages = kl_regularized_advantages(reward, batch.kl, config.alpha, state_values)
-    _policy_update(target, config, batch, advantages, parameters, optimizer, accelerator, generator)
+    _policy_update(target, config, batch, advantages, parameters, optimizer, accelerator, generator, scaler)
     return reward, batch.path_kl, rewards
+
+
+def _checkpointed(forward: lora.Forward) -> lora.Forward:
+    """``forward`` under activation checkpointing as a whole (for networks without block-level checkpointing)."""
+
+    def run(model: torch.nn.Module, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(forward, model, x_t, t, use_reentrant=False, **cond)
+
+    run.stacked_copies = lora.stacked_copies(forward)  # type: ignore[attr-defined]
+    return run
 
 
 def _policy_update(
@@ -323,9 +414,17 @@ def _policy_update(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler,
 ) -> None:
-    """``updates_per_batch`` passes of clipped policy gradient + analytic KL over the batch (module docstring)."""
+    """``updates_per_batch`` passes of clipped policy gradient + analytic KL over the batch (module docstring).
+
+    One forward (both CFG branches of the policy) of ``minibatch_size`` rows per step, each followed by its
+    backward: activation memory is one minibatch's forward (with ``gradient_checkpointing``, one block's).
+    """
     model, scheduler, eta = target.model, target.scheduler, config.eta
+    forward = target.forward
+    if config.gradient_checkpointing and not hasattr(model, "enable_gradient_checkpointing"):
+        forward = _checkpointed(forward)  # diffusers networks checkpoint their blocks (enabled in finetune)
     stochastic = [k for k in range(len(batch.timesteps)) if float(batch.stds[k]) > 0]
     num_rows = batch.latents.shape[1]
     for _ in range(config.updates_per_batch):
@@ -337,13 +436,14 @@ def _policy_update(
                 keep = max(1, round(config.timestep_fraction * len(stochastic)))
                 steps = [stochastic[i] for i in sorted(torch.randperm(len(stochastic), generator=generator)[:keep].tolist())]
             optimizer.zero_grad(set_to_none=True)
-            cond = {key: value[rows] if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_rows else value
+            cond = {key: value[rows.to(value.device)]
+                    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_rows else value
                     for key, value in batch.cond.items()}
             with lora.active_adapter(model, config.adapter_name):
                 for k in steps:
                     t = batch.timesteps[k]
                     x_t, x_next, std = batch.latents[k, rows], batch.latents[k + 1, rows], batch.stds[k]
-                    out = target.forward(model, scheduler.scale_model_input(x_t, t), t, **cond)
+                    out = forward(model, scheduler.scale_model_input(x_t, t), t, **cond)
                     mean, _ = model_transition(scheduler, out, t, x_t, eta)
                     log_prob = gaussian_log_prob(x_next, mean, std)
                     ratio = torch.exp(log_prob - batch.log_probs[k, rows])
@@ -353,10 +453,75 @@ def _policy_update(
                     kl_loss = step_kl(mean, batch.means_base[k, rows], std).mean()
                     # scale by K / |steps| so a timestep subset is an unbiased estimate of the sum over steps
                     loss = (policy_loss + config.alpha * kl_loss) * (len(stochastic) / len(steps))
-                    loss.backward()
-            _sync_gradients(parameters, accelerator)
-            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-            optimizer.step()
+                    scaler.scale(loss).backward()
+            _optimizer_step(parameters, optimizer, scaler, accelerator, config.max_grad_norm)
+
+
+def pathwise_gradient(
+    target: FinetuneTarget,
+    config: DPOKConfig,
+    pair: PairFn,
+    generator: torch.Generator,
+    *,
+    device: torch.device | str = "cpu",
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Accumulate the reparameterised gradient of ``-J`` into the LoRA ``.grad`` (module docstring, "Pathwise").
+
+    ``batch_size`` trajectories in chunks of ``minibatch_size`` rows (one backward per chunk; every row has its
+    own generator, so the gradient does not depend on the chunking). With ``gradient_checkpointing`` each
+    sampler step (policy + base + CFG forward, transition, KL) is one checkpointed function of its input state
+    and noise: only the states are kept, so memory does not grow with the number of steps; the backward
+    recomputes one step at a time (about one extra forward per step). ``backprop_steps = K``: the first
+    ``steps - K`` steps run without gradient (DRaFT-K; a different, biased objective: see
+    :class:`~diffusion_blend.training.config.DPOKConfig`). Returns the detached weighted reward, path KL and
+    basis rewards of the trajectories.
+    """
+    scheduler, names = target.scheduler, list(config.reward_weights)
+    weighted, kls, basis = [], [], {name: [] for name in names}
+    scheduler.set_timesteps(config.num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    first_with_grad = 0 if config.backprop_steps is None else max(0, len(timesteps) - config.backprop_steps)
+    prompts = target.draw_prompts(config.batch_size, generator)
+    generators = row_generators(generator, config.batch_size)
+    for rows in _chunks(config.batch_size, config.minibatch_size):
+        chunk_prompts = None if prompts is None else prompts[rows]
+        cond = target.encode(chunk_prompts)
+
+        def step(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            policy_out, base_out = pair(scheduler.scale_model_input(x, t), t, **cond)
+            mean, std = model_transition(scheduler, policy_out, t, x, config.eta)
+            if float(std) == 0.0:
+                raise DiffusionBlendError(
+                    f"sampler step t={int(t)} is deterministic (sigma = 0): the path KL would not bound the KL of "
+                    "the samples and the pathwise gradient would change that step at no cost; use a scheduler "
+                    "whose every step is stochastic (DDIM with steps_offset=1 and set_alpha_to_one=False, as "
+                    "Stable Diffusion's; DDPM's last step is deterministic too) or estimator='score'")
+            mean_base, _ = model_transition(scheduler, base_out, t, x, config.eta)
+            return mean + std * noise, step_kl(mean, mean_base, std)
+
+        x = initial_latents(scheduler, generators[rows], (rows.stop - rows.start, *target.sample_shape),
+                            device=device)
+        path_kl = torch.zeros(x.shape[0], device=x.device)
+        for k, t in enumerate(timesteps):
+            noise = randn_tensor(x.shape, generator=generators[rows], device=x.device, dtype=x.dtype)
+            if k < first_with_grad:
+                with torch.no_grad():
+                    x, kl = step(x, noise, t)
+            elif config.gradient_checkpointing:
+                x, kl = torch.utils.checkpoint.checkpoint(step, x, noise, t, use_reentrant=False)
+            else:
+                x, kl = step(x, noise, t)
+            path_kl = path_kl + kl
+        rewards = score_rewards(target, names, x, chunk_prompts, keep_grad=True)
+        reward = sum(config.reward_weights[name] * rewards[name] for name in names)
+        loss = -(reward - config.alpha * path_kl).sum() / config.batch_size
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        weighted.append(reward.detach())
+        kls.append(path_kl.detach())
+        for name in names:
+            basis[name].append(rewards[name].detach())
+    return torch.cat(weighted), torch.cat(kls), {name: torch.cat(v) for name, v in basis.items()}
 
 
 def _pathwise_update(
@@ -367,44 +532,13 @@ def _pathwise_update(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     generator: torch.Generator,
+    scaler: torch.amp.GradScaler,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """One optimizer step on the reparameterised gradient of ``J`` (module docstring, "Pathwise estimator").
-
-    ``batch_size`` trajectories in chunks of ``minibatch_size`` (gradients accumulate); returns the detached
-    weighted reward, path KL and basis rewards of the trajectories.
-    """
-    scheduler, names = target.scheduler, list(config.reward_weights)
+    """One optimizer step on the reparameterised gradient of ``J`` (:func:`pathwise_gradient`)."""
     optimizer.zero_grad(set_to_none=True)
-    weighted, kls, basis = [], [], {name: [] for name in names}
-    scheduler.set_timesteps(config.num_inference_steps, device=accelerator.device)
-    for start in range(0, config.batch_size, config.minibatch_size):
-        rows = min(config.minibatch_size, config.batch_size - start)
-        prompts, cond = target.conditioning(rows, generator)
-        x = initial_latents(scheduler, generator, (rows, *target.sample_shape), device=accelerator.device)
-        path_kl = torch.zeros(rows, device=x.device)
-        for t in scheduler.timesteps:
-            policy_out, base_out = pair(scheduler.scale_model_input(x, t), t, **cond)
-            mean, std = model_transition(scheduler, policy_out, t, x, config.eta)
-            if float(std) == 0.0:
-                raise DiffusionBlendError(
-                    f"sampler step t={int(t)} is deterministic (sigma = 0): the path KL would not bound the KL of "
-                    "the samples and the pathwise gradient would change that step at no cost; use a scheduler "
-                    "whose every step is stochastic (DDIM with steps_offset=1 and set_alpha_to_one=False, as "
-                    "Stable Diffusion's; DDPM's last step is deterministic too) or estimator='score'")
-            mean_base, _ = model_transition(scheduler, base_out, t, x, config.eta)
-            path_kl = path_kl + step_kl(mean, mean_base, std)
-            x = mean + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        rewards = score_rewards(target, names, x, prompts, keep_grad=True)
-        reward = sum(config.reward_weights[name] * rewards[name] for name in names)
-        (-(reward - config.alpha * path_kl).sum() / config.batch_size).backward()
-        weighted.append(reward.detach())
-        kls.append(path_kl.detach())
-        for name in names:
-            basis[name].append(rewards[name].detach())
-    _sync_gradients(parameters, accelerator)
-    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-    optimizer.step()
-    return torch.cat(weighted), torch.cat(kls), {name: torch.cat(v) for name, v in basis.items()}
+    stats = pathwise_gradient(target, config, pair, generator, device=accelerator.device, scaler=scaler)
+    _optimizer_step(parameters, optimizer, scaler, accelerator, config.max_grad_norm)
+    return stats
 
 
 def _check_differentiable(target: FinetuneTarget, names: Sequence[str]) -> None:
@@ -413,6 +547,47 @@ def _check_differentiable(target: FinetuneTarget, names: Sequence[str]) -> None:
     if flat:
         raise DiffusionBlendError(f"reward {', '.join(map(repr, flat))} is not differentiable; the pathwise "
                                   "estimator needs reward gradients (use estimator='score')")
+
+
+def precision_forward(forward: lora.Forward, dtype: torch.dtype) -> lora.Forward:
+    """``forward`` on a network whose frozen weights are ``dtype``: floating inputs are cast to ``dtype``, the
+    output back to float32 (transition means, log-probabilities and the KL are always float32)."""
+    if dtype == torch.float32:
+        return forward
+
+    def cast(model: torch.nn.Module, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        cond = {key: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                for key, value in cond.items()}
+        return forward(model, x_t.to(dtype), t, **cond).float()
+
+    cast.stacked_copies = lora.stacked_copies(forward)  # type: ignore[attr-defined]
+    return cast
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every floating non-LoRA parameter and buffer of ``module`` to ``dtype`` in place; LoRA parameters
+    are (re)set to float32 (they train, with float32 Adam state)."""
+    for name, param in module.named_parameters():
+        wanted = torch.float32 if "lora_" in name else dtype
+        if param.is_floating_point() and param.dtype != wanted:
+            param.data = param.data.to(wanted)
+    for submodule in module.modules():
+        for key, buffer in submodule._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                submodule._buffers[key] = buffer.to(dtype)
+
+
+def _prepare_frozen_modules(target: FinetuneTarget, config: DPOKConfig, device: torch.device) -> None:
+    """Move the target's frozen modules to ``device`` in ``config.dtype`` (``force_upcast`` modules stay float32
+    under float16, as diffusers' pipelines keep SDXL's VAE), and checkpoint their blocks if asked."""
+    for module in target.frozen_modules:
+        dtype = config.torch_dtype
+        if dtype == torch.float16 and getattr(getattr(module, "config", None), "force_upcast", False):
+            dtype = torch.float32
+        module.to(device)
+        cast_frozen(module, dtype)  # parameter-wise: diffusers' .to(dtype) warns on every cast
+        if config.gradient_checkpointing and config.estimator == "pathwise" and hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()  # the VAE decode back-propagates into the reward
 
 
 def _atomic_write_json(path: Path, value: Any) -> None:
@@ -443,19 +618,30 @@ def finetune(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    model = target.model.to(accelerator.device)
-    model.eval()  # no dropout: the log-probs of the recorded trajectories must be reproducible
     if config.estimator == "pathwise":
         _check_differentiable(target, list(config.reward_weights))
-    if config.adapter_name in lora.adapter_names(model):
+    if config.adapter_name in lora.adapter_names(target.model):
         raise DiffusionBlendError(f"the model already carries an adapter named {config.adapter_name!r}")
+    # the base's identity as given (before any cast to config.dtype): the adapter is bound to these weights
+    fingerprint = (base_fingerprint(target.model, target.architecture)
+                   if out is not None and accelerator.is_main_process else None)
+    model = target.model.to(accelerator.device)
+    model.eval()  # no dropout: the log-probs of the recorded trajectories must be reproducible
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # identical LoRA init on every process
         lora.add_lora(model, config.adapter_name, rank=config.lora_rank, alpha=config.lora_alpha,
                       target_modules=target.target_modules)
     model.to(accelerator.device)
+    cast_frozen(model, config.torch_dtype)  # frozen weights in config.dtype, LoRA float32
+    _prepare_frozen_modules(target, config, accelerator.device)
+    if config.gradient_checkpointing and config.estimator == "score" and hasattr(model, "enable_gradient_checkpointing"):
+        # block-level checkpointing for the policy update only: the pathwise chain checkpoints whole sampler
+        # steps instead (a block recomputed after its mixed-adapter batch has exited would lose its routing)
+        model.enable_gradient_checkpointing()
+    target = dataclasses.replace(target, forward=precision_forward(target.forward, config.torch_dtype))
     parameters = [p for n, p in model.named_parameters() if p.requires_grad and f".{config.adapter_name}." in n]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=config.torch_dtype == torch.float16)
     generator = torch.Generator().manual_seed(process_seed(config.seed, accelerator.process_index))
     pair = adapter_pair(model, target.forward, config.adapter_name)
     names = list(config.reward_weights)
@@ -471,16 +657,18 @@ def finetune(
             raise DiffusionBlendError(f"checkpoint {checkpoint} was written by {state.generator_states.shape[0]} "
                                       f"process(es); resume with the same number ({accelerator.num_processes} now)")
         generator.set_state(state.generator_states[accelerator.process_index].clone())
+        if state.extra.get("grad_scaler"):
+            scaler.load_state_dict(state.extra["grad_scaler"])
         start, curves = state.iteration, state.curves
     bar = tqdm(range(start, config.iterations), desc=f"finetune {target.name}", initial=start,
                total=config.iterations, disable=not (progress and accelerator.is_main_process))
     for iteration in bar:
         if config.estimator == "pathwise":
             reward, path_kl, rewards = _pathwise_update(target, config, pair, parameters, optimizer, accelerator,
-                                                        generator)
+                                                        generator, scaler)
         else:
             reward, path_kl, rewards = _score_function_update(target, config, pair, parameters, optimizer,
-                                                              accelerator, generator)
+                                                              accelerator, generator, scaler)
         stats = torch.stack([reward.mean(), path_kl.mean(), *[rewards[n].mean() for n in names]])
         stats = accelerator.reduce(stats.to(accelerator.device), reduction="mean").cpu()
         row = {"iteration": iteration + 1, "reward": float(stats[0]), "kl": float(stats[1]),
@@ -493,7 +681,8 @@ def finetune(
             generator_states = accelerator.gather(generator.get_state()[None].to(accelerator.device)).cpu()
             if accelerator.is_main_process:
                 save_checkpoint(checkpoint, model, config.adapter_name, optimizer,
-                                CheckpointState(done, generator_states, curves, config.to_dict()))
+                                CheckpointState(done, generator_states, curves, config.to_dict(),
+                                                {"grad_scaler": scaler.state_dict()}))
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after and done < config.iterations:
             raise TrainingInterrupted(f"stopped after iteration {done} (test hook)")
@@ -502,7 +691,8 @@ def finetune(
         adapter_path = out / ADAPTER_NAME
         if accelerator.is_main_process:
             save_adapter(model, config.adapter_name, adapter_path, rewards=config.reward_weights, alpha=config.alpha,
-                         steps=config.iterations, training_config=config.to_dict(), architecture=target.architecture)
+                         steps=config.iterations, training_config=config.to_dict(), architecture=target.architecture,
+                         fingerprint=fingerprint)
             _atomic_write_json(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves})
         accelerator.wait_for_everyone()
     return FinetuneResult(model=model, adapter_name=config.adapter_name, adapter_path=adapter_path, curves=curves)

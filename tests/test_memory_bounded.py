@@ -1,0 +1,289 @@
+"""Memory-bounded fine-tuning (issue 11): chunked rollouts, one batched forward, gradient checkpointing, DRaFT-K,
+precision of frozen weights, and the weight-free differentiable rewards.
+
+Independent truths: the unchunked computation (same seed), the plain (non-checkpointed) gradient, closed forms
+(luma, chroma, the per-step mean shifts of an exact Gaussian denoiser), and a forward hook counting UNet calls.
+Tolerance for chunked vs unchunked: states 1e-5 absolute / 1e-4 relative, gradients 1e-4 of the largest gradient
+entry (a float32 kernel may sum in another order for another batch size, and the chain amplifies it; the random
+numbers themselves are identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from diffusion_blend import lora
+from diffusion_blend.adapters import base_fingerprint, read_adapter
+from diffusion_blend.pipelines.finetune import sd_finetune_target, unet_architecture
+from diffusion_blend.rewards import get_reward
+from diffusion_blend.training.config import DPOKConfig
+from diffusion_blend.training.dpok import (
+    adapter_pair,
+    finetune,
+    pathwise_gradient,
+    rollout,
+)
+from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
+from test_pathwise import gaussian_target, stochastic_ddim
+from tiny_sd import tiny_sd_pipeline
+
+PROMPTS = ["a cat", "a red house", "a dog"]
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sd_target(tmp_path, guidance_scale=3.0, reward="brightness"):
+    pipe = tiny_sd_pipeline(tmp_path)
+    return sd_finetune_target(pipe, PROMPTS, {reward: get_reward(reward)}, guidance_scale=guidance_scale)
+
+
+def with_policy(target, seed=3, scale=0.2):
+    """Give ``target.model`` a LoRA adapter 'policy' with random non-zero weights (so policy != base)."""
+    lora.add_lora(target.model, "policy", rank=2, target_modules=target.target_modules)
+    target.model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in target.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return adapter_pair(target.model, target.forward, "policy")
+
+
+def lora_grads(model):
+    return torch.cat([p.grad.reshape(-1) for n, p in model.named_parameters() if "lora_" in n and p.grad is not None])
+
+
+def test_chunked_rollouts_equal_unchunked_on_sd_with_cfg(tmp_path):
+    target = sd_target(tmp_path)
+    pair = with_policy(target)
+    whole, chunked = (rollout(target, pair, 5, torch.Generator().manual_seed(1), num_inference_steps=3, eta=1.0,
+                              chunk_size=size) for size in (None, 2))
+    assert whole.prompts == chunked.prompts
+    for name in ("latents", "log_probs", "kl", "means_base"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(whole, name), **TOL)
+    torch.testing.assert_close(chunked.cond["encoder_hidden_states"], whole.cond["encoder_hidden_states"])
+    assert (whole.kl[:-1] > 0).all()  # the policy differs from the base: the KL comparison has teeth
+
+
+def test_chunked_rollouts_equal_unchunked_on_an_unconditional_target():
+    target = tiny_target()
+    pair = with_policy(target)
+    whole, chunked = (rollout(target, pair, 7, torch.Generator().manual_seed(2), num_inference_steps=4, eta=1.0,
+                              chunk_size=size) for size in (None, 3))
+    torch.testing.assert_close(chunked.latents, whole.latents, **TOL)
+    torch.testing.assert_close(chunked.kl, whole.kl, **TOL)
+
+
+def test_policy_base_and_both_cfg_branches_are_one_unet_call_per_step(tmp_path):
+    target = sd_target(tmp_path)
+    pair = with_policy(target)
+    batches = []
+    handle = target.model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    try:
+        rollout(target, pair, 4, torch.Generator().manual_seed(1), num_inference_steps=3, eta=1.0, chunk_size=2)
+    finally:
+        handle.remove()
+    # 2 chunks x 3 steps, each call = 2 members (policy, base) x 2 CFG branches x 2 rows
+    assert batches == [8] * 6
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_pathwise_gradient_does_not_depend_on_chunking_or_checkpointing(tmp_path, checkpointing):
+    target = sd_target(tmp_path)
+    target.scheduler = stochastic_ddim()
+    pair = with_policy(target)
+    grads = []
+    for minibatch, ckpt in ((4, False), (1, checkpointing), (2, checkpointing)):
+        config = DPOKConfig(reward_weights={"brightness": 10.0}, alpha=0.5, batch_size=4, minibatch_size=minibatch,
+                            num_inference_steps=3, estimator="pathwise", gradient_checkpointing=ckpt)
+        target.model.zero_grad(set_to_none=True)
+        reward, kl, _ = pathwise_gradient(target, config, pair, torch.Generator().manual_seed(5))
+        grads.append(lora_grads(target.model))
+        assert (kl > 0).all()
+    assert grads[0].abs().max() > 0  # gradients flow through the chain, the VAE decode and the reward
+    for other in grads[1:]:
+        torch.testing.assert_close(other, grads[0], atol=1e-4 * float(grads[0].abs().max()), rtol=1e-3)
+
+
+def _saved_bytes(target, pair, steps, checkpointing):
+    config = DPOKConfig(reward_weights={"brightness": 1.0}, alpha=1.0, batch_size=2, minibatch_size=2,
+                        num_inference_steps=steps, estimator="pathwise", gradient_checkpointing=checkpointing)
+    total = [0]
+
+    def pack(tensor):
+        total[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        pathwise_gradient(target, config, pair, torch.Generator().manual_seed(0))
+    return total[0]
+
+
+def test_checkpointed_pathwise_keeps_only_the_states(tmp_path):
+    """What autograd keeps for the backward pass (a saved-tensor hook counts it): with step checkpointing it
+    hardly grows from 2 to 8 steps (the states and noises only); without, it grows with the steps."""
+    target = sd_target(tmp_path)
+    target.scheduler = stochastic_ddim()
+    pair = with_policy(target)
+    plain = [_saved_bytes(target, pair, steps, False) for steps in (2, 8)]
+    checkpointed = [_saved_bytes(target, pair, steps, True) for steps in (2, 8)]
+    assert plain[1] > 2.5 * plain[0]
+    assert checkpointed[1] < 0.3 * plain[1]
+    assert checkpointed[1] - checkpointed[0] < 0.05 * (plain[1] - plain[0])
+
+
+def test_backprop_steps_truncates_the_gradient_to_the_last_k_steps():
+    """Exact Gaussian denoiser whose adapter layer has one column per sampler step (a one-hot time bin): with
+    DRaFT-K the columns of the first steps get exactly zero gradient, those of the last K steps the full
+    chain's gradient (their effect on the objective does not pass through earlier states)."""
+    target = gaussian_target()
+    lora.add_lora(target.model, "policy", rank=2, target_modules=target.target_modules)
+    target.model.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in target.model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    pair = adapter_pair(target.model, target.forward, "policy")
+    steps, k = 6, 2
+    grads = {}
+    for backprop in (None, k):
+        config = DPOKConfig(reward_weights={"linear": 1.0}, alpha=0.5, batch_size=8, minibatch_size=8,
+                            num_inference_steps=steps, estimator="pathwise", backprop_steps=backprop)
+        target.model.zero_grad(set_to_none=True)
+        pathwise_gradient(target, config, pair, torch.Generator().manual_seed(1))
+        (grad_a,) = [p.grad.clone() for n, p in target.model.named_parameters() if "lora_A" in n]
+        grads[backprop] = grad_a  # (rank, bins): column j = time bin j
+    target.scheduler.set_timesteps(steps)
+    bins = [int(t) // target.model.bin_width for t in target.scheduler.timesteps]
+    early, late = bins[: steps - k], bins[steps - k:]
+    assert torch.equal(grads[k][:, early], torch.zeros_like(grads[k][:, early]))
+    assert grads[None][:, early].abs().min() > 0
+    torch.testing.assert_close(grads[k][:, late], grads[None][:, late], atol=1e-6, rtol=1e-5)
+    with pytest.raises(Exception, match="pathwise"):
+        DPOKConfig(reward_weights={"linear": 1.0}, alpha=0.5, backprop_steps=2)  # score estimator: refused
+
+
+def test_policy_update_with_block_checkpointing_gives_the_same_adapter(tmp_path):
+    adapters = []
+    for checkpointing in (False, True):
+        target = sd_target(tmp_path / str(checkpointing))
+        config = DPOKConfig(reward_weights={"brightness": 10.0}, alpha=1.0, iterations=2, batch_size=4,
+                            minibatch_size=2, updates_per_batch=1, learning_rate=1e-2, lora_rank=2,
+                            num_inference_steps=3, gradient_checkpointing=checkpointing)
+        result = finetune(target, config, progress=False)
+        if checkpointing:
+            assert result.model.down_blocks[1].gradient_checkpointing  # diffusers' block checkpointing was on
+        adapters.append({n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_" in n})
+    assert adapters[0].keys() == adapters[1].keys()
+    assert any(v.abs().max() > 0 for n, v in adapters[0].items() if "lora_B" in n)  # it trained
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-6, rtol=1e-4)
+
+
+def test_low_precision_keeps_lora_adam_and_fingerprint_in_float32(tmp_path):
+    target = sd_target(tmp_path / "base")
+    fresh_fingerprint = base_fingerprint(target.model, unet_architecture(target.model))
+    config = DPOKConfig(reward_weights={"brightness": 10.0}, alpha=1.0, iterations=1, batch_size=2,
+                        minibatch_size=1, updates_per_batch=1, num_inference_steps=2, dtype="bfloat16")
+    result = finetune(target, config, out_dir=tmp_path / "run", progress=False)
+    model = result.model
+    frozen = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
+    trained = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert frozen == {torch.bfloat16} and trained == {torch.float32}
+    assert {p.dtype for m in target.frozen_modules for p in m.parameters()} == {torch.bfloat16}
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    assert {v.dtype for k, v in state.items() if k.startswith("optimizer.")} == {torch.float32}
+    assert read_adapter(result.adapter_path)[1].base_fingerprint == fresh_fingerprint  # the base as given
+
+
+def test_float16_uses_a_gradient_scaler_whose_state_is_checkpointed(tmp_path):
+    from safetensors import safe_open
+
+    target = sd_target(tmp_path / "base")
+    config = DPOKConfig(reward_weights={"brightness": 10.0}, alpha=1.0, iterations=1, batch_size=2,
+                        minibatch_size=2, num_inference_steps=2, dtype="float16", estimator="pathwise")
+    target.scheduler = stochastic_ddim()
+    finetune(target, config, out_dir=tmp_path / "run", progress=False)
+    with safe_open(str(tmp_path / "run" / "checkpoint.safetensors"), framework="pt") as handle:
+        import json
+
+        extra = json.loads(handle.metadata()["extra"])
+    assert extra["grad_scaler"]["scale"] > 1  # the loss is scaled (float16 gradients would underflow)
+
+
+def test_bfloat16_first_gradient_matches_float32_on_tiny_sd(tmp_path):
+    """At a run's first iteration the adapter is the base (lora_B = 0), so the KL is exactly 0 in every precision
+    and the pathwise gradient is the reward's: bfloat16 frozen weights give the float32 direction."""
+    grads = {}
+    for dtype in ("float32", "bfloat16"):
+        target = sd_target(tmp_path / dtype)
+        target.scheduler = stochastic_ddim()
+        config = DPOKConfig(reward_weights={"brightness": 10.0}, alpha=1.0, iterations=1, batch_size=4,
+                            minibatch_size=4, num_inference_steps=3, estimator="pathwise", dtype=dtype,
+                            learning_rate=1e-12)
+        grads_seen = {}
+
+        def keep(optimizer, args, kwargs):
+            grads_seen["g"] = torch.cat([p.grad.reshape(-1) for group in optimizer.param_groups
+                                         for p in group["params"] if p.grad is not None])
+
+        handle = register_optimizer_step_pre_hook(keep)
+        try:
+            result = finetune(target, config, progress=False)
+        finally:
+            handle.remove()
+        assert result.curves[0]["kl"] == 0.0
+        grads[dtype] = grads_seen["g"]
+    cosine = torch.nn.functional.cosine_similarity(grads["float32"], grads["bfloat16"], dim=0)
+    assert cosine > 0.95, float(cosine)
+
+
+def test_bfloat16_training_reaches_the_float32_objective_on_the_tiny_mlp():
+    curves = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(iterations=25, batch_size=64, minibatch_size=32, num_inference_steps=8,
+                             learning_rate=1e-2, estimator="pathwise", dtype=dtype)
+        target = tiny_target()
+        target.scheduler = stochastic_ddim()
+        curves[dtype] = finetune(target, config, progress=False).curves
+    late = {dtype: sum(row["objective"] for row in c[-5:]) / 5 for dtype, c in curves.items()}
+    gain = late["float32"] - curves["float32"][0]["objective"]
+    assert gain > 0.5  # training moved the objective by far more than the tolerance below
+    assert abs(late["bfloat16"] - late["float32"]) < 0.1 * gain, late
+
+
+def test_brightness_and_saturation_closed_forms_and_gradients():
+    colour = torch.tensor([0.9, 0.3, 0.1])
+    images = colour[None, :, None, None].expand(2, 3, 4, 4).clone().requires_grad_(True)
+    brightness, saturation = get_reward("brightness"), get_reward("saturation")
+    value = brightness(images)
+    torch.testing.assert_close(value, torch.full((2,), 0.2126 * 0.9 + 0.7152 * 0.3 + 0.0722 * 0.1))
+    value.sum().backward()
+    torch.testing.assert_close(images.grad[0, :, 0, 0], torch.tensor([0.2126, 0.7152, 0.0722]) / 16)
+    images.grad = None
+    value = saturation(images)
+    torch.testing.assert_close(value, torch.full((2,), 0.8))
+    value.sum().backward()
+    torch.testing.assert_close(images.grad[0, :, 0, 0], torch.tensor([1.0, 0.0, -1.0]) / 16)
+    grey = torch.full((1, 3, 2, 2), 0.4)
+    assert float(saturation(grey)) == 0.0 and abs(float(brightness(grey)) - 0.4) < 1e-6
+    assert float(brightness(torch.full((1, 1, 2, 2), 0.25))) == 0.25
+    assert brightness.differentiable and saturation.differentiable
+    from diffusion_blend.errors import RewardError
+
+    with pytest.raises(RewardError, match="3 channels"):
+        saturation(torch.zeros(1, 1, 2, 2))
