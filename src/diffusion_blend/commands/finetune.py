@@ -12,11 +12,13 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DiffusionBlendError
 from ..preference import Preference
-from ..training.config import DPOKConfig, FinetuneTarget
+
+if TYPE_CHECKING:  # the trainer (torch) is imported when the command runs, not when `dblend --help` registers it
+    from ..training.config import DPOKConfig, FinetuneTarget
 
 
 def gmm_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
@@ -109,6 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace) -> DPOKConfig:
+    from ..training.config import DPOKConfig
+
     overrides: dict[str, Any] = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()}
     if args.rewards:
         overrides["reward_weights"] = dict(Preference.parse(args.rewards).weights)

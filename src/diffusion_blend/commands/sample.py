@@ -16,10 +16,12 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..devices import DTYPE_CHOICES
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode, refuse_existing_results, rounded
 from ..preference import Preference
 
-DTYPES = ("float32", "float16", "bfloat16")
+RESULT_FILES = ["image_*.png", "settings.json"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the images and settings.json in --out")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta (default 1, as in the paper)")
@@ -52,8 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", choices=("ddim", "pipeline"), default="ddim",
                         help="ddim: DDIMScheduler from the base's scheduler config (the paper's sampler, honours "
                         "--eta); pipeline: the base's own scheduler")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights dtype; auto: float16 on cuda, float32 on cpu")
     parser.set_defaults(func=run)
 
 
@@ -85,6 +89,7 @@ def _save_png(image, path: Path) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        give_user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -97,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
     from ..pipelines import BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline, is_sdxl_folder
     from ..pipelines.loading import load_base_pipeline
 
+    from ..devices import resolve_device
+
     _check_args(args)
+    device, dtype = resolve_device(args.device, args.dtype)
+    refuse_existing_results(args.out, RESULT_FILES, args.overwrite)
     adapters = _parse_adapters(args.adapter)
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
@@ -105,14 +114,15 @@ def run(args: argparse.Namespace) -> int:
         coefficients.probabilities()  # negative coefficients fail before any loading
     sdxl = args.sdxl or is_sdxl_folder(args.base)
     pipeline_class = BlendStableDiffusionXLPipeline if sdxl else BlendStableDiffusionPipeline
-    pipe = load_base_pipeline(pipeline_class, args.base, torch_dtype=getattr(torch, args.dtype))
+    print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
+    pipe = load_base_pipeline(pipeline_class, args.base, dtype=getattr(torch, dtype))
     pipe.load_adapters(adapters)
     if args.scheduler == "ddim":
         from diffusers import DDIMScheduler
 
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe = pipe.to(args.device)
-    generators = [torch.Generator(args.device).manual_seed(args.seed + k) for k in range(args.num_images)]
+    pipe = pipe.to(device)
+    generators = [torch.Generator(device).manual_seed(args.seed + k) for k in range(args.num_images)]
     call = dict(
         prompt=[args.prompt] * args.num_images,
         negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * args.num_images,
@@ -137,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
         "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "guidance_scale": args.guidance_scale, "eta": args.eta, "seeds": [args.seed + k for k in range(len(files))],
-        "height": args.height, "width": args.width, "device": args.device, "dtype": args.dtype,
+        "height": args.height, "width": args.width, "device": device, "dtype": dtype,
         "scheduler": type(pipe.scheduler).__name__, "unet_calls": pipe.last_blend.calls, "images": files,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
     tmp = args.out / "settings.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=2))
+    tmp.write_text(json.dumps(rounded(settings), indent=2))
     os.replace(tmp, args.out / "settings.json")
     print(f"wrote {len(files)} image(s) and settings.json to {args.out}")
     return 0

@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from ..files import give_user_mode
 from ..evaluation.html import format_cell  # noqa: E402
 from ..evaluation.oracle import importance_weighted_oracle  # noqa: E402
 from ..evaluation.plots import save_figure  # noqa: E402
@@ -44,6 +45,7 @@ def _atomic_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
         handle.write(text)
+    give_user_mode(tmp)
     os.replace(tmp, path)
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from ..files import give_user_mode
 from ..adapters import base_fingerprint
 from ..baselines.guidance import guided_sample
 from ..baselines.morl import MorlOracle, dpok_adapter_trainer, morl_denoiser, preference_key
@@ -185,6 +186,7 @@ def _copy_atomic(source: Path, target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     shutil.copyfile(source, tmp)
+    give_user_mode(tmp)
     os.replace(tmp, target)
     return target
 
@@ -484,6 +486,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as handle:
         handle.write(text)
+    give_user_mode(tmp)
     os.replace(tmp, path)
 
 

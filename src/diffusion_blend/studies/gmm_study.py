@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..files import give_user_mode
 from ..denoisers import BlendedDenoiser
 from ..errors import DiffusionBlendError
 from ..preference import BASE, Preference, blend_predictions
@@ -333,6 +334,7 @@ def _atomic_write(path: Path, write: Any, mode: str = "w") -> None:
     try:
         with os.fdopen(handle, mode, **({"newline": ""} if "b" not in mode else {})) as stream:
             write(stream)
+        give_user_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

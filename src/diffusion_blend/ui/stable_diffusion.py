@@ -144,7 +144,7 @@ def stable_diffusion_studio(
         raise DiffusionBlendError("give the experts to blend with --adapter NAME=PATH (one per basis reward)")
     if is_sdxl_folder(base):
         raise DiffusionBlendError(f"{base} is an SDXL pipeline; the UI's SD studio serves Stable Diffusion 1.x/2.x")
-    pipe = load_base_pipeline(BlendStableDiffusionPipeline, base, torch_dtype=dtype, safety_checker=None,
+    pipe = load_base_pipeline(BlendStableDiffusionPipeline, base, dtype=dtype, safety_checker=None,
                               requires_safety_checker=False)
     chosen = adapter_rewards(pipe, adapters, reward_names)
     options = dict(reward_options or {})
