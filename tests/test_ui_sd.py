@@ -108,9 +108,15 @@ def test_same_seed_same_images_and_the_preference_moves_them(studio):
 def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio):
     app = build_app(studio)
     generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    images, scores, pareto = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat")
+    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat")
     assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
-    assert "| small |" in scores and "| big |" in scores
+    assert "| small |" in scores and "| big |" in scores and "standard error" in scores
+    assert status.startswith("Result for weights small 1, big 0, KL scale 1, DB-MPA, seed 5")
+    mark_stale = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "mark_stale")
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", shown).startswith("**Stale**")
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", shown) == status  # back to the shown settings
+    with pytest.raises(gr.Error, match="between -1 and 2"):  # a value typed outside the slider's range
+        generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat")
     with pytest.raises(gr.Error):
         generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "")
 

@@ -83,12 +83,16 @@ def sd_studio(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from ..errors import DiffusionBlendError
-    from ..ui.app import build_app, launch, load_pareto_reference
-    from ..ui.digits import adapters_in, digits_studio
-    from ..ui.paths import resolve_within
 
     if not 1 <= args.port <= 65535:
         raise DiffusionBlendError(f"--port must be in 1..65535, got {args.port}")
+    if args.sd_base is not None:  # the device is checked before gradio and the model load
+        from ..devices import resolve_device
+
+        resolve_device(args.device, args.dtype)
+    from ..ui.app import build_app, launch, load_pareto_reference
+    from ..ui.digits import adapters_in, digits_studio
+    from ..ui.paths import resolve_within
     if args.sd_base is not None:
         app = build_app(sd_studio(args))
         print(f"Diffusion Blend UI on http://{args.host}:{args.port} (Ctrl+C to stop)")
