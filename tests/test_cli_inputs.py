@@ -1,6 +1,10 @@
 """Every command, given bad input, ends with exactly one line on stderr (``dblend: error: ...``) and exit status 2,
-with no third-party text before it (issue 14). Each case runs the real console entry point in a fresh process,
-so import-time notices and progress bars would show up here."""
+with no third-party text before it (issue 14).
+
+Every case runs ``dblend``'s ``main`` with the process's stderr captured at the file-descriptor level (so library
+loggers, warnings and progress bars writing to fd 2 are seen). Import-time notices appear once per process, so a
+few cases that import each heavy stack (torch; diffusers + transformers + peft; gradio) also run in a fresh
+interpreter; a fresh interpreter per case would cost minutes of imports on 2 cores."""
 
 from __future__ import annotations
 
@@ -82,6 +86,11 @@ def bad_inputs(root: Path, files: dict[str, Path]) -> dict[str, tuple[list[str],
     }
 
 
+FRESH_PROCESS = ["coefficients nan", "finetune negative alpha", "sample missing adapter file",
+                 "ui sd on an unavailable device"]
+"""Cases also run in a fresh interpreter: import-time notices of torch, the trainer, diffusers/peft, gradio."""
+
+
 def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -89,22 +98,57 @@ def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
-def test_every_bad_input_is_one_line_and_exit_2(tiny):
+def one_error_line(code: int | None, stderr: str, expected: str) -> str | None:
+    """Why this outcome is not one ``dblend: error:`` line naming ``expected`` with exit status 2, or None."""
+    lines = stderr.splitlines()
+    if code != 2 or len(lines) != 1 or not lines[0].startswith("dblend: error: ") or expected not in lines[0]:
+        return f"exit {code}, stderr {stderr[-600:]!r}"
+    return None
+
+
+def test_every_bad_input_is_one_line_and_exit_2(tiny, capfd, monkeypatch):
+    from diffusion_blend.cli import build_parser, main
+
     root, files = tiny
     cases = bad_inputs(root, files)
-    commands = {argv[0] for argv, _ in cases.values()}
-    from diffusion_blend.cli import build_parser
-
     registered = set(build_parser()._subparsers._group_actions[0].choices)  # every command has a bad input here
-    assert registered <= commands, registered - commands
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(zip(cases, pool.map(lambda case: run_cli(case[0], root), cases.values())))
+    assert registered <= {argv[0] for argv, _ in cases.values()}
+    monkeypatch.chdir(root)
+    capfd.readouterr()
     failures = []
-    for name, proc in results.items():
-        lines = proc.stderr.splitlines()
-        expected = cases[name][1]
-        if (proc.returncode != 2 or len(lines) != 1 or not lines[0].startswith("dblend: error: ")
-                or expected not in lines[0]):
-            failures.append(f"{name}: exit {proc.returncode}, stderr {proc.stderr[-600:]!r}")
+    for name, (argv, expected) in cases.items():
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        problem = one_error_line(code, capfd.readouterr().err, expected)
+        if problem:
+            failures.append(f"{name}: {problem}")
     assert not failures, "\n".join(failures)
     assert not (root / "s").exists()  # nothing written on refusal
+
+
+def test_bad_inputs_in_a_fresh_process(tiny):
+    root, files = tiny
+    cases = bad_inputs(root, files)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(zip(FRESH_PROCESS, pool.map(lambda name: run_cli(cases[name][0], root), FRESH_PROCESS)))
+    failures = [f"{name}: {problem}" for name, proc in results.items()
+                if (problem := one_error_line(proc.returncode, proc.stderr, cases[name][1]))]
+    assert not failures, "\n".join(failures)
+
+
+def test_out_with_results_is_kept_unless_overwrite(tiny, tmp_path):
+    """``--out`` holding results is refused (files untouched); ``--overwrite`` replaces them, stale ones removed."""
+    from diffusion_blend.files import refuse_existing_results
+
+    (tmp_path / "image_000.png").write_text("old")
+    (tmp_path / "image_001.png").write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    from diffusion_blend.errors import DiffusionBlendError
+
+    with pytest.raises(DiffusionBlendError, match="--overwrite"):
+        refuse_existing_results(tmp_path, ["image_*.png", "settings.json"], overwrite=False)
+    assert (tmp_path / "image_001.png").read_text() == "old"
+    refuse_existing_results(tmp_path, ["image_*.png", "settings.json"], overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
