@@ -153,17 +153,17 @@ def test_ui_in_headless_chromium(server, capfd):
         expect(page.locator("#samples img")).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "ui-screenshot.png"), full_page=True)
 
-        # a value typed outside a slider's range: a readable note, no error pill, no traceback in the server log
+        # a value typed outside a slider's range reaches the server (the page only clamps its range knob): a readable
+        # note, no error pill, no server-log traceback (gradio's own range check gave both)
         kl_box = page.locator("#kl-scale input[type=number]")
         kl_box.fill("5")
         kl_box.press("Enter")
         expect(page.locator("#method-note")).to_contain_text("KL scale must be between 0 and 3, got 5", timeout=30_000)
-        generate.click()
-        expect(page.get_by_text("KL scale must be between 0 and 3, got 5").first).to_be_visible(timeout=60_000)
-        assert "Value 5 is greater than maximum" not in page.content()
+        assert "greater than maximum" not in page.content()
+        assert page.get_by_text("Error", exact=True).count() == 0
         kl_box.fill("1")
         kl_box.press("Enter")
-        expect(page.locator("#method-note")).to_contain_text("Blend coefficients", timeout=30_000)
+        expect(page.locator("#method-note")).to_contain_text("base: -1, ink: +1.5", timeout=30_000)
 
         # invalid input is rejected in the page with a readable message, no traceback
         seed = page.locator("#seed input")

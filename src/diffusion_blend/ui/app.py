@@ -6,7 +6,8 @@ reward's mean score with its standard error, and where the result lies on the de
 (a star with +-2 standard-error bars). Models without a prompt show a first result on page load. When a control
 changes after a result, the status line marks the result stale until the next Generate. Invalid input (a seed
 that is not a whole number, a value typed outside a slider's range, a missing prompt) is rejected in the page with a
-readable message, never a traceback, in the page or the server log.
+readable message in the status line (the result on show stays), never a traceback, in the page or the server
+log.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                 preference = Preference(dict(zip(names, weights)), kl_scale)
                 result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None)
             except (DiffusionBlendError, ValueError) as err:
-                raise gr.Error(str(err), title="Invalid input", print_exception=False) from None
+                # in the status line, with the last result kept: a raised gr.Error would also put "Error" pills
+                # over every output
+                return gr.update(), gr.update(), gr.update(), f"⚠️ Invalid input: {err}", gr.update()
             weights_text = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
             shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}, "
                      f"seed {int(seed_value)}.")
