@@ -36,3 +36,37 @@ def test_argument_errors_are_one_line_too(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dblend: error: argument --kl-scale") and "\n" not in err
+
+
+HEAVY = ("torch", "diffusers", "peft", "transformers", "accelerate", "gradio", "numpy", "matplotlib", "safetensors")
+
+
+def test_help_and_coefficients_start_without_heavy_imports():
+    """Registering every command (what `dblend --help` and `dblend COMMAND --help` do) and running `coefficients`
+    import none of the heavy stacks: the start-up bar of issue 14 (figures in benchmarks/README.md)."""
+    code = ("import sys\nfrom diffusion_blend.cli import build_parser, main\nbuild_parser()\n"
+            "assert main(['coefficients', '--weights', 'a=0.3,b=0.7', '--kl-scale', '1.2']) == 0\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout and "base  -0.2" in proc.stdout, proc.stdout
+
+
+def test_version_and_help_show_defaults(capsys):
+    import pytest
+
+    from diffusion_blend import __version__
+    from diffusion_blend.cli import build_parser
+    from diffusion_blend.evaluation.sweep import METHODS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"dblend (diffusion-blend) {__version__}"
+    commands = build_parser()._subparsers._group_actions[0].choices
+    sample_help = " ".join(commands["sample"].format_help().split())
+    assert "(default: mpa)" in sample_help and "(default: auto)" in sample_help and "(default 50)" in sample_help
+    assert "(default: None)" not in sample_help and "(default: False)" not in sample_help
+    evaluate_help = " ".join(commands["evaluate"].format_help().split())
+    unwrapped = evaluate_help.replace("- ", "-")  # argparse wraps after a hyphen
+    assert all(f" {method}," in unwrapped or f" {method} " in unwrapped for method in METHODS), unwrapped
+    assert "(default: 64)" in evaluate_help  # --samples-per-seed had no default shown before
