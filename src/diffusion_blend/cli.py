@@ -23,7 +23,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
     """Help that ends each option with its default, unless the text already names it or there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = (action.help or "").strip()
         default = action.default
         if ("default" in text or "%(default)" in text or default is None or default is False
                 or default == [] or default is argparse.SUPPRESS or not action.option_strings):
@@ -52,7 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(subparsers)
+    _give_every_default_a_help_line(parser)
     return parser
+
+
+def _give_every_default_a_help_line(parser: argparse.ArgumentParser) -> None:
+    """argparse prints no help line for an option without ``help=``; give such options one, so that
+    :class:`DefaultsFormatter` can show their default too (recursing into sub-commands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _give_every_default_a_help_line(subparser)
+        elif action.help is None and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:
