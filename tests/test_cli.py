@@ -70,3 +70,22 @@ def test_version_and_help_show_defaults(capsys):
     unwrapped = evaluate_help.replace("- ", "-")  # argparse wraps after a hyphen
     assert all(f" {method}," in unwrapped or f" {method} " in unwrapped for method in METHODS), unwrapped
     assert "(default: 64)" in evaluate_help  # --samples-per-seed had no default shown before
+
+
+def test_finetune_verify_quick_report_says_smoke_run():
+    """`finetune-verify --quick` labels its report (printed by the command) as a smoke run; the full one does not."""
+    from dataclasses import asdict
+
+    from diffusion_blend.verify.finetune_verify import VerifySettings, markdown_report
+
+    case = {"case": "right-alpha1", "alpha": 1.0, "E_pre[r]": 0.0, "E_ft[r]": 0.1, "E_ft[r]_se": 0.01,
+            "E_target[r]_IS": 0.2, "E_target[r]_exact_mixture": 0.2, "path_kl": 0.05, "J_ft": 0.05,
+            "best_objective": 0.1, "fraction": 0.5}
+    blend = {"weights": {"right": 0.5}, "alpha": 1.0, "path_kl": 0.1,
+             "r_w": {"blend": 0.1, "target_IS": 0.2, "J_blend": 0.05, "best_objective": 0.1, "fraction": 0.5}}
+
+    def report(settings):
+        return {"settings": asdict(settings), "cases": [case], "morl_oracle": case, "blend": blend}
+
+    assert markdown_report(report(VerifySettings.quick())).startswith("**Smoke run (--quick)**")
+    assert "Smoke run" not in markdown_report(report(VerifySettings()))
