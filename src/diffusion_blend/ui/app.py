@@ -36,15 +36,15 @@ WEIGHT_RANGE, KL_RANGE = (-1.0, 2.0), (0.0, 3.0)
 STALE = "**Stale**: the controls changed since this result was generated; press Generate for the new settings."
 
 
-class CheckedSlider(gr.Slider):
-    """A slider whose value reaches our handlers even when typed outside its range, so the range check is ours
+def checked_slider(minimum: float, maximum: float, **kwargs: Any) -> gr.Slider:
+    """A ``gr.Slider`` whose value reaches our handlers even when typed outside its range, so the range check is ours
     (:func:`check_ranges`: a readable message) instead of gradio's (an error pill and a server-log traceback).
-    ``is_template``: gradio's mark for a subclass that uses its parent's front-end component."""
 
-    is_template = True
-
-    def preprocess(self, payload: float | None) -> float | None:  # type: ignore[override]
-        return None if payload is None else float(payload)
+    The instance's ``preprocess`` is replaced (a subclass would make gradio write a ``.pyi`` stub next to this file).
+    """
+    slider = gr.Slider(minimum, maximum, **kwargs)
+    slider.preprocess = lambda payload: None if payload is None else float(payload)  # type: ignore[method-assign]
+    return slider
 
 
 def check_ranges(weights: list[float | None], kl_scale: float | None, names: tuple[str, ...]) -> None:
@@ -122,13 +122,13 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
         with gr.Row():
             with gr.Column(scale=1):
                 weight_sliders = [
-                    CheckedSlider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
-                                  elem_id=f"weight-{name}")
+                    checked_slider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
+                                   elem_id=f"weight-{name}")
                     for name in names
                 ]
-                kl_slider = CheckedSlider(*KL_RANGE, value=1.0, step=0.05, label="KL scale (lambda)",
-                                          elem_id="kl-scale",
-                                          info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
+                kl_slider = checked_slider(*KL_RANGE, value=1.0, step=0.05, label="KL scale (lambda)",
+                                           elem_id="kl-scale",
+                                           info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
                 method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
                 method_note = gr.Markdown(elem_id="method-note")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
