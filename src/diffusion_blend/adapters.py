@@ -28,9 +28,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import give_user_mode
 from . import lora
 from .errors import AdapterMismatchError, DiffusionBlendError
+from .files import give_user_mode
 
 FORMAT = "diffusion-blend-lora/1"
 

@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..files import give_user_mode
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..preference import Preference
 
 TrainAdapter = Callable[[dict[str, float], float], "str | os.PathLike"]

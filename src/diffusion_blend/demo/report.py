@@ -27,10 +27,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from ..files import give_user_mode
 from ..evaluation.html import format_cell  # noqa: E402
 from ..evaluation.oracle import importance_weighted_oracle  # noqa: E402
 from ..evaluation.plots import save_figure  # noqa: E402
+from ..files import give_user_mode  # noqa: E402
 from ..preference import Preference  # noqa: E402
 from .config import DemoConfig  # noqa: E402
 

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import give_user_mode
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..sampling import make_scheduler
 from .data import IMAGE_SHAPE
 

@@ -37,13 +37,13 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ..files import give_user_mode
 from ..baselines.code import code_sample
 from ..baselines.guidance import guided_sample
 from ..baselines.morl import preference_key
 from ..baselines.rewarded_soup import rewarded_soup_denoiser
 from ..denoisers import BlendedDenoiser, Denoiser, DenoiserFamily, Member, SwitchingDenoiser
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..lora import LoraFamily
 from ..preference import BASE, Preference
 from ..sampling import sample

@@ -41,7 +41,6 @@ from typing import Any
 
 import torch
 
-from ..files import give_user_mode
 from ..adapters import base_fingerprint
 from ..baselines.guidance import guided_sample
 from ..baselines.morl import MorlOracle, dpok_adapter_trainer, morl_denoiser, preference_key
@@ -51,6 +50,7 @@ from ..demo.pipeline import DemoModels, digits_setting, evaluation_seeds, file_d
 from ..digits.model import digits_forward
 from ..errors import DiffusionBlendError, RewardError
 from ..evaluation.sweep import Setting, SweepConfig, run_sweep
+from ..files import give_user_mode
 from ..preference import BASE, Preference
 
 TABLE_METHODS = ("base", "rs-factors", "rs-deltas", "code", "rgg", "mpa", "ls", "morl", "is-oracle")

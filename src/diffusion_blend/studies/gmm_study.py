@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..files import give_user_mode
 from ..denoisers import BlendedDenoiser
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..preference import BASE, Preference, blend_predictions
 from ..sampling import make_scheduler, sample
 from ..testbeds.gmm import (
