@@ -2,6 +2,10 @@
 
 from diffusion_blend.tiny import (  # noqa: F401 - re-exported for the tests
     ATTENTION_PROJECTIONS,
+    EXAMPLE_ADAPTERS,
+    _scheduler,
+    _text_config,
+    _vae,
     make_tokenizer,
     perturbed_lora,
     save_diffusers_lora,
