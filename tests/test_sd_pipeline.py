@@ -351,3 +351,68 @@ def test_load_adapter_refuses_text_encoder_lora_and_duplicates(sd_files, tmp_pat
     with pytest.raises(AdapterMismatchError, match="text_encoder"):
         fresh.load_adapter(path, "te")
     assert fresh.adapter_names == ()
+
+
+# ---- samplers: eta and DB-MPA-LS (issue 14) ----------------------------------------------------------------------
+
+
+def test_eta_with_a_scheduler_that_ignores_it_is_refused(sd_files):
+    """SD 1.5 ships PNDM: stock diffusers gives the same image at eta 0 and 1 (eta silently dropped), so a blended
+    call with eta != 0 on it is an error naming the fix; DDIM honours eta (the images differ)."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    root, files = sd_files
+    pipe = BlendStableDiffusionPipeline.from_pretrained(root / "base")
+    pipe.load_adapters(files)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)  # as SD 1.5 ships it
+    assert torch.equal(run(pipe, eta=0.0), run(pipe, eta=1.0))  # the silent no-op the check exists for
+    preference = Preference({"aesthetic": 0.3, "align": 0.7})
+    with pytest.raises(DiffusionBlendError, match="eta=1 has no effect with PNDMScheduler.*DDIMScheduler"):
+        run(pipe, preference=preference, eta=1.0)
+    assert run(pipe, preference=preference, eta=0.0).shape == run(pipe, eta=0.0).shape  # eta 0: deterministic, fine
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert not torch.equal(run(pipe, preference=preference, eta=0.0), run(pipe, preference=preference, eta=1.0))
+
+
+def test_ls_refuses_deterministic_samplers(sd_files):
+    """DB-MPA-LS (paper Proposition 2) needs fresh noise every step: DDIM eta=0, PNDM and Euler are refused with one
+    line; DDIM eta=1, DDPM and Euler ancestral run (one UNet call per step, like stock)."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+
+    root, files = sd_files
+    pipe = BlendStableDiffusionPipeline.from_pretrained(root / "base")
+    pipe.load_adapters(files)
+    pipe.set_progress_bar_config(disable=True)
+    preference = Preference({"aesthetic": 0.5, "align": 0.5})
+    config = pipe.scheduler.config
+    for scheduler, eta in ((DDIMScheduler, 0.0), (PNDMScheduler, None), (EulerDiscreteScheduler, None)):
+        pipe.scheduler = scheduler.from_config(config, skip_prk_steps=True)  # (PNDM as SD 1.5 ships it)
+        with pytest.raises(DiffusionBlendError, match=f"needs a stochastic sampler.*{scheduler.__name__}") as info:
+            run(pipe, preference=preference, method="ls", switch_generator=0, eta=eta)
+        assert "\n" not in str(info.value)
+        assert run(pipe, preference=preference, method="mpa", eta=eta).shape[0] == 1  # DB-MPA: any scheduler
+    for scheduler, eta in ((DDIMScheduler, 1.0), (DDPMScheduler, None), (EulerAncestralDiscreteScheduler, None)):
+        pipe.scheduler = scheduler.from_config(config)
+        run(pipe, preference=preference, method="ls", switch_generator=0, eta=eta)
+        assert pipe.last_blend.calls == CALL["num_inference_steps"]
+
+
+def test_cli_settings_are_tidy_and_files_have_the_users_mode(sd_files, tmp_path, capsys):
+    os.umask(umask := os.umask(0o022))
+    assert cli(sd_files, tmp_path / "out", "--kl-scale", "1.2") == 0
+    assert "device: cpu, float32 (auto)" in capsys.readouterr().out  # says what auto picked
+    text = (tmp_path / "out" / "settings.json").read_text()
+    assert '"base": -0.2' in text and "0.19999999" not in text and "0.36000000" not in text
+    for path in (tmp_path / "out").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert cli(sd_files, tmp_path / "out") == 2  # holds results: refused
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli(sd_files, tmp_path / "out", "--num-images", "1", "--overwrite") == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["image_000.png", "settings.json"]

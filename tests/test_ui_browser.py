@@ -97,7 +97,7 @@ def scores_of(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"(ink|compressibility)\s+(-?[0-9]+\.[0-9]+)", text)}
 
 
-def test_ui_in_headless_chromium(server):
+def test_ui_in_headless_chromium(server, capfd):
     from playwright.sync_api import expect, sync_playwright
 
     from diffusion_blend.preference import Preference
@@ -112,6 +112,12 @@ def test_ui_in_headless_chromium(server):
         generate = page.locator("#generate")
         expect(generate).to_be_visible(timeout=60_000)
         scores = page.locator("#scores")
+        status = page.locator("#status")
+        # a first result on load, before any click (the digits model needs no prompt)
+        expect(scores).to_contain_text("compressibility", timeout=120_000)
+        expect(status).to_contain_text("Result for weights ink 0.5, compressibility 0.5, KL scale 1, DB-MPA, seed 0")
+        expect(scores).to_contain_text("standard error")
+        assert RECEIVED and RECEIVED[-1][0].weights == {"ink": 0.5, "compressibility": 0.5}
 
         started = time.perf_counter()
         generate.click()
@@ -131,6 +137,7 @@ def test_ui_in_headless_chromium(server):
         # (waiting for it also means the server has the new slider value before we click)
         expect(page.locator("#method-note")).to_contain_text("base: -1, ink: +1.5", timeout=30_000)
         expect(page.locator("#method-note")).to_contain_text("DB-MPA-LS is disabled")
+        expect(status).to_contain_text("Stale")  # the image and star on show belong to the old weights
         expect(page.get_by_label("DB-MPA-LS (one model per step)")).to_have_count(0)
         expected = direct_generate(Preference({"ink": 1.5, "compressibility": 0.5}), "mpa", 0).scores
         assert abs(expected["ink"] - before["ink"]) > 1e-4  # the slider move really changes the result
@@ -139,10 +146,24 @@ def test_ui_in_headless_chromium(server):
         for name, value in expected.items():  # the page shows exactly what the blend computes for the new weights
             expect(scores).to_contain_text(f"{name}\t{value:.4f}", timeout=120_000)
         second_click_seconds = time.perf_counter() - started
+        expect(status).to_contain_text("Result for weights ink 1.5, compressibility 0.5")
+        expect(status).not_to_contain_text("Stale")
         assert RECEIVED[-1][0].weights == {"ink": 1.5, "compressibility": 0.5} and RECEIVED[-1][1] == "mpa"
 
         expect(page.locator("#samples img")).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "ui-screenshot.png"), full_page=True)
+
+        # a value typed outside a slider's range reaches the server (the page only clamps its range knob): a readable
+        # note, no error pill, no server-log traceback (gradio's own range check gave both)
+        kl_box = page.locator("#kl-scale input[type=number]")
+        kl_box.fill("5")
+        kl_box.press("Enter")
+        expect(page.locator("#method-note")).to_contain_text("KL scale must be between 0 and 3, got 5", timeout=30_000)
+        assert "greater than maximum" not in page.content()
+        assert page.get_by_text("Error", exact=True).count() == 0
+        kl_box.fill("1")
+        kl_box.press("Enter")
+        expect(page.locator("#method-note")).to_contain_text("base: -1, ink: +1.5", timeout=30_000)
 
         # invalid input is rejected in the page with a readable message, no traceback
         seed = page.locator("#seed input")
@@ -152,7 +173,24 @@ def test_ui_in_headless_chromium(server):
         assert "Traceback" not in page.content()
 
         page.screenshot(path=str(ARTIFACTS / "ui-invalid-input.png"), full_page=True)
+        # the Pareto plot is shown whole: scaled, not cropped, and nothing of the page drawn over it
+        natural, shown = page.locator("#pareto img").evaluate(
+            "img => [[img.naturalWidth, img.naturalHeight], [img.clientWidth, img.clientHeight]]")
+        assert natural[1] > 0 and abs(shown[0] / shown[1] - natural[0] / natural[1]) < 0.02, (natural, shown)
+        covered = page.locator("#pareto img").evaluate("""img => {
+            const r = img.getBoundingClientRect(); const hits = [];
+            // any text in the image's band of the page (gradio's block label is a strip across the image's top)
+            for (const el of document.querySelectorAll('#pareto *')) {
+                if (el.contains(img) || !el.innerText || !el.innerText.trim()) continue;
+                const b = el.getBoundingClientRect();
+                if (b.width && b.height && b.top < r.bottom && b.bottom > r.top)
+                    hits.push(el.innerText.trim().slice(0, 80));
+            }
+            return hits; }""")
+        assert covered == [], covered
         browser.close()
+    server_log = capfd.readouterr()
+    assert "Traceback" not in server_log.err + server_log.out, server_log.err[-3000:]
     timing = f"click-to-image: first {first_click_seconds:.2f} s, after slider move {second_click_seconds:.2f} s\n"
     (ARTIFACTS / "ui-timing.txt").write_text(timing)
     print(timing)
@@ -181,3 +219,18 @@ def test_adapter_paths_outside_the_configured_folders_are_refused(experts, tmp_p
         resolve_within(outside, [folder])
     with pytest.raises(DiffusionBlendError, match="outside"):
         resolve_within(folder / ".." / outside.name, [folder])
+
+
+def test_star_has_standard_error_bars():
+    """The star's +-2 se bars: the same point drawn with and without a standard error differs only by the bars."""
+    import numpy as np
+
+    from diffusion_blend.ui.app import pareto_figure
+
+    reference = {"rewards": ["ink", "compressibility"],
+                 "series": {"DB-MPA": [{"ink": 0.30, "compressibility": 0.50}, {"ink": 0.40, "compressibility": 0.40}]}}
+    point = {"ink": 0.35, "compressibility": 0.45}
+    bare = pareto_figure(reference, point, {"ink": 0.0, "compressibility": 0.0})
+    with_bars = pareto_figure(reference, point, {"ink": 0.02, "compressibility": 0.02})
+    assert bare.shape == with_bars.shape and (bare != with_bars).any(axis=2).sum() > 50
+    assert (pareto_figure(reference, point) == bare).all()  # no se given: no bars

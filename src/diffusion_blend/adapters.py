@@ -30,6 +30,7 @@ from torch import nn
 
 from . import lora
 from .errors import AdapterMismatchError, DiffusionBlendError
+from .files import give_user_mode
 
 FORMAT = "diffusion-blend-lora/1"
 
@@ -115,6 +116,7 @@ def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.
     os.close(handle)
     try:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
+        give_user_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

@@ -1,8 +1,11 @@
 """``dblend``: the command-line interface (layer 9: parse, call the library, print).
 
 Each sub-command lives in its own module under ``diffusion_blend.commands`` and exposes
-``register(subparsers)``, which adds a parser whose ``func(args)`` runs the command. Bad input ends with
-one readable line on stderr and exit status 2; ``--debug`` shows the traceback instead.
+``register(subparsers)``, which adds a parser whose ``func(args)`` runs the command. Registering must stay
+cheap: command modules import torch, diffusers and the rest inside ``func``, so ``dblend --help``,
+``dblend COMMAND --help`` and ``dblend coefficients`` start without them (tests/test_cli.py checks that no
+heavy module is imported). Bad input ends with one readable line on stderr and exit status 2; ``--debug`` shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -13,11 +16,27 @@ import os
 import pkgutil
 import sys
 
-from . import commands
+from . import __version__, commands
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that ends each option with its default, unless the text already names it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        default = action.default
+        if ("default" in text or "%(default)" in text or default is None or default is False
+                or default == [] or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``dblend: error: ...``) and exit status 2."""
+    """argparse, but a usage error is one line (``dblend: error: ...``) and exit status 2; help shows defaults."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"dblend: error: {message} (see '{self.prog} --help')\n")
@@ -27,16 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="dblend", description="Diffusion Blend: inference-time multi-preference alignment for diffusion models."
     )
+    parser.add_argument("--version", action="version", version=f"dblend (diffusion-blend) {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(subparsers)
+    _give_every_default_a_help_line(parser)
     return parser
+
+
+def _give_every_default_a_help_line(parser: argparse.ArgumentParser) -> None:
+    """argparse prints no help line for an option without ``help=``; give such options one, so that
+    :class:`DefaultsFormatter` can show their default too (recursing into sub-commands)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _give_every_default_a_help_line(subparser)
+        elif action.help is None and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from .quiet import install_log_filters
+
+    install_log_filters()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -47,17 +82,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dblend: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+            FileExistsError) as err:
         if args.debug:
             raise
-        print(f"dblend: error: {err}", file=sys.stderr)
+        print(f"dblend: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # unexpected: still one line unless --debug
         if args.debug:
             raise
-        print(f"dblend: internal error: {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)
+        print(f"dblend: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for details)",
+              file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's message on one line (a multi-line message from a library is joined)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -29,10 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DiffusionBlendError, finite_number
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made, so `dblend coefficients` starts without it
+    import torch
 
 BASE = None
 """Member key of the pre-trained (base) model in a coefficient vector; experts are keyed by name."""
@@ -139,6 +141,8 @@ class BlendCoefficients:
                 f"DB-MPA-LS needs non-negative coefficients, got {listed} (kl_scale > 1 or a negative weight "
                 "extrapolates); use the deterministic blend, method 'mpa' (DB-MPA), instead"
             )
+        import torch
+
         members = [member for member, coef in self.active()]
         probs = torch.tensor([coef for _, coef in self.active()], dtype=torch.float64)
         return members, probs / probs.sum()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..preference import Preference
 
 TrainAdapter = Callable[[dict[str, float], float], "str | os.PathLike"]
@@ -42,6 +43,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(value, handle, indent=2, sort_keys=True)
+    give_user_mode(tmp)
     os.replace(tmp, path)
 
 

@@ -33,8 +33,14 @@ def run(args: argparse.Namespace) -> int:
     if args.seed < 0:
         raise DiffusionBlendError(f"--seed must be >= 0, got {args.seed}")
     config = (DemoConfig.quick() if args.quick else DemoConfig()).with_seed(args.seed)
+    from ..demo.report import SMOKE_NOTE
+
     summary = run_demo(args.out, config, progress=not args.quiet)
+    if config.smoke_run:
+        print(SMOKE_NOTE)
     for check in summary["checks"]:
-        print(f"{check['status']}  {check['name']}: {check['value']:.4g} ({check['threshold']})")
+        status = "-" if config.smoke_run else check["status"]
+        print(f"{status:>4s}  {check['name']}: {check['value']:.4g} ({'bar ' if config.smoke_run else ''}"
+              f"{check['threshold']})")
     print(f"report: {args.out / 'report' / 'index.html'}  ({summary['timings']['total_s']:.0f} s)")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from ..errors import DiffusionBlendError
-from ..evaluation.sweep import METHODS, SETTINGS, SweepConfig, parse_preference_grid, run_sweep
 
 
 def _floats(text: str) -> list[float]:
@@ -32,10 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate DB-MPA/LS and baselines over a preference grid: Pareto fronts, hypervolume, HTML report",
         description="Sweeps methods x preferences x seeds. Finished cells in OUT/cells are reused on a rerun.",
     )
-    parser.add_argument("--setting", default="gmm", choices=sorted(SETTINGS), help="model family and rewards")
+    # names are checked when the command runs, so registering it (`dblend --help`) does not import the sweep (torch)
+    parser.add_argument("--setting", default="gmm", help="model family and rewards (gmm)")
     parser.add_argument("--out", required=True, help="output folder (cells/, results.csv/json, *.png, summary.html)")
     parser.add_argument("--methods", default="base,mpa,ls,code,rgg,is-oracle,morl",
-                        help=f"comma-separated, from: {', '.join(METHODS)}")
+                        help="comma-separated, from: base, mpa, ls, rs-factors, rs-deltas, code, rgg, is-oracle, "
+                        "morl (docs/evaluation.md)")
     parser.add_argument("--weights", help="preferences 'a=0.2,b=0.8;a=0.5,b=0.5' (overrides --grid)")
     parser.add_argument("--grid", type=int, default=5, help="evenly spaced w for two rewards (default 5 points)")
     parser.add_argument("--kl-scales", default="1", help="KL scales lambda, comma-separated (default 1)")
@@ -54,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.sweep import SETTINGS, SweepConfig, parse_preference_grid, run_sweep
+
+    if args.setting not in SETTINGS:
+        raise DiffusionBlendError(f"unknown --setting {args.setting!r}; choose from {', '.join(sorted(SETTINGS))}")
     setting = SETTINGS[args.setting](num_inference_steps=args.steps, alpha=args.alpha)
     preferences = parse_preference_grid(list(setting.rewards), args.weights, args.grid, _floats(args.kl_scales))
     config = SweepConfig(

@@ -12,11 +12,13 @@ import argparse
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DiffusionBlendError
 from ..preference import Preference
-from ..training.config import DPOKConfig, FinetuneTarget
+
+if TYPE_CHECKING:  # the trainer (torch) is imported when the command runs, not when `dblend --help` registers it
+    from ..training.config import DPOKConfig, FinetuneTarget
 
 
 def gmm_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
@@ -128,6 +130,8 @@ TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
 def defaults_epilog() -> str:
     from dataclasses import fields
 
+    from ..training.config import DPOKConfig
+
     base = {f.name: f.default for f in fields(DPOKConfig) if f.name in set(FLAG_FIELDS.values()) | {"lora_alpha"}}
     lines = ["per-target defaults (a --config file and the flags override them):",
              "  gmm, digits: " + ", ".join(f"{k}={v}" for k, v in base.items() if k != "alpha")]
@@ -142,9 +146,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "finetune",
         help="fine-tune a LoRA adapter for a reward (KL-regularized policy gradient, DPOK)",
         description="Maximise E[r_w] - alpha * KL(path to base) with r_w = sum_i w_i r_i. Flags override --config.",
-        epilog=defaults_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.formatter_class = type("DefaultsEpilogFormatter",
+                                  (parser.formatter_class, argparse.RawDescriptionHelpFormatter), {})
+
+    def format_help() -> str:  # the defaults epilog reads DPOKConfig (torch): built when help is shown, not here
+        parser.epilog = defaults_epilog()
+        return type(parser).format_help(parser)
+
+    parser.format_help = format_help  # type: ignore[method-assign]
     parser.add_argument("--target", choices=sorted(TARGETS), default="gmm", help="model to fine-tune (default gmm)")
     parser.add_argument("--rewards", help="reward weights, e.g. right=1 or right=0.5,corner=0.5")
     parser.add_argument("--config", type=Path, help="JSON file with DPOKConfig fields (reward_weights, alpha, ...)")
@@ -187,6 +197,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> DPOKConfig:
     """Per-target defaults, then the --config file, then the flags."""
+    from ..training.config import DPOKConfig
+
     overrides: dict[str, Any] = {field: getattr(args, flag, None) for flag, field in FLAG_FIELDS.items()}
     if args.rewards:
         overrides["reward_weights"] = dict(Preference.parse(args.rewards).weights)

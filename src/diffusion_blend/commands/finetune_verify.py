@@ -22,8 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import positive_int
     from ..verify.finetune_verify import VerifySettings, run_verification
 
+    if args.iterations is not None:  # before the base model is trained (minutes on a first run)
+        positive_int(args.iterations, "--iterations")
     settings = VerifySettings.quick() if args.quick else VerifySettings()
     if args.iterations is not None:
         settings.iterations = args.iterations

@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pretrain", help="pretrain a base diffusion model",
                                    description="Pretrain a base diffusion model with the DDPM epsilon loss.")
     models = parser.add_subparsers(dest="model", metavar="MODEL", required=True)
-    from ..digits.train import DEFAULT_RECIPE
+    from ..digits.recipe import DEFAULT_RECIPE
 
     digits = models.add_parser(
         "digits", help="pixel-space model of sklearn's 8x8 digits",

@@ -20,10 +20,12 @@ import tempfile
 from pathlib import Path
 
 from ..denoisers import ROUTINGS
+from ..devices import DTYPE_CHOICES
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode, refuse_existing_results, rounded
 from ..preference import Preference
 
-DTYPES = ("float32", "float16", "bfloat16")
+RESULT_FILES = ["image_*.png", "settings.json"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the images and settings.json in --out")
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="guidance scale (default 7.5 for SD/SDXL, 7 for SD3, 3.5 for FLUX's distilled guidance)")
@@ -68,8 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--routing", choices=ROUTINGS, default="auto",
                         help="how the experts are evaluated: batched (one forward of all members), sequential (one "
                         "forward per member), auto (sequential on CPU, batched on CUDA when it fits; default)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help="weights dtype; auto: float16 on cuda, float32 on cpu")
     parser.set_defaults(func=run)
 
 
@@ -127,6 +131,7 @@ def _save_png(image, path: Path) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        give_user_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -136,9 +141,12 @@ def _save_png(image, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..devices import resolve_device
     from ..pipelines.loading import FLOW_KINDS, load_blend_pipeline, pipeline_kind
 
     _check_args(args)
+    device, dtype = resolve_device(args.device, args.dtype)
+    refuse_existing_results(args.out, RESULT_FILES, args.overwrite)
     adapters = _parse_adapters(args.adapter)
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
@@ -159,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         raise DiffusionBlendError("--method ls needs SDE noise: --eta 0 makes the flow sampler the Euler ODE "
                                   "(its noise level must be > 0)")
     guidance_scale = args.guidance_scale if args.guidance_scale is not None else {"sd3": 7.0, "flux": 3.5}.get(kind, 7.5)
-    pipe = load_blend_pipeline(args.base, kind, torch_dtype=getattr(torch, args.dtype))
+    print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
+    pipe = load_blend_pipeline(args.base, kind, dtype=getattr(torch, dtype))
     pipe.load_adapters(adapters)
     if scheduler == "ddim":
         from diffusers import DDIMScheduler
@@ -169,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
         from ..sampling import FlowMatchSDEScheduler
 
         pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=eta)
-    pipe = pipe.to(args.device)
-    generators = [torch.Generator(args.device).manual_seed(args.seed + k) for k in range(args.num_images)]
+    pipe = pipe.to(device)
+    generators = [torch.Generator(device).manual_seed(args.seed + k) for k in range(args.num_images)]
     call = dict(
         prompt=[args.prompt] * args.num_images,
         negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * args.num_images,
@@ -196,14 +205,14 @@ def run(args: argparse.Namespace) -> int:
         "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
         "guidance_scale": guidance_scale, "eta": eta, "seeds": [args.seed + k for k in range(len(files))],
-        "height": args.height, "width": args.width, "device": args.device, "dtype": args.dtype,
+        "height": args.height, "width": args.width, "device": device, "dtype": dtype,
         "scheduler": type(pipe.scheduler).__name__, f"{pipe.blend_component}_calls": pipe.last_blend.calls,
         f"{pipe.blend_component}_forwards": pipe.last_blend.forwards,
         "routing": args.routing, "routing_used": pipe.last_blend.routing_used, "images": files,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
     tmp = args.out / "settings.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=2))
+    tmp.write_text(json.dumps(rounded(settings), indent=2))
     os.replace(tmp, args.out / "settings.json")
     print(f"wrote {len(files)} image(s) and settings.json to {args.out}")
     return 0

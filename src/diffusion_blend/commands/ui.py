@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reward-options", help='sd: JSON per-reward factory options, e.g. {"aesthetic": {...}}')
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance scale")
     parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the base's)")
-    parser.add_argument("--device", default="cpu", help="sd: torch device (cpu, cuda)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="sd: weights dtype")
+    parser.add_argument("--device", default="auto", help="sd: torch device: auto (cuda if available, else cpu), cpu, cuda")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="sd: weights dtype; auto: float16 on cuda, float32 on cpu")
     parser.set_defaults(func=run)
 
 
@@ -57,13 +58,16 @@ def sd_studio(args: argparse.Namespace):
 
     import torch
 
+    from ..devices import resolve_device
     from ..errors import DiffusionBlendError
     from ..ui.paths import resolve_within
     from ..ui.stable_diffusion import stable_diffusion_studio
 
+    device, dtype = resolve_device(args.device, args.dtype)
     adapters = parse_adapter_args(args.adapter)
     if not adapters:
         raise DiffusionBlendError("--sd-base needs the experts to blend: --adapter NAME=PATH (one per basis reward)")
+    print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
     if args.adapter_dir:
         adapters = {name: resolve_within(path, args.adapter_dir) for name, path in adapters.items()}
     try:
@@ -73,20 +77,23 @@ def sd_studio(args: argparse.Namespace):
     return stable_diffusion_studio(
         args.sd_base, adapters, reward_names=parse_adapter_args(args.reward, flag="--reward", value="REWARD"),
         reward_options=options, num_images=args.num_images, num_inference_steps=args.steps or 50,
-        guidance_scale=args.guidance_scale, resolution=args.resolution, device=args.device,
-        dtype=getattr(torch, args.dtype),
+        guidance_scale=args.guidance_scale, resolution=args.resolution, device=device, dtype=getattr(torch, dtype),
     )
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     from ..errors import DiffusionBlendError
-    from ..ui.app import build_app, launch, load_pareto_reference
-    from ..ui.digits import adapters_in, digits_studio
-    from ..ui.paths import resolve_within
 
     if not 1 <= args.port <= 65535:
         raise DiffusionBlendError(f"--port must be in 1..65535, got {args.port}")
+    if args.sd_base is not None:  # the device is checked before gradio and the model load
+        from ..devices import resolve_device
+
+        resolve_device(args.device, args.dtype)
+    from ..ui.app import build_app, launch, load_pareto_reference
+    from ..ui.digits import adapters_in, digits_studio
+    from ..ui.paths import resolve_within
     if args.sd_base is not None:
         app = build_app(sd_studio(args))
         print(f"Diffusion Blend UI on http://{args.host}:{args.port} (Ctrl+C to stop)")

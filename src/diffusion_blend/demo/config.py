@@ -54,6 +54,8 @@ class DemoConfig:
     grid_rows: int = 8
     threads: int = 1
     workers: int = 2
+    smoke_run: bool = False
+    """A miniature run (:meth:`quick`): its summary and report say so and judge no check against its bar."""
 
     def __post_init__(self) -> None:
         if len(self.rewards) != 2 or self.rewards[0] == self.rewards[1]:
@@ -88,7 +90,7 @@ class DemoConfig:
                       "learning_rate": 1e-4, "lora_rank": 2, "lora_alpha": 2.0},
             num_inference_steps=4, weight_grid=(0.0, 0.2, 0.5, 0.8, 1.0), kl_scales=(0.0, 1.0, 2.0),
             combined_weights=(0.5,), combined_kl_scales=(0.5,), seeds=(0, 1), samples_per_seed=16,
-            oracle_samples=256, expert_samples=64, grid_rows=3, workers=1,
+            oracle_samples=256, expert_samples=64, grid_rows=3, workers=1, smoke_run=True,
         )
         values.update(overrides)
         return cls(**values)

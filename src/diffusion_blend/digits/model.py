@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..sampling import make_scheduler
 from .data import IMAGE_SHAPE
 
@@ -131,7 +132,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; saved models are meant to be shared
+        give_user_mode(tmp)  # mkstemp makes 0600 files; saved models are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,9 +20,9 @@ from ..training.pretrain import PretrainResult, pretrain_denoiser
 from .data import data_hash, training_data
 from .model import DigitsDenoiser, DigitsDenoiserConfig, digits_forward, digits_scheduler, load_digits_model
 from .model import save_digits_model
+from .recipe import DEFAULT_RECIPE
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "digits" / "denoiser"
-DEFAULT_RECIPE: dict[str, Any] = {"steps": 6000, "seed": 0, "batch_size": 256, "lr": 1e-3, "ema_decay": 0.999}
 
 
 def default_command(steps: int, seed: int, batch_size: int, lr: float, ema_decay: float | None) -> str:

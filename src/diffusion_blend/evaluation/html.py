@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import give_user_mode
+
 
 def format_cell(value: Any) -> str:
     """A table cell: '–' for None, 4 significant digits for floats, HTML-escaped text otherwise."""
@@ -67,5 +69,6 @@ def write_html(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(render_html(result))
+    give_user_mode(tmp)
     os.replace(tmp, path)
     return path

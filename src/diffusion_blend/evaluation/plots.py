@@ -13,12 +13,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..files import give_user_mode  # noqa: E402
+
 
 def save_figure(fig: Any, path: Path) -> str:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
+    give_user_mode(tmp)
     os.replace(tmp, path)
     return path.name
 

@@ -43,6 +43,7 @@ from ..baselines.morl import preference_key
 from ..baselines.rewarded_soup import rewarded_soup_denoiser
 from ..denoisers import BlendedDenoiser, Denoiser, DenoiserFamily, Member, SwitchingDenoiser
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..lora import LoraFamily
 from ..preference import BASE, Preference
 from ..sampling import sample
@@ -152,6 +153,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(value, handle, indent=1, sort_keys=True, allow_nan=False)
+    give_user_mode(tmp)
     os.replace(tmp, path)
 
 
@@ -474,6 +476,7 @@ def write_tables(result: Mapping[str, Any], out_dir: Path) -> None:
         for row in result["rows"]:
             flat = {**row, **{f"w_{n}": row["weights"].get(n, 0.0) for n in names}}
             writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
+    give_user_mode(tmp)
     os.replace(tmp, out_dir / "results.csv")
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from ..errors import AdapterMismatchError, DiffusionBlendError
 from ..lora import PEFT_BASE, adapter_names
+from ..quiet import no_loading_bars, quiet_third_party
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _PEFT_PREFIXES = ("base_model.model.", "unet.", "transformer.")
@@ -153,10 +154,11 @@ def load_adapter(pipe: Any, source: str | os.PathLike, name: str) -> None:
     path = Path(source)
     if not path.exists():
         raise AdapterMismatchError(f"adapter {name!r}: no such file or folder: {path}")
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        expected = _load_peft_folder(pipe, path, name)
-    else:
-        expected = _load_diffusers_lora(pipe, path, name)
+    with quiet_third_party():  # diffusers/peft notices that the tensor count below makes redundant
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            expected = _load_peft_folder(pipe, path, name)
+        else:
+            expected = _load_diffusers_lora(pipe, path, name)
     loaded = _count_adapter_tensors(blend_model(pipe), name)
     if loaded < expected:
         _remove_partial(pipe, name)
@@ -177,7 +179,8 @@ def load_adapters(pipe: Any, adapters: Mapping[str, str | os.PathLike]) -> None:
 def load_base_pipeline(pipeline_class: type, base: str | os.PathLike, **from_pretrained_kwargs: Any) -> Any:
     """``pipeline_class.from_pretrained(base)`` with a one-line error when the base cannot be loaded."""
     try:
-        return pipeline_class.from_pretrained(str(base), **from_pretrained_kwargs)
+        with quiet_third_party(), no_loading_bars():
+            return pipeline_class.from_pretrained(str(base), **from_pretrained_kwargs)
     except Exception as err:  # noqa: BLE001 - hub/offline/missing-file errors come in many types
         raise DiffusionBlendError(f"cannot load base model {str(base)!r}: {_short(err)}") from None
 

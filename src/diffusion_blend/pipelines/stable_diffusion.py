@@ -11,10 +11,24 @@
 
 Any other UNet pipeline follows with one line: ``class X(BlendPipelineMixin, SomeUNetPipeline): pass``.
 Without ``preference`` the call is the stock pipeline with whatever adapters diffusers has active.
+
+Samplers (checked at every blended call, one-line :class:`~diffusion_blend.errors.DiffusionBlendError`):
+
+- ``eta`` is honoured only by DDIM-type schedulers (their ``step`` takes ``eta``). A non-zero ``eta`` with any
+  other scheduler is an error, not silently ignored: SD 1.5 ships ``PNDMScheduler``, where ``eta=0`` and
+  ``eta=1`` give identical images. Set ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``
+  (what ``dblend sample`` does by default).
+- ``method="mpa"`` works with any scheduler: the blend is a noise prediction like any other.
+- ``method="ls"`` (DB-MPA-LS) needs a stochastic sampler: Proposition 2 (switching experts matches the blend in
+  distribution) holds for a sampler that draws fresh noise at each step. Accepted: DDIM with ``eta > 0`` (the
+  paper: ``eta = 1``), DDPM, ancestral (``*AncestralDiscreteScheduler``), ``DPMSolverSDEScheduler`` and DPM-Solver
+  with an ``sde-*`` algorithm type; deterministic samplers (DDIM ``eta = 0``, PNDM, Euler, Heun, LMS, UniPC,
+  ODE DPM-Solver) are refused.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +36,7 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from ..errors import DiffusionBlendError
 from ..lora import adapter_names
 from ..preference import Preference
 from .loading import load_adapter, load_adapters
@@ -39,6 +54,37 @@ def _derived_switch_generator(generator: Any, salt: int = 0x5EED) -> torch.Gener
     else:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + salt) % 2**63)
+
+
+def takes_eta(scheduler: Any) -> bool:
+    """Whether ``scheduler.step`` honours ``eta`` (DDIM-type schedulers; diffusers' pipelines drop it otherwise)."""
+    return "eta" in inspect.signature(scheduler.step).parameters
+
+
+def is_stochastic_sampler(scheduler: Any, eta: float | None) -> bool:
+    """Whether every step of ``scheduler`` (at ``eta``) draws fresh noise: what DB-MPA-LS needs (paper Proposition 2)."""
+    name = type(scheduler).__name__
+    if takes_eta(scheduler):
+        return bool(eta)
+    if name.startswith("DDPM") or "Ancestral" in name or name == "DPMSolverSDEScheduler":
+        return True
+    return str(getattr(scheduler.config, "algorithm_type", "")).startswith("sde")
+
+
+def check_sampler(scheduler: Any, method: str, eta: float | None) -> None:
+    """Refuse an ``eta`` the scheduler ignores and DB-MPA-LS on a deterministic sampler (module docstring)."""
+    name = type(scheduler).__name__
+    if eta and not takes_eta(scheduler):
+        raise DiffusionBlendError(
+            f"eta={eta:g} has no effect with {name} (only DDIM-type schedulers take eta); set "
+            "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config) for the paper's sampler, or drop eta"
+        )
+    if method == "ls" and not is_stochastic_sampler(scheduler, eta):
+        what = f"{name} with eta={eta or 0:g}" if takes_eta(scheduler) else name
+        raise DiffusionBlendError(
+            f"method='ls' (DB-MPA-LS) needs a stochastic sampler (paper Proposition 2), got {what}; use DDIM with "
+            "eta=1.0 (or DDPM, an ancestral or SDE scheduler), or method='mpa'"
+        )
 
 
 class BlendPipelineMixin:
@@ -89,7 +135,8 @@ class BlendPipelineMixin:
         return 2 if getattr(self, "do_classifier_free_guidance", False) else 1
 
     def _check_blend_call(self, method: str, kwargs: Mapping[str, Any]) -> None:
-        """Refuse a blend call this pipeline cannot run faithfully (hook for subclasses; UNet pipelines accept all)."""
+        """Refuse a blend call this pipeline cannot run faithfully (:func:`check_sampler` for UNet pipelines)."""
+        check_sampler(self.scheduler, method, kwargs.get("eta"))
 
     @torch.no_grad()
     def __call__(

@@ -50,6 +50,7 @@ from ..demo.pipeline import DemoModels, digits_setting, evaluation_seeds, file_d
 from ..digits.model import digits_forward
 from ..errors import DiffusionBlendError, RewardError
 from ..evaluation.sweep import Setting, SweepConfig, run_sweep
+from ..files import give_user_mode
 from ..preference import BASE, Preference
 
 TABLE_METHODS = ("base", "rs-factors", "rs-deltas", "code", "rgg", "mpa", "ls", "morl", "is-oracle")
@@ -185,6 +186,7 @@ def _copy_atomic(source: Path, target: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     shutil.copyfile(source, tmp)
+    give_user_mode(tmp)
     os.replace(tmp, target)
     return target
 
@@ -484,6 +486,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as handle:
         handle.write(text)
+    give_user_mode(tmp)
     os.replace(tmp, path)
 
 

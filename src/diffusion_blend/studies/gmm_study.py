@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..denoisers import BlendedDenoiser
 from ..errors import DiffusionBlendError
+from ..files import give_user_mode
 from ..preference import BASE, Preference, blend_predictions
 from ..sampling import make_scheduler, sample
 from ..testbeds.gmm import (
@@ -333,6 +334,7 @@ def _atomic_write(path: Path, write: Any, mode: str = "w") -> None:
     try:
         with os.fdopen(handle, mode, **({"newline": ""} if "b" not in mode else {})) as stream:
             write(stream)
+        give_user_mode(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

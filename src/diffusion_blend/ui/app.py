@@ -2,8 +2,12 @@
 
 One slider per reward weight, a KL-scale slider, a method selector (DB-MPA-LS is disabled, with the reason, whenever
 a blend coefficient is negative), a seed, a prompt box for text models. Generating shows the samples, each basis
-reward's mean score, and where the result lies on the demo report's precomputed Pareto plot. Invalid input is
-rejected in the page with a readable message (``gr.Error``), never a traceback.
+reward's mean score with its standard error, and where the result lies on the demo report's precomputed Pareto plot
+(a star with +-2 standard-error bars). Models without a prompt show a first result on page load. When a control
+changes after a result, the status line marks the result stale until the next Generate. Invalid input (a seed
+that is not a whole number, a value typed outside a slider's range, a missing prompt) is rejected in the page with a
+readable message in the status line (the result on show stays), never a traceback, in the page or the server
+log.
 """
 
 from __future__ import annotations
@@ -28,6 +32,27 @@ from .studio import Studio  # noqa: E402
 
 METHODS = {"DB-MPA (blend every step)": "mpa", "DB-MPA-LS (one model per step)": "ls"}
 MPA_LABEL, LS_LABEL = list(METHODS)
+WEIGHT_RANGE, KL_RANGE = (-1.0, 2.0), (0.0, 3.0)
+STALE = "**Stale**: the controls changed since this result was generated; press Generate for the new settings."
+
+
+def checked_slider(minimum: float, maximum: float, **kwargs: Any) -> gr.Slider:
+    """A ``gr.Slider`` whose value reaches our handlers even when typed outside its range, so the range check is ours
+    (:func:`check_ranges`: a readable message) instead of gradio's (an error pill and a server-log traceback).
+
+    The instance's ``preprocess`` is replaced (a subclass would make gradio write a ``.pyi`` stub next to this file).
+    """
+    slider = gr.Slider(minimum, maximum, **kwargs)
+    slider.preprocess = lambda payload: None if payload is None else float(payload)  # type: ignore[method-assign]
+    return slider
+
+
+def check_ranges(weights: list[float | None], kl_scale: float | None, names: tuple[str, ...]) -> None:
+    """Raise :class:`DiffusionBlendError` (one readable line) for a missing or out-of-range control value."""
+    for name, value in [*zip((f"weight: {n}" for n in names), weights), ("KL scale", kl_scale)]:
+        low, high = KL_RANGE if name == "KL scale" else WEIGHT_RANGE
+        if value is None or not low <= value <= high:
+            raise DiffusionBlendError(f"{name} must be between {low:g} and {high:g}, got {value}")
 
 
 def load_pareto_reference(path: str | Path | None) -> dict[str, Any] | None:
@@ -40,8 +65,9 @@ def load_pareto_reference(path: str | Path | None) -> dict[str, Any] | None:
     return reference
 
 
-def pareto_figure(reference: Mapping[str, Any] | None, scores: Mapping[str, float] | None) -> np.ndarray | None:
-    """The reference fronts with the current result as a star (only for two rewards)."""
+def pareto_figure(reference: Mapping[str, Any] | None, scores: Mapping[str, float] | None,
+                  standard_errors: Mapping[str, float] | None = None) -> np.ndarray | None:
+    """The reference fronts with the current result as a star with +-2 standard-error bars (two rewards only)."""
     if reference is None:
         return None
     r1, r2 = reference["rewards"]
@@ -50,12 +76,15 @@ def pareto_figure(reference: Mapping[str, Any] | None, scores: Mapping[str, floa
         xs, ys = [p[r1] for p in points], [p[r2] for p in points]
         ax.plot(xs, ys, "o-" if len(points) > 1 else "s", label=label, markersize=4, linewidth=1)
     if scores is not None and r1 in scores and r2 in scores:
-        ax.plot([scores[r1]], [scores[r2]], "*", color="black", markersize=16, label="this result")
+        se = standard_errors or {}
+        ax.errorbar([scores[r1]], [scores[r2]], xerr=[2 * se.get(r1, 0.0)], yerr=[2 * se.get(r2, 0.0)], fmt="*",
+                    color="black", markersize=16, capsize=4, elinewidth=1.2, label="this result (± 2 se)")
     ax.set_xlabel(r1)
     ax.set_ylabel(r2)
     ax.grid(alpha=0.3)
+    ax.margins(0.08)  # room around the outermost points, so no marker or error bar touches the frame
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.tight_layout(pad=0.6)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
@@ -65,6 +94,7 @@ def pareto_figure(reference: Mapping[str, Any] | None, scores: Mapping[str, floa
 def method_state(weights: list[float], kl_scale: float, names: tuple[str, ...]) -> tuple[dict, str]:
     """Method selector update and explanation for the current sliders."""
     try:
+        check_ranges(weights, kl_scale, names)
         coefficients = Preference(dict(zip(names, weights)), kl_scale).coefficients(names)
     except DiffusionBlendError as err:
         return gr.update(), f"⚠️ {err}"
@@ -78,9 +108,11 @@ def method_state(weights: list[float], kl_scale: float, names: tuple[str, ...]) 
     )
 
 
-def format_scores(scores: Mapping[str, float], seconds: float) -> str:
-    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in scores.items())
-    return f"| reward | mean score |\n| --- | --- |\n{rows}\n\nGenerated in {seconds:.2f} s."
+def format_scores(scores: Mapping[str, float], seconds: float, standard_errors: Mapping[str, float] | None = None) -> str:
+    se = standard_errors or {}
+    rows = "\n".join(f"| {name} | {value:.4f} | {se[name]:.4f} |" if name in se else f"| {name} | {value:.4f} | |"
+                     for name, value in scores.items())
+    return f"| reward | mean score | standard error |\n| --- | --- | --- |\n{rows}\n\nGenerated in {seconds:.2f} s."
 
 
 def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None) -> gr.Blocks:
@@ -90,46 +122,76 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
         with gr.Row():
             with gr.Column(scale=1):
                 weight_sliders = [
-                    gr.Slider(-1.0, 2.0, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
-                              elem_id=f"weight-{name}")
+                    checked_slider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
+                                   elem_id=f"weight-{name}")
                     for name in names
                 ]
-                kl_slider = gr.Slider(0.0, 3.0, value=1.0, step=0.05, label="KL scale (lambda)", elem_id="kl-scale",
-                                      info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
+                kl_slider = checked_slider(*KL_RANGE, value=1.0, step=0.05, label="KL scale (lambda)",
+                                           elem_id="kl-scale",
+                                           info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
                 method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
                 method_note = gr.Markdown(elem_id="method-note")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="status")
+                last_settings = gr.State(None)  # the control values of the result on show
                 image = gr.Image(label="samples", type="numpy", elem_id="samples", interactive=False)
                 scores_md = gr.Markdown(elem_id="scores")
-                pareto = gr.Image(value=pareto_figure(pareto_reference, None), label="where this lies on the demo's "
-                                  "Pareto plot", type="numpy", elem_id="pareto", interactive=False,
-                                  visible=pareto_reference is not None)
+                gr.Markdown("**Where this lies on the demo's Pareto plot** (the star: this result, ± 2 standard "
+                            "errors)", visible=pareto_reference is not None, elem_id="pareto-caption")
+                # no block label: gradio draws it over the image's top edge, where it hid the plot's top tick
+                pareto = gr.Image(value=pareto_figure(pareto_reference, None), show_label=False, type="numpy",
+                                  elem_id="pareto", interactive=False, visible=pareto_reference is not None)
 
         def update_method(*values: float) -> tuple[dict, str]:
             return method_state(list(values[:-1]), values[-1], names)
 
-        def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None]:
+        def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None, str, dict]:
             *weights, kl_scale, method_label, seed_value, prompt_text = values
             try:
+                check_ranges(weights, kl_scale, names)
                 if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
                     raise DiffusionBlendError(f"the seed must be a non-negative whole number, got {seed_value}")
                 if studio.text_conditioned and not (prompt_text or "").strip():
                     raise DiffusionBlendError("enter a prompt")
+                if method_label not in METHODS:
+                    raise DiffusionBlendError(f"unknown method {method_label!r}")
                 preference = Preference(dict(zip(names, weights)), kl_scale)
                 result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None)
             except (DiffusionBlendError, ValueError) as err:
-                raise gr.Error(str(err), title="Invalid input", print_exception=False) from None
-            return result.images, format_scores(result.scores, result.seconds), pareto_figure(
-                pareto_reference, result.scores
-            )
+                # in the status line, with the last result kept: a raised gr.Error would also put "Error" pills
+                # over every output
+                return gr.update(), gr.update(), gr.update(), f"⚠️ Invalid input: {err}", gr.update()
+            weights_text = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
+            shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}, "
+                     f"seed {int(seed_value)}.")
+            return (result.images, format_scores(result.scores, result.seconds, result.standard_errors),
+                    pareto_figure(pareto_reference, result.scores, result.standard_errors), shown,
+                    {"values": list(values), "shown": shown})
 
+        def first_result(*values: Any) -> tuple[Any, ...]:
+            """On page load: a result for the initial controls (models without a prompt), else a hint."""
+            if studio.text_conditioned:
+                return gr.update(), gr.update(), gr.update(), "Enter a prompt and press Generate.", None
+            return generate(*values)
+
+        def mark_stale(*values: Any) -> str | dict:
+            *current, last = values
+            if last is None:
+                return gr.update()
+            return last["shown"] if list(current) == last["values"] else STALE
+
+        controls = [*weight_sliders, kl_slider, method, seed, prompt]
+        outputs = [image, scores_md, pareto, status, last_settings]
         for control in [*weight_sliders, kl_slider]:
             control.change(update_method, [*weight_sliders, kl_slider], [method, method_note])
-        button.click(generate, [*weight_sliders, kl_slider, method, seed, prompt], [image, scores_md, pareto])
+        for control in controls:
+            control.change(mark_stale, [*controls, last_settings], [status], show_progress="hidden")
+        button.click(generate, controls, outputs)
         app.load(update_method, [*weight_sliders, kl_slider], [method, method_note])
+        app.load(first_result, controls, outputs)
     return app
 
 

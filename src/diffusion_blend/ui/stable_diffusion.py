@@ -21,6 +21,7 @@ import torch
 
 from ..adapters import base_fingerprint
 from ..errors import AdapterMismatchError, DiffusionBlendError
+from ..evaluation.stats import mean_and_standard_error
 from ..pipelines import BlendStableDiffusionPipeline
 from ..pipelines.finetune import read_diffusers_lora_metadata, unet_architecture
 from ..preference import Preference
@@ -116,9 +117,10 @@ class StableDiffusionStudio:
         )
         images = output.images.float().cpu()
         prompts = [prompt.strip()] * images.shape[0]
-        scores = {name: float(fn(images, prompts).mean()) for name, fn in self.rewards.items()}
+        stats = {name: mean_and_standard_error(fn(images, prompts).detach()) for name, fn in self.rewards.items()}
         cell = max(64, min(256, images.shape[-1]))
-        return Generation(image_grid(images, cell=cell), scores, time.perf_counter() - start)
+        return Generation(image_grid(images, cell=cell), {name: m for name, (m, _) in stats.items()},
+                          time.perf_counter() - start, {name: se for name, (_, se) in stats.items()})
 
 
 def stable_diffusion_studio(
@@ -153,7 +155,7 @@ def stable_diffusion_studio(
         raise DiffusionBlendError(f"{base} is an SDXL pipeline; the UI's studio serves Stable Diffusion 1.x/2.x, "
                                   "SD3/3.5 and FLUX")
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
-    pipe = load_blend_pipeline(base, kind, torch_dtype=dtype, **extra)
+    pipe = load_blend_pipeline(base, kind, dtype=dtype, **extra)
     chosen = adapter_rewards(pipe, adapters, reward_names)
     options = dict(reward_options or {})
     rewards = {name: get_reward(reward, **dict(options.get(reward, {}))) for name, reward in chosen.items()}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..denoisers import make_denoiser
+from ..evaluation.stats import mean_and_standard_error
 from ..lora import Forward, LoraFamily
 from ..preference import Preference
 from ..sampling import sample
@@ -28,6 +29,8 @@ class Generation:
     images: np.ndarray  # one uint8 grid image (H, W, 3) for display
     scores: dict[str, float]  # mean reward per basis reward
     seconds: float  # generation wall time (sampling + scoring)
+    standard_errors: dict[str, float] | None = None  # standard error of each mean (over the generated images)
+
 
 
 class Studio(Protocol):
@@ -99,5 +102,6 @@ class LoraStudio:
             num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
         ).samples
         images = self.decode(samples)
-        scores = {name: float(fn(images, None).mean()) for name, fn in self.rewards.items()}
-        return Generation(image_grid(images), scores, time.perf_counter() - start)
+        stats = {name: mean_and_standard_error(fn(images, None).detach()) for name, fn in self.rewards.items()}
+        return Generation(image_grid(images), {name: m for name, (m, _) in stats.items()}, time.perf_counter() - start,
+                          {name: se for name, (_, se) in stats.items()})
