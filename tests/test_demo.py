@@ -51,6 +51,7 @@ def test_every_file_exists_and_parses(demo):
     # 1 base, 5 DB-MPA + 5 DB-MPA-LS (weight grid), 2 experts x 3 lambdas DB-KLA, 1 combined (w=0.5, lambda=0.5)
     assert methods.count("base") == 1 and methods.count("DB-MPA") == 5 and methods.count("DB-MPA-LS") == 5
     assert methods.count("DB-KLA") == 6 and methods.count("DB-MPA+KLA") == 1
+    assert methods.count("SMC") == len(CONFIG.check_weights)  # SMC on the blend at the check weights
     assert {c["status"] for c in _read_csv(report / "checks.csv")} <= {"PASS", "FAIL"}
     assert len(_read_csv(report / "experts.csv")) == 2
     for png in report.glob("*.png"):
@@ -107,6 +108,12 @@ def test_numbers_satisfy_invariants(demo):
         assert e["achieved_fraction"] == pytest.approx(expected, rel=1e-9)
         assert e["path_kl"] > 0  # the adapter moved the sampler (LoRA B starts at 0, so 0 would mean untrained)
         assert e["best_objective"] > e["base_reward"]  # Jensen: alpha log E exp(r/alpha) > E r
+    smc_checks = [c for c in summary["checks"] if c["name"].startswith("SMC on the blend")]
+    assert len(smc_checks) == len(CONFIG.check_weights)
+    for point in (p for p in points if p["method"] == "SMC"):  # blend over 2 experts + the base: 3 members
+        assert point["network_evaluations_per_sample"] == 3 * CONFIG.smc_particles * CONFIG.num_inference_steps
+        assert point["reward_evaluations_per_sample"] == 2 * CONFIG.smc_particles * (CONFIG.num_inference_steps + 1)
+        assert 1 - 1e-9 <= point["final_ess_mean"] <= CONFIG.smc_particles + 1e-9
     for check in summary["checks"]:
         value, bar = check["value"], float(check["threshold"].split()[-1]) if check["threshold"][0] in "<>" else 0.0
         passed = value >= bar if check["threshold"].startswith(">=") else (

@@ -211,3 +211,32 @@ def test_refusals_are_one_line() -> None:
         smc_sample(family, PREFERENCE, stochastic_ddim(), **{**common, "alpha": 0.0})
     with pytest.raises(DiffusionBlendError, match="shape"):
         smc_sample(family, PREFERENCE, stochastic_ddim(), **{**common, "reward": lambda x: x})
+
+
+def test_sweep_cells_report_cost_and_ess(tmp_path) -> None:
+    """`dblend evaluate --methods smc,fk`: NFE (blend over two experts + the base: 3 members), basis-reward
+    evaluations (2 rewards x N x (steps + 1)) and one final ESS per sample, through the shared sweep and the CLI."""
+    from diffusion_blend.cli import main
+    from diffusion_blend.evaluation.sweep import Cell, SweepConfig, gmm_setting, run_cell
+
+    setting = gmm_setting(num_inference_steps=4)
+    preference = Preference({"right": 0.5, "corner": 0.5}, 1.0)
+    config = SweepConfig(methods=("smc", "fk"), preferences=[preference], seeds=[0], samples_per_seed=6,
+                         particles=3, fk_particles=9)
+    smc = run_cell(setting, config, Cell("smc", preference, 0))
+    fk = run_cell(setting, config, Cell("fk", preference, 0))
+    assert smc["network_evaluations_per_sample"] == 3 * 3 * 4 == fk["network_evaluations_per_sample"]
+    assert smc["reward_evaluations_per_sample"] == 2 * 3 * 5 and fk["reward_evaluations_per_sample"] == 2 * 9 * 5
+    assert len(smc["final_ess"]) == 6 and all(1 - 1e-9 <= e <= 3 + 1e-9 for e in smc["final_ess"])
+    assert SweepConfig(methods=("mpa",), preferences=[preference]).hyperparameters().get("particles") is None
+    args = ["evaluate", "--setting", "gmm", "--out", str(tmp_path), "--methods", "mpa,smc,fk", "--grid", "2",
+            "--seeds", "0", "--samples-per-seed", "4", "--steps", "3", "--particles", "2", "--no-progress"]
+    assert main(args) == 0
+    import csv
+
+    with open(tmp_path / "results.csv") as handle:
+        rows = {(r["method"], r["w_right"]): r for r in csv.DictReader(handle)}
+    assert float(rows[("smc", "1.0")]["network_evaluations_per_sample"]) == 2 * 2 * 3  # expert + base
+    assert float(rows[("fk", "1.0")]["network_evaluations_per_sample"]) == 2 * 3
+    assert 1 <= float(rows[("smc", "0.0")]["final_ess_mean"]) <= 2
+    assert main([*args[:-1], "--particles", "0"]) == 2
