@@ -224,3 +224,19 @@ def test_interrupted_training_of_another_configuration_does_not_block(tmp_path):
     paths = ensure_demo_adapters(tmp_path, CONFIG, progress=False, log=lambda message: None)
     assert read_adapter(paths[REWARDS[0]])[1].alpha == CONFIG.alpha
     assert not work.exists()
+
+
+def test_ui_studio_runs_smc_on_the_demo_experts(demo):
+    """The UI's particles control: the digits studio reads alpha from the adapters and samples with SMC."""
+    from diffusion_blend.preference import Preference
+    from diffusion_blend.ui.digits import adapters_in, digits_studio
+
+    out, _, _ = demo
+    studio = digits_studio(adapters_in(out / "adapters"), num_images=4, num_inference_steps=3)
+    assert studio.supports_smc and studio.alpha == CONFIG.alpha
+    preference = Preference(CONFIG.weights(0.5), 1.0)
+    result = studio.generate(preference, "mpa", 0, None, particles=2)
+    assert set(result.scores) == set(REWARDS) and all(math.isfinite(v) for v in result.scores.values())
+    assert result.images.ndim == 3
+    with pytest.raises(DiffusionBlendError, match="DB-MPA"):
+        studio.generate(preference, "ls", 0, None, particles=2)

@@ -1,7 +1,8 @@
 """The Gradio app of ``dblend ui``.
 
 One slider per reward weight, a KL-scale slider, a method selector (DB-MPA-LS is disabled, with the reason, whenever
-a blend coefficient is negative), a seed, a prompt box for text models. Generating shows the samples, each basis
+a blend coefficient is negative), an SMC particle count (digits studio: N > 1 runs SMC on the DB-MPA blend, ``diffusion_blend.smc``), a seed, a
+prompt box for text models. Generating shows the samples, each basis
 reward's mean score, and where the result lies on the demo report's precomputed Pareto plot. Invalid input is
 rejected in the page with a readable message (``gr.Error``), never a traceback.
 """
@@ -98,6 +99,9 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                                       info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
                 method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
                 method_note = gr.Markdown(elem_id="method-note")
+                particles = gr.Slider(1, 32, value=1, step=1, label="SMC particles", elem_id="particles",
+                                      info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, reweighted to the "
+                                           "exact target (N x (experts + 1) network evaluations per image)")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -112,14 +116,18 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
             return method_state(list(values[:-1]), values[-1], names)
 
         def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None]:
-            *weights, kl_scale, method_label, seed_value, prompt_text = values
+            *weights, kl_scale, method_label, particle_count, seed_value, prompt_text = values
             try:
                 if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
                     raise DiffusionBlendError(f"the seed must be a non-negative whole number, got {seed_value}")
                 if studio.text_conditioned and not (prompt_text or "").strip():
                     raise DiffusionBlendError("enter a prompt")
                 preference = Preference(dict(zip(names, weights)), kl_scale)
-                result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None)
+                smc = {"particles": int(particle_count)} if int(particle_count or 1) > 1 else {}
+                if smc and not getattr(studio, "supports_smc", False):
+                    raise DiffusionBlendError("SMC particles are not available for this model (set particles to 1)")
+                result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None,
+                                         **smc)
             except (DiffusionBlendError, ValueError) as err:
                 raise gr.Error(str(err), title="Invalid input", print_exception=False) from None
             return result.images, format_scores(result.scores, result.seconds), pareto_figure(
@@ -128,7 +136,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
 
         for control in [*weight_sliders, kl_slider]:
             control.change(update_method, [*weight_sliders, kl_slider], [method, method_note])
-        button.click(generate, [*weight_sliders, kl_slider, method, seed, prompt], [image, scores_md, pareto])
+        button.click(generate, [*weight_sliders, kl_slider, method, particles, seed, prompt], [image, scores_md, pareto])
         app.load(update_method, [*weight_sliders, kl_slider], [method, method_note])
     return app
 
