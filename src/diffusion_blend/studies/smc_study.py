@@ -42,6 +42,7 @@ class SMCStudyConfig:
     seeds: tuple[int, ...] = (0, 1)
     samples_per_seed: int = 256
     equal_nfe: bool = True
+    potential: str = "tweedie"
 
 
 def members_per_particle(setting: Setting, preference: Preference) -> int:
@@ -56,7 +57,7 @@ def run_smc_study(setting: Setting, preferences: Sequence[Preference], oracle_ga
     out = Path(out_dir)
     rows: list[dict[str, Any]] = []
     common = dict(preferences=list(preferences), seeds=list(config.seeds), samples_per_seed=config.samples_per_seed,
-                  oracle_samples=2)
+                  oracle_samples=2, smc_potential=config.potential)
     done_blends = False
     for n in config.particles:
         methods = ("base", "smc", "fk") if done_blends else ("base", "mpa", "ls", "smc", "fk")
@@ -192,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples-per-seed", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20, help="gmm only: sampler steps")
     parser.add_argument("--alpha", type=float, default=1.0, help="gmm only: the experts' KL weight")
+    parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -199,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SMCStudyConfig(
             weights=tuple(float(v) for v in (args.weights or default_weights).split(",")),
             particles=tuple(int(v) for v in args.particles.split(",")),
-            seeds=tuple(int(v) for v in args.seeds.split(",")), samples_per_seed=args.samples_per_seed)
+            seeds=tuple(int(v) for v in args.seeds.split(",")), samples_per_seed=args.samples_per_seed,
+            potential=args.smc_potential)
         progress = not args.no_progress
         started = time.perf_counter()
         if args.setting == "digits":
