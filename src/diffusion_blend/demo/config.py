@@ -49,7 +49,7 @@ class DemoConfig:
     combined_kl_scales: tuple[float, ...] = (0.5, 1.5)
     check_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
     smc_particles: int = 8
-    smc_samples_per_seed: int = 128
+    smc_samples_per_seed: int = 64
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     samples_per_seed: int = 512
     oracle_samples: int = 20_000
