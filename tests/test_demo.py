@@ -240,3 +240,9 @@ def test_ui_studio_runs_smc_on_the_demo_experts(demo):
     assert result.images.ndim == 3
     with pytest.raises(DiffusionBlendError, match="DB-MPA"):
         studio.generate(preference, "ls", 0, None, particles=2)
+    from diffusion_blend.ui.app import MPA_LABEL, build_app
+
+    app = build_app(studio)
+    generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    images, scores, _ = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2)  # the particles slider's value comes last
+    assert images.ndim == 3 and "| ink |" in scores

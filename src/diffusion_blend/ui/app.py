@@ -116,7 +116,8 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
             return method_state(list(values[:-1]), values[-1], names)
 
         def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None]:
-            *weights, kl_scale, method_label, particle_count, seed_value, prompt_text = values
+            particle_count = values[-1] if len(values) == len(names) + 5 else 1  # the particles input comes last
+            *weights, kl_scale, method_label, seed_value, prompt_text = values[: len(names) + 4]
             try:
                 if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
                     raise DiffusionBlendError(f"the seed must be a non-negative whole number, got {seed_value}")
@@ -136,7 +137,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
 
         for control in [*weight_sliders, kl_slider]:
             control.change(update_method, [*weight_sliders, kl_slider], [method, method_note])
-        button.click(generate, [*weight_sliders, kl_slider, method, particles, seed, prompt], [image, scores_md, pareto])
+        button.click(generate, [*weight_sliders, kl_slider, method, seed, prompt, particles], [image, scores_md, pareto])
         app.load(update_method, [*weight_sliders, kl_slider], [method, method_note])
     return app
 
