@@ -240,3 +240,19 @@ def test_sweep_cells_report_cost_and_ess(tmp_path) -> None:
     assert float(rows[("fk", "1.0")]["network_evaluations_per_sample"]) == 2 * 3
     assert 1 <= float(rows[("smc", "0.0")]["final_ess_mean"]) <= 2
     assert main([*args[:-1], "--particles", "0"]) == 2
+
+
+def test_smc_study_writes_rows_and_plot(tmp_path) -> None:
+    """The oracle-fraction study: one row per method, w and N; FK at equal NFE gets 3N particles (2 experts + base)."""
+    from diffusion_blend.studies.smc_study import SMCStudyConfig, gmm_inputs, run_smc_study
+
+    config = SMCStudyConfig(weights=(0.5,), particles=(2,), seeds=(0,), samples_per_seed=4)
+    setting, preferences, gains, first = gmm_inputs(config, steps=3, alpha=1.0)
+    rows = run_smc_study(setting, preferences, gains, first, tmp_path, config, progress=False)
+    by_method = {row["method"]: row for row in rows}
+    assert set(by_method) == {"mpa", "ls", "smc", "fk", "fk-equal"}
+    assert by_method["smc"]["network_evaluations_per_sample"] == by_method["fk-equal"]["network_evaluations_per_sample"]
+    assert by_method["fk-equal"]["particles"] == 6 and by_method["smc"]["particles"] == 2
+    for row in rows:
+        assert row["oracle_fraction"] == pytest.approx(row["gain"] / row["oracle_gain"])
+    assert all((tmp_path / name).exists() for name in ("smc_study.csv", "smc_study.md", "oracle_fraction.png"))
