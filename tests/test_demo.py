@@ -51,6 +51,7 @@ def test_every_file_exists_and_parses(demo):
     # 1 base, 5 DB-MPA + 5 DB-MPA-LS (weight grid), 2 experts x 3 lambdas DB-KLA, 1 combined (w=0.5, lambda=0.5)
     assert methods.count("base") == 1 and methods.count("DB-MPA") == 5 and methods.count("DB-MPA-LS") == 5
     assert methods.count("DB-KLA") == 6 and methods.count("DB-MPA+KLA") == 1
+    assert methods.count("SMC") == len(CONFIG.check_weights)  # SMC on the blend at the check weights
     # a quick run is a smoke run: every check measured, none judged (issue 14); the verdict logic is in bar_met
     assert {c["status"] for c in _read_csv(report / "checks.csv")} == {"SMOKE"}
     assert "Smoke run (--quick)" in (report / "index.html").read_text() and summary["config"]["smoke_run"]
@@ -109,6 +110,12 @@ def test_numbers_satisfy_invariants(demo):
         assert e["achieved_fraction"] == pytest.approx(expected, rel=1e-9)
         assert e["path_kl"] > 0  # the adapter moved the sampler (LoRA B starts at 0, so 0 would mean untrained)
         assert e["best_objective"] > e["base_reward"]  # Jensen: alpha log E exp(r/alpha) > E r
+    smc_checks = [c for c in summary["checks"] if c["name"].startswith("SMC on the blend")]
+    assert len(smc_checks) == len(CONFIG.check_weights)
+    for point in (p for p in points if p["method"] == "SMC"):  # blend over 2 experts + the base: 3 members
+        assert point["network_evaluations_per_sample"] == 3 * CONFIG.smc_particles * CONFIG.num_inference_steps
+        assert point["reward_evaluations_per_sample"] == 2 * CONFIG.smc_particles * (CONFIG.num_inference_steps + 1)
+        assert 1 - 1e-9 <= point["final_ess_mean"] <= CONFIG.smc_particles + 1e-9
     for check in summary["checks"]:
         value, bar = check["value"], float(check["threshold"].split()[-1]) if check["threshold"][0] in "<>" else 0.0
         passed = value >= bar if check["threshold"].startswith(">=") else (
@@ -236,3 +243,25 @@ def test_smoke_run_is_labelled_and_full_budget_checks_are_judged(demo, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 0  # a rerun: cached adapters and cells
     printed = capsys.readouterr().out
     assert printed.startswith("Smoke run (--quick)") and "PASS" not in printed and "FAIL" not in printed
+
+
+def test_ui_studio_runs_smc_on_the_demo_experts(demo):
+    """The UI's particles control: the digits studio reads alpha from the adapters and samples with SMC."""
+    from diffusion_blend.preference import Preference
+    from diffusion_blend.ui.digits import adapters_in, digits_studio
+
+    out, _, _ = demo
+    studio = digits_studio(adapters_in(out / "adapters"), num_images=4, num_inference_steps=3)
+    assert studio.supports_smc and studio.alpha == CONFIG.alpha
+    preference = Preference(CONFIG.weights(0.5), 1.0)
+    result = studio.generate(preference, "mpa", 0, None, particles=2)
+    assert set(result.scores) == set(REWARDS) and all(math.isfinite(v) for v in result.scores.values())
+    assert result.images.ndim == 3
+    with pytest.raises(DiffusionBlendError, match="DB-MPA"):
+        studio.generate(preference, "ls", 0, None, particles=2)
+    from diffusion_blend.ui.app import MPA_LABEL, build_app
+
+    app = build_app(studio)
+    generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    images, scores, _, shown, _ = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2)  # particles come last
+    assert images.ndim == 3 and "| ink |" in scores and "SMC, 2 particles" in shown

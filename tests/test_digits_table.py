@@ -64,8 +64,9 @@ def test_costs_match_hand_counts(quick_run):
     steps = summary["sampler"]["num_inference_steps"]  # quick: 4
     candidates, block = summary["sweep"]["code_candidates"], summary["sweep"]["code_block_size"]
     selections = len([i for i in range(steps) if i % block == 0 and i < steps - 1])
+    particles = summary["sweep"]["particles"]  # SMC: 2 experts + the base per particle; FK: 3x the particles
     expected = {"base": 1.0, "rs-factors": 1.0, "rs-deltas": 1.0, "mpa": 2.0, "ls": 1.0, "morl": 1.0,
-                "code": (steps + selections * (candidates - 1)) / steps}
+                "code": (steps + selections * (candidates - 1)) / steps, "smc": 3.0 * particles, "fk": 3.0 * particles}
     for row in summary["table"]:
         if row["method"] in expected:
             assert row["nfe_ratio"] == pytest.approx(expected[row["method"]]), row["method"]

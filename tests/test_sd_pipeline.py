@@ -416,3 +416,32 @@ def test_cli_settings_are_tidy_and_files_have_the_users_mode(sd_files, tmp_path,
     assert "--overwrite" in capsys.readouterr().err
     assert cli(sd_files, tmp_path / "out", "--num-images", "1", "--overwrite") == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["image_000.png", "settings.json"]
+
+
+def _mean_red(images, prompts):
+    assert len(prompts) == images.shape[0]
+    return images[:, 0].mean((1, 2)).double()
+
+
+def test_smc_with_one_particle_is_the_blend_in_the_stock_loop(sd_pipe):
+    """method='smc', N = 1: the stock diffusers loop with the DB-MPA blend (same noise stream, CFG commutes)."""
+    preference = Preference({"aesthetic": 0.4, "align": 0.6})
+    blend = run(sd_pipe, seed=3, preference=preference, method="mpa")
+    smc = run(sd_pipe, seed=3, preference=preference, method="smc", reward=_mean_red, alpha=0.1, particles=1)
+    assert torch.allclose(smc, blend, atol=BATCHED_VS_SEQUENTIAL_ATOL)
+    assert sd_pipe.last_smc.network_evaluations == 3 * CALL["num_inference_steps"]  # 2 experts + the base
+
+
+def test_smc_particles_report_cost_and_refuse_bad_input(sd_pipe):
+    preference = Preference({"aesthetic": 0.5, "align": 0.5})
+    out = run(sd_pipe, seed=1, preference=preference, method="smc", reward=_mean_red, alpha=0.05, particles=3,
+              prompt=["a cat", "a dog"])
+    assert out.shape[0] == 2 and torch.isfinite(out).all()
+    stats = sd_pipe.last_smc
+    assert stats.network_evaluations == 3 * 3 * CALL["num_inference_steps"]
+    assert stats.reward_evaluations == 3 * (CALL["num_inference_steps"] + 1)
+    assert stats.final_ess.shape == (2,) and ((stats.final_ess >= 1 - 1e-9) & (stats.final_ess <= 3 + 1e-9)).all()
+    with pytest.raises(DiffusionBlendError, match="deterministic"):
+        run(sd_pipe, preference=preference, method="smc", reward=_mean_red, alpha=0.05, eta=0.0)
+    with pytest.raises(DiffusionBlendError, match="needs a preference"):
+        run(sd_pipe, method="smc", reward=_mean_red, alpha=0.05)

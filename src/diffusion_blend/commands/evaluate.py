@@ -50,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rgg-normalize", action="store_true", help="L2-normalise each reward gradient (dim 1)")
     parser.add_argument("--no-rgg-tempering", action="store_true")
     parser.add_argument("--oracle-samples", type=int, default=20_000)
+    parser.add_argument("--particles", type=int, default=8, help="SMC particles per sample (methods smc, fk)")
+    parser.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
+    parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none"),
+                        help="look-ahead potential h_k: r_w of the Tweedie estimate x0_hat(x_k), or 0")
+    parser.add_argument("--smc-potential-every", type=int, default=1, help="evaluate the potential every k steps")
+    parser.add_argument("--smc-ess-threshold", type=float, default=0.5,
+                        help="resample a sample's particles when their ESS < threshold x N (0: never; 1: always)")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)
 
@@ -72,19 +79,25 @@ def run(args: argparse.Namespace) -> int:
         rgg_normalize=args.rgg_normalize,
         rgg_tempering=not args.no_rgg_tempering,
         oracle_samples=args.oracle_samples,
+        particles=args.particles,
+        fk_particles=args.fk_particles,
+        smc_potential=args.smc_potential,
+        smc_potential_every=args.smc_potential_every,
+        smc_ess_threshold=args.smc_ess_threshold,
     )
     result = run_sweep(setting, config, args.out, progress=not args.no_progress)
     if result is None:  # not rank 0
         return 0
     print(f"{result['cells_run']} cell(s) computed; results in {args.out}")
     names = result["reward_names"]
-    print(f"{'method':>10s}  {'weights':>24s}  {'λ':>4s}  {'r_w':>8s}  {'Δr_w':>8s}  {'win':>5s}  {'NFE':>6s}")
+    print(f"{'method':>10s}  {'weights':>24s}  {'λ':>4s}  {'r_w':>8s}  {'Δr_w':>8s}  {'win':>5s}  {'NFE':>6s}  {'ESS':>6s}")
     for row in result["rows"]:
         weights = ",".join(f"{n}={row['weights'].get(n, 0.0):g}" for n in names)
         win = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"
         nfe = "-" if row["network_evaluations_per_sample"] is None else f"{row['network_evaluations_per_sample']:.0f}"
+        ess = f"{row['final_ess_mean']:.1f}" if row.get("final_ess_mean") is not None else "-"
         print(f"{row['method']:>10s}  {weights:>24s}  {row['kl_scale']:4g}  {row['weighted_reward']:8.4f}  "
-              f"{row['gain_weighted_reward']:8.4f}  {win:>5s}  {nfe:>6s}")
+              f"{row['gain_weighted_reward']:8.4f}  {win:>5s}  {nfe:>6s}  {ess:>6s}")
     for method, front in result["fronts"].items():
         print(f"hypervolume {method:>10s}: {front['hypervolume']:.4f}")
     return 0

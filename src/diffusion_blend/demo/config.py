@@ -28,7 +28,8 @@ class DemoConfig:
     ``(w, lambda)`` is ``p_pre exp(lambda r_w / alpha)``. ``finetune``: DPOKConfig fields shared by the experts.
     ``seeds`` x ``samples_per_seed`` samples per sweep point; ``oracle_samples`` base samples for the
     importance-weighted oracle and the experts' achievable objective; ``expert_samples`` trajectories to
-    estimate each expert's reward and path KL. ``lora_targets``: the digits modules that carry the LoRA
+    estimate each expert's reward and path KL. ``smc_particles`` particles per sample and ``smc_samples_per_seed``
+    samples per seed for SMC on the blend (:mod:`diffusion_blend.smc`) at the check weights. ``lora_targets``: the digits modules that carry the LoRA
     (recorded in the training config's ``extra``, so part of the adapters' cache key).
     """
 
@@ -47,6 +48,8 @@ class DemoConfig:
     combined_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
     combined_kl_scales: tuple[float, ...] = (0.5, 1.5)
     check_weights: tuple[float, ...] = (0.2, 0.5, 0.8)
+    smc_particles: int = 8
+    smc_samples_per_seed: int = 64
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     samples_per_seed: int = 512
     oracle_samples: int = 20_000
@@ -62,7 +65,7 @@ class DemoConfig:
             raise DiffusionBlendError(f"the demo needs two different basis rewards, got {self.rewards!r}")
         positive_number(self.alpha, "alpha")
         for name in ("num_inference_steps", "samples_per_seed", "oracle_samples", "expert_samples", "grid_rows",
-                     "threads", "workers"):
+                     "threads", "workers", "smc_particles", "smc_samples_per_seed"):
             positive_int(getattr(self, name), name)
         if not self.seeds:
             raise DiffusionBlendError("the demo needs at least one evaluation seed")
@@ -90,7 +93,8 @@ class DemoConfig:
                       "learning_rate": 1e-4, "lora_rank": 2, "lora_alpha": 2.0},
             num_inference_steps=4, weight_grid=(0.0, 0.2, 0.5, 0.8, 1.0), kl_scales=(0.0, 1.0, 2.0),
             combined_weights=(0.5,), combined_kl_scales=(0.5,), seeds=(0, 1), samples_per_seed=16,
-            oracle_samples=256, expert_samples=64, grid_rows=3, workers=1, smoke_run=True,
+            oracle_samples=256, expert_samples=64, grid_rows=3, workers=1, smc_particles=3, smc_samples_per_seed=8,
+            smoke_run=True,
         )
         values.update(overrides)
         return cls(**values)

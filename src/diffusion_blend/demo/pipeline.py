@@ -90,7 +90,8 @@ def digits_setting(models: DemoModels, config: DemoConfig) -> Setting:
 
 
 def run_sweeps(models: DemoModels, config: DemoConfig, report_dir: Path, progress: bool) -> dict[str, Any]:
-    """Two sweeps with shared code: the weight grid (DB-MPA, DB-MPA-LS) and the lambda grids (DB-KLA, combined).
+    """Three sweeps with shared code: the weight grid (DB-MPA, DB-MPA-LS), the lambda grids (DB-KLA, combined) and
+    SMC on the blend (:mod:`diffusion_blend.smc`, ``smc_particles`` per sample) at the check weights.
 
     DB-MPA-LS needs non-negative coefficients, so it only runs on the weight grid (lambda = 1).
     """
@@ -101,7 +102,11 @@ def run_sweeps(models: DemoModels, config: DemoConfig, report_dir: Path, progres
                     report_dir / "sweep-weights", progress=progress)
     kla = run_sweep(setting, SweepConfig(methods=("base", "mpa"), preferences=config.kla_preferences(), **common),
                     report_dir / "sweep-kl-scales", progress=progress)
-    return {"weights": mpa, "kl_scales": kla}
+    smc = run_sweep(setting, SweepConfig(
+        methods=("base", "smc"), preferences=[Preference(config.weights(w), 1.0) for w in config.check_weights],
+        seeds=seeds, samples_per_seed=config.smc_samples_per_seed, oracle_samples=2, particles=config.smc_particles,
+    ), report_dir / "sweep-smc", progress=progress)
+    return {"weights": mpa, "kl_scales": kla, "smc": smc}
 
 
 @torch.no_grad()

@@ -35,8 +35,10 @@ from ..preference import Preference  # noqa: E402
 from .config import DemoConfig  # noqa: E402
 
 MPA, LS, KLA, COMBINED, BASE_LABEL, ORACLE = "DB-MPA", "DB-MPA-LS", "DB-KLA", "DB-MPA+KLA", "base", "oracle (IS)"
+SMC = "SMC"
 LS_TOLERANCE = 0.10
 MPA_ORACLE_BAR = 0.85
+SMC_ORACLE_BAR = 0.9
 EXPERT_BAR = 0.8
 
 
@@ -92,6 +94,8 @@ def collect_points(config: DemoConfig, sweeps: Mapping[str, Mapping[str, Any]],
                 seen_base, method, weights, kl_scale = True, BASE_LABEL, config.weights(0.5), 0.0
             elif row["method"] == "ls":
                 method = LS
+            elif row["method"] == "smc":
+                method = SMC
             elif len(weights) == 1:
                 method = KLA
             else:
@@ -104,6 +108,9 @@ def collect_points(config: DemoConfig, sweeps: Mapping[str, Mapping[str, Any]],
                 "weights": json.dumps(weights, sort_keys=True),
                 "num_samples": row.get("num_samples"),
                 "network_evaluations_per_sample": row.get("network_evaluations_per_sample"),
+                "reward_evaluations_per_sample": row.get("reward_evaluations_per_sample"),
+                "particles": row.get("particles"),
+                "final_ess_mean": row.get("final_ess_mean"),
             }
             for name in (first, second):
                 point[f"mean_{name}"], point[f"se_{name}"] = row[f"mean_{name}"], row[f"se_{name}"]
@@ -130,7 +137,7 @@ def collect_points(config: DemoConfig, sweeps: Mapping[str, Mapping[str, Any]],
 
 POINT_COLUMNS_TAIL = ["weighted_reward", "se_weighted_reward", "gain_weighted_reward", "oracle_weighted_reward",
                       "oracle_gain_weighted_reward", "oracle_ess", "oracle_ess_fraction", "num_samples",
-                      "network_evaluations_per_sample"]
+                      "network_evaluations_per_sample", "reward_evaluations_per_sample", "particles", "final_ess_mean"]
 
 
 def point_columns(config: DemoConfig) -> list[str]:
@@ -192,6 +199,22 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
                 "detail": (f"LS gain {ls['gain_weighted_reward']:.4f} ± {ls['se_weighted_reward']:.4f}, MPA gain "
                            f"{mpa['gain_weighted_reward']:.4f} ± {mpa['se_weighted_reward']:.4f}"),
             })
+    for w in config.check_weights:
+        smc = _find(points, SMC, w=float(w))
+        if smc is None:
+            continue
+        ratio = smc["gain_weighted_reward"] / smc["oracle_gain_weighted_reward"] \
+            if smc["oracle_gain_weighted_reward"] > 0 else float("nan")
+        mpa = _find(points, MPA, w=float(w))
+        checks.append({
+            "name": f"SMC on the blend (N = {smc['particles']}) at w={w:g}: gain in r_w over the base / the oracle's gain",
+            "value": ratio, "threshold": f">= {SMC_ORACLE_BAR}", "status": "PASS" if ratio >= SMC_ORACLE_BAR else "FAIL",
+            "detail": (f"SMC gain {smc['gain_weighted_reward']:.4f} (se {smc['se_weighted_reward']:.4f}); oracle gain "
+                       f"{smc['oracle_gain_weighted_reward']:.4f}; {smc['network_evaluations_per_sample']:.0f} network and "
+                       f"{smc['reward_evaluations_per_sample']:.0f} reward evaluations per sample, mean final ESS "
+                       f"{smc['final_ess_mean']:.2f} of {smc['particles']}"
+                       + ("" if mpa is None else f"; DB-MPA gain {mpa['gain_weighted_reward']:.4f}")),
+        })
     for reward in config.rewards:
         line = sorted((p for p in points if p["method"] == KLA and p["expert"] == reward), key=lambda p: p["kl_scale"])
         if len(line) < 2:
@@ -277,6 +300,14 @@ def plot_pareto(config: DemoConfig, reference: Mapping[str, Any], points: Sequen
     for w, p in mpa.items():
         ax.errorbar(p[f"mean_{first}"], p[f"mean_{second}"], xerr=p[f"se_{first}"], yerr=p[f"se_{second}"],
                     color="C0", lw=0.8, capsize=2)
+    smc = sorted((p for p in points if p["method"] == SMC), key=lambda p: p["w"])
+    if smc:
+        ax.errorbar([p[f"mean_{first}"] for p in smc], [p[f"mean_{second}"] for p in smc],
+                    xerr=[p[f"se_{first}"] for p in smc], yerr=[p[f"se_{second}"] for p in smc], fmt="D", color="C4",
+                    ms=6, capsize=2, label=f"SMC on the blend (N = {smc[0]['particles']})")
+        for p in smc:
+            ax.annotate(f"{p['w']:g}", (p[f"mean_{first}"], p[f"mean_{second}"]), fontsize=7, color="C4",
+                        xytext=(3, -9), textcoords="offset points")
     ax.plot([p[first] for p in series["experts"]], [p[second] for p in series["experts"]], "*", color="C3", ms=14,
             label="experts (w = 1, w = 0)")
     ax.plot([p[first] for p in series["base"]], [p[second] for p in series["base"]], "kX", ms=10, label="base")
@@ -361,7 +392,7 @@ This run took {summary['timings']['total_s']:.0f} s; adapters: {html.escape('; '
 <h2>Experts</h2>{_table(experts, ['reward', 'base_reward', 'expert_reward', 'se_expert_reward', 'path_kl', 'se_path_kl',
                                   'objective', 'best_objective', 'achieved_fraction', 'num_trajectories'])}
 <h2>Plots</h2>
-<figure><img src="pareto.png" alt="Pareto plot"><figcaption>Pareto plot: base, experts, DB-MPA, DB-MPA-LS, oracle</figcaption></figure>
+<figure><img src="pareto.png" alt="Pareto plot"><figcaption>Pareto plot: base, experts, DB-MPA, DB-MPA-LS, SMC on the blend, oracle</figcaption></figure>
 <figure><img src="reward_vs_lambda.png" alt="reward vs lambda"><figcaption>Reward vs KL scale lambda</figcaption></figure>
 <h2>Samples (same seeds in every column: a row is one digit as w or lambda moves)</h2>{grids}
 <h2>All points</h2>{_table(summary['points'], summary['point_columns'])}
@@ -391,7 +422,8 @@ def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, M
     plot_reward_vs_lambda(config, points, report_dir / "reward_vs_lambda.png")
     files = ["results.json", "points.csv", "checks.csv", "experts.csv", "pareto.json", "pareto.png",
              "reward_vs_lambda.png", *grids, "sweep-weights/summary.html", "sweep-weights/results.csv",
-             "sweep-kl-scales/summary.html", "sweep-kl-scales/results.csv", *adapters.values()]
+             "sweep-kl-scales/summary.html", "sweep-kl-scales/results.csv", "sweep-smc/summary.html",
+             "sweep-smc/results.csv", *adapters.values()]
     timings["total_s"] = time.perf_counter() - started
     summary = {
         "config": config.to_dict(), "seeds": evaluation_seeds(config), "checks": checks, "diagnostics": diagnosis, "experts": dict(experts),

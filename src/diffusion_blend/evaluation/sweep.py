@@ -16,7 +16,10 @@ barrier (:mod:`.report`-style outputs are written by :func:`aggregate` and :func
 Methods (:data:`METHODS`): ``base`` (pre-trained model), ``mpa`` (DB-MPA / DB-KLA / combined), ``ls`` (DB-MPA-LS),
 ``rs-factors`` / ``rs-deltas`` (Rewarded Soup, LoRA families only), ``code`` (CoDe), ``rgg`` (reward-gradient
 guidance; differentiable rewards only), ``is-oracle`` (importance-weighted oracle of the exact target from
-``oracle_samples`` base samples; no sampler, so no win rate or cost) and ``morl`` (the setting's MORL oracle).
+``oracle_samples`` base samples; no sampler, so no win rate or cost), ``morl`` (the setting's MORL oracle),
+``smc`` (sequential Monte Carlo with the blend as proposal, :func:`~diffusion_blend.smc.smc_sample`, ``particles``
+per sample) and ``fk`` (FK steering: the same sampler with the base as proposal, ``fk_particles`` per sample). SMC
+cells also record reward evaluations per sample (basis rewards) and every sample's final effective sample size.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ..baselines.code import code_sample
+from ..baselines.code import active_rewards, code_sample, weighted_reward_scores
 from ..baselines.guidance import guided_sample
 from ..baselines.morl import preference_key
 from ..baselines.rewarded_soup import rewarded_soup_denoiser
@@ -47,11 +50,12 @@ from ..files import give_user_mode
 from ..lora import LoraFamily
 from ..preference import BASE, Preference
 from ..sampling import sample
+from ..smc import smc_sample
 from .oracle import importance_weighted_oracle
 from .pareto import common_reference_point, hypervolume, pareto_front
 from .stats import mean_and_standard_error
 
-METHODS = ("base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "rgg", "is-oracle", "morl")
+METHODS = ("base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "rgg", "is-oracle", "morl", "smc", "fk")
 
 
 class CountingFamily(DenoiserFamily):
@@ -124,15 +128,26 @@ class SweepConfig:
     rgg_tempering: bool = True
     oracle_samples: int = 20_000
     oracle_seed: int = 12345
+    particles: int = 8
+    fk_particles: int | None = None  # None: as many as ``particles``
+    smc_potential: str = "tweedie"
+    smc_potential_every: int = 1
+    smc_ess_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.methods or not self.preferences or not self.seeds:
             raise DiffusionBlendError("a sweep needs at least one method, one preference and one seed")
         if int(self.samples_per_seed) < 1 or int(self.oracle_samples) < 2:
             raise DiffusionBlendError("samples_per_seed must be >= 1 and oracle_samples >= 2")
+        if self.fk_particles is None:
+            self.fk_particles = self.particles
+        if int(self.particles) < 1 or int(self.fk_particles) < 1:
+            raise DiffusionBlendError(f"particles must be >= 1, got {self.particles} (smc) and {self.fk_particles} (fk)")
 
     def hyperparameters(self) -> dict[str, Any]:
         skip = {"methods", "preferences", "seeds"}
+        if not {"smc", "fk"} & set(self.methods):  # SMC settings do not touch other methods' cells (cache stays valid)
+            skip |= {"particles", "fk_particles", "smc_potential", "smc_potential_every", "smc_ess_threshold"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -298,6 +313,22 @@ def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any
         )
         samples = out.samples
         extra["reward_evaluations_per_sample"] = out.reward_evaluations
+    elif method in ("smc", "fk"):
+        particles = int(config.particles if method == "smc" else config.fk_particles)
+
+        def potential(x: torch.Tensor) -> torch.Tensor:  # r_w of decoded particles (prompts tiled like the rows)
+            return weighted_reward_scores(setting.rewards, preference, setting.decode(x),
+                                          None if prompts is None else list(prompts) * particles)
+
+        out = smc_sample(
+            counting, preference, scheduler, reward=potential, alpha=setting.alpha, particles=particles,
+            proposal="blend" if method == "smc" else "base", potential=config.smc_potential,
+            ess_threshold=config.smc_ess_threshold, potential_every=config.smc_potential_every, **common,
+        )
+        samples = out.samples
+        extra["reward_evaluations_per_sample"] = out.reward_evaluations * len(active_rewards(setting.rewards, preference))
+        extra["final_ess"] = out.final_ess.tolist()
+        extra["particles"] = particles
     else:
         raise DiffusionBlendError(f"unknown method {method!r}")
     elapsed = time.perf_counter() - start
@@ -391,6 +422,9 @@ def aggregate(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str])
                 row["wall_time_per_sample"] = _mean_field(group, "wall_time_per_sample")
                 if "reward_evaluations_per_sample" in group[0]:
                     row["reward_evaluations_per_sample"] = _mean_field(group, "reward_evaluations_per_sample")
+                if "final_ess" in group[0]:
+                    row["final_ess_mean"] = float(np.mean(np.concatenate([g["final_ess"] for g in group])))
+                    row["particles"] = group[0]["particles"]
                 rows.append(row)
     fronts, points = {}, {}
     for row in rows:
@@ -467,7 +501,7 @@ def write_tables(result: Mapping[str, Any], out_dir: Path) -> None:
         columns += [f"mean_{name}", f"se_{name}", f"gain_{name}"]
     columns += ["weighted_reward", "se_weighted_reward", "gain_weighted_reward", "win_rate",
                 "network_evaluations_per_sample", "reward_evaluations_per_sample", "wall_time_per_sample",
-                "num_samples", "effective_sample_size"]
+                "num_samples", "effective_sample_size", "particles", "final_ess_mean"]
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".results.csv.", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as handle:
@@ -502,6 +536,8 @@ def parse_preference_grid(
 def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
     """The 2-D Gaussian-mixture miniature: ideal experts (exact tilts) as a CallableFamily, closed-form rewards.
 
+    Sampler: DDIM with Stable Diffusion's settings (``steps_offset=1``, ``set_alpha_to_one=False``), so that every
+    step is stochastic (SMC's weight ratio needs ``std > 0``; the default DDIM's last step is deterministic).
     Rewards (differentiable quadratic forms): ``right(x) = x_1``, ``corner(x) = -|x - (-2, 2)|^2 / 2``. The
     importance-weighted oracle reweights exact mixture draws, so it estimates the exact target. The MORL
     oracle is the exact tilted target ``p_pre exp(lambda r_w / alpha)``: what an ideal fine-tune on ``r_w`` at KL
@@ -512,7 +548,11 @@ def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
     from ..testbeds.gmm import MixtureDenoiser, ideal_family, tilted_target
 
     base, rewards = study_testbed()
-    scheduler = make_scheduler("ddim")
+
+    def make() -> Any:
+        return make_scheduler("ddim", steps_offset=1, set_alpha_to_one=False)
+
+    scheduler = make()
     family = ideal_family(base, rewards, alpha, scheduler)
 
     def morl(preference: Preference) -> Denoiser:
@@ -522,13 +562,13 @@ def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
         name="gmm",
         family=family,
         rewards=rewards,
-        scheduler_factory=lambda: make_scheduler("ddim"),
+        scheduler_factory=make,
         sample_shape=(2,),
         alpha=alpha,
         num_inference_steps=num_inference_steps,
         morl_denoiser=morl,
         draw_base_samples=lambda n, generator: base.sample(n, generator).float(),
-        options={"num_inference_steps": num_inference_steps, "alpha": alpha},
+        options={"num_inference_steps": num_inference_steps, "alpha": alpha, "ddim": "steps_offset=1,final_alpha=abar_0"},
     )
 
 

@@ -24,21 +24,32 @@ Samplers (checked at every blended call, one-line :class:`~diffusion_blend.error
   paper: ``eta = 1``), DDPM, ancestral (``*AncestralDiscreteScheduler``), ``DPMSolverSDEScheduler`` and DPM-Solver
   with an ``sde-*`` algorithm type; deterministic samplers (DDIM ``eta = 0``, PNDM, Euler, Heun, LMS, UniPC,
   ODE DPM-Solver) are refused.
+
+``method="smc"`` (Stable Diffusion 1.x/2.x; beyond the paper, :mod:`diffusion_blend.smc`) runs N particles per image
+with the blend as proposal, reweighted to the exact target ``p_pre exp(lambda r_w / alpha)``; it needs its own loop
+(the stock loop has one chain) and reuses the pipeline's ``encode_prompt``, ``prepare_latents``-style noise, VAE and
+image processor:
+
+    out = pipe("a cat", preference=pref, method="smc", reward=my_r_w, alpha=0.1, particles=4, eta=1.0,
+               generator=torch.Generator().manual_seed(0))
+    pipe.last_smc.final_ess, pipe.last_smc.network_evaluations
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from ..denoisers import DenoiserFamily, Member
 from ..errors import DiffusionBlendError
-from ..lora import adapter_names
+from ..lora import LoraFamily, adapter_names
 from ..preference import Preference
+from ..smc import SMCOutput, smc_sample
 from .loading import load_adapter, load_adapters
 from .unet_blend import DenoiserBlend, blended_denoiser
 
@@ -87,6 +98,29 @@ def check_sampler(scheduler: Any, method: str, eta: float | None) -> None:
         )
 
 
+class _GuidedUNetFamily(DenoiserFamily):
+    """The UNet's base and LoRA experts with classifier-free guidance: every member is guided with its own two
+    predictions, and both CFG halves of all rows go through one routed evaluation (:class:`LoraFamily`)."""
+
+    def __init__(self, unet: Any, guidance_scale: float):
+        self.guidance_scale = float(guidance_scale)
+        self.lora = LoraFamily(unet, self._forward, adapter_names(unet))
+        self.expert_names = self.lora.expert_names
+
+    @staticmethod
+    def _forward(model: Any, x: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return model(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], *, encoder_hidden_states: torch.Tensor,
+              negative_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if negative_embeds is None:
+            return self.lora.route(x_t, t, members, encoder_hidden_states=encoder_hidden_states)
+        out = self.lora.route(torch.cat([x_t, x_t]), t, [*members, *members],
+                              encoder_hidden_states=torch.cat([negative_embeds, encoder_hidden_states]))
+        uncond, cond = out.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+
 class BlendPipelineMixin:
     """Output-space blending of the UNet's LoRA adapters for a diffusers UNet pipeline.
 
@@ -111,6 +145,7 @@ class BlendPipelineMixin:
     """
 
     last_blend: DenoiserBlend | None = None
+    last_smc: SMCOutput | None = None
     routing: str = "auto"
     blend_component = "unet"
 
@@ -148,6 +183,10 @@ class BlendPipelineMixin:
         routing: str | None = None,
         **kwargs: Any,
     ) -> Any:
+        if method == "smc":
+            if preference is None:
+                raise DiffusionBlendError("method 'smc' needs a preference (and reward=, alpha=)")
+            return self._smc_call(*args, preference=preference, **kwargs)
         if preference is None:
             return super().__call__(*args, **kwargs)
         self._check_blend_call(method, kwargs)
@@ -158,6 +197,70 @@ class BlendPipelineMixin:
         self.last_blend = blend
         with blended_denoiser(self.blend_model, blend):
             return super().__call__(*args, **kwargs)
+
+    def _smc_call(
+        self,
+        prompt: str | list[str],
+        *,
+        preference: Preference,
+        reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
+        alpha: float,
+        particles: int = 4,
+        proposal: str = "blend",
+        potential: str = "tweedie",
+        ess_threshold: float = 0.5,
+        potential_every: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        eta: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | int | None = None,
+        output_type: str = "pil",
+    ) -> Any:
+        """SMC on the blend (module docstring). ``reward(images in [0, 1], prompts) -> r_w`` per image."""
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        if isinstance(self, StableDiffusionXLPipeline) or self.blend_component != "unet":
+            raise DiffusionBlendError(f"method 'smc' supports Stable Diffusion 1.x/2.x pipelines so far, not "
+                                      f"{type(self).__name__}")
+        if not adapter_names(self.unet):
+            raise DiffusionBlendError("the pipeline's UNet carries no LoRA adapter; load some with load_adapter()")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = self._execution_device
+        guided = guidance_scale > 1.0
+        cond_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, guided, negative_prompt)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        family = _GuidedUNetFamily(self.unet, guidance_scale)
+        cond = {"encoder_hidden_states": cond_embeds}
+        if guided:
+            cond["negative_embeds"] = negative_embeds
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+            return (images / 2 + 0.5).clamp(0, 1)
+
+        def r_w(latents: torch.Tensor) -> torch.Tensor:  # particle-major rows: row i is prompt i % len(prompts)
+            return reward(decode(latents), [prompts[i % len(prompts)] for i in range(latents.shape[0])])
+
+        out = smc_sample(
+            family, preference, self.scheduler, reward=r_w, alpha=alpha, particles=particles, proposal=proposal,
+            potential=potential, ess_threshold=ess_threshold, potential_every=potential_every,
+            generator=generator if generator is not None else int(torch.randint(0, 2**62, (1,)).item()),
+            shape=shape, num_inference_steps=num_inference_steps, eta=eta, cond=cond,
+            progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), device=device,
+            dtype=cond_embeds.dtype,
+        )
+        self.last_smc = out
+        if output_type == "latent":
+            return StableDiffusionPipelineOutput(images=out.samples, nsfw_content_detected=None)
+        images = self.vae.decode(out.samples / self.vae.config.scaling_factor, return_dict=False)[0]
+        images = self.image_processor.postprocess(images, output_type=output_type)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
 
 
 class BlendStableDiffusionPipeline(BlendPipelineMixin, StableDiffusionPipeline):

@@ -53,7 +53,7 @@ from ..evaluation.sweep import Setting, SweepConfig, run_sweep
 from ..files import give_user_mode
 from ..preference import BASE, Preference
 
-TABLE_METHODS = ("base", "rs-factors", "rs-deltas", "code", "rgg", "mpa", "ls", "morl", "is-oracle")
+TABLE_METHODS = ("base", "rs-factors", "rs-deltas", "code", "rgg", "mpa", "ls", "smc", "fk", "morl", "is-oracle")
 METHOD_LABELS = {
     "base": "base (pre-trained)",
     "rs-factors": "Rewarded Soup (factors)",
@@ -62,6 +62,8 @@ METHOD_LABELS = {
     "rgg": "RGG",
     "mpa": "DB-MPA",
     "ls": "DB-MPA-LS",
+    "smc": "SMC on the blend",
+    "fk": "FK steering (equal NFE)",
     "morl": "MORL oracle",
     "is-oracle": "IS oracle",
 }
@@ -74,6 +76,8 @@ class DigitsTableConfig:
     ``weights``: the table's ``w`` (weight of ``demo.rewards[0]``) at ``lambda = 1``; ``kl_scales``: the
     DB-KLA / MORL comparison for the expert ``kl_reward``. ``seeds`` x ``samples_per_seed`` samples per point
     (``None``: the demo's). ``code_block_size`` 1 = the paper's block 5 of 50 steps scaled to 10 steps.
+    ``particles``: SMC on the blend (:mod:`diffusion_blend.smc`); FK steering (base proposal) gets ``fk_particles``,
+    by default 3x as many: the same network evaluations as SMC over two experts plus the base.
     """
 
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -86,6 +90,8 @@ class DigitsTableConfig:
     code_block_size: int = 1
     oracle_samples: int = 20_000
     morl_workers: int = 2
+    particles: int = 8
+    fk_particles: int | None = None
 
     def __post_init__(self) -> None:
         if not self.weights or any(not 0.0 <= w <= 1.0 for w in self.weights):
@@ -94,7 +100,7 @@ class DigitsTableConfig:
             raise DiffusionBlendError(f"KL scales must be positive, got {self.kl_scales!r}")
         if self.kl_reward not in self.demo.rewards:
             raise DiffusionBlendError(f"kl_reward {self.kl_reward!r} is not one of {self.demo.rewards}")
-        for name in ("code_candidates", "code_block_size", "oracle_samples", "morl_workers"):
+        for name in ("code_candidates", "code_block_size", "oracle_samples", "morl_workers", "particles"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffusionBlendError(f"{name} must be a positive integer, got {value!r}")
@@ -103,7 +109,7 @@ class DigitsTableConfig:
     def quick(cls) -> DigitsTableConfig:
         """Tiny budgets (tests): the demo's quick experts, 2 seeds x 16 samples, 4 CoDe candidates, in-process MORL."""
         return cls(demo=DemoConfig.quick(), seeds=(0, 1), samples_per_seed=16, code_candidates=4,
-                   oracle_samples=256, morl_workers=1)
+                   oracle_samples=256, morl_workers=1, particles=2)
 
     def table_preferences(self) -> list[Preference]:
         return [Preference(self.demo.weights(w), 1.0) for w in self.weights]
@@ -115,7 +121,8 @@ class DigitsTableConfig:
         seeds = list(self.seeds) if self.seeds is not None else evaluation_seeds(self.demo)
         per_seed = self.samples_per_seed or self.demo.samples_per_seed
         return dict(seeds=seeds, samples_per_seed=per_seed, code_candidates=self.code_candidates,
-                    code_block_size=self.code_block_size, oracle_samples=self.oracle_samples)
+                    code_block_size=self.code_block_size, oracle_samples=self.oracle_samples, particles=self.particles,
+                    fk_particles=self.fk_particles or 3 * self.particles)
 
 
 # ---------------------------------------------------------------------------------------------- MORL oracles

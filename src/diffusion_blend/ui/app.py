@@ -1,13 +1,14 @@
 """The Gradio app of ``dblend ui``.
 
 One slider per reward weight, a KL-scale slider, a method selector (DB-MPA-LS is disabled, with the reason, whenever
-a blend coefficient is negative), a seed, a prompt box for text models. Generating shows the samples, each basis
-reward's mean score with its standard error, and where the result lies on the demo report's precomputed Pareto plot
-(a star with +-2 standard-error bars). Models without a prompt show a first result on page load. When a control
-changes after a result, the status line marks the result stale until the next Generate. Invalid input (a seed
-that is not a whole number, a value typed outside a slider's range, a missing prompt) is rejected in the page with a
-readable message in the status line (the result on show stays), never a traceback, in the page or the server
-log.
+a blend coefficient is negative), an SMC particle count (N > 1 runs SMC on the DB-MPA blend, ``diffusion_blend.smc``,
+where the studio supports it: the digits studio), a seed, a prompt box for text models. Generating shows the
+samples, each basis reward's mean score with its standard error, and where the result lies on the demo report's
+precomputed Pareto plot (a star with +-2 standard-error bars). Models without a prompt show a first result on page
+load. When a control changes after a result, the status line marks the result stale until the next Generate.
+Invalid input (a seed that is not a whole number, a value typed outside a slider's range, a missing prompt) is
+rejected in the page with a readable message in the status line (the result on show stays), never a traceback, in
+the page or the server log.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .studio import Studio  # noqa: E402
 
 METHODS = {"DB-MPA (blend every step)": "mpa", "DB-MPA-LS (one model per step)": "ls"}
 MPA_LABEL, LS_LABEL = list(METHODS)
-WEIGHT_RANGE, KL_RANGE = (-1.0, 2.0), (0.0, 3.0)
+WEIGHT_RANGE, KL_RANGE, PARTICLE_RANGE = (-1.0, 2.0), (0.0, 3.0), (1, 32)
 STALE = "**Stale**: the controls changed since this result was generated; press Generate for the new settings."
 
 
@@ -131,6 +132,10 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                                            info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
                 method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
                 method_note = gr.Markdown(elem_id="method-note")
+                particles = checked_slider(*PARTICLE_RANGE, value=1, step=1, label="SMC particles", elem_id="particles",
+                                           visible=getattr(studio, "supports_smc", False),
+                                           info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, reweighted to "
+                                                "the exact target (N x (experts + 1) network evaluations per image)")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -149,7 +154,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
             return method_state(list(values[:-1]), values[-1], names)
 
         def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None, str, dict]:
-            *weights, kl_scale, method_label, seed_value, prompt_text = values
+            *weights, kl_scale, method_label, seed_value, prompt_text, particle_count = values
             try:
                 check_ranges(weights, kl_scale, names)
                 if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
@@ -159,14 +164,23 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                 if method_label not in METHODS:
                     raise DiffusionBlendError(f"unknown method {method_label!r}")
                 preference = Preference(dict(zip(names, weights)), kl_scale)
-                result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None)
+                if (particle_count is None or float(particle_count) != int(particle_count)
+                        or not PARTICLE_RANGE[0] <= int(particle_count) <= PARTICLE_RANGE[1]):
+                    raise DiffusionBlendError(f"SMC particles must be a whole number from {PARTICLE_RANGE[0]} to "
+                                              f"{PARTICLE_RANGE[1]}, got {particle_count}")
+                smc = {"particles": int(particle_count)} if int(particle_count) > 1 else {}
+                if smc and not getattr(studio, "supports_smc", False):
+                    raise DiffusionBlendError("SMC particles are not available for this model (set particles to 1)")
+                result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None,
+                                         **smc)
             except (DiffusionBlendError, ValueError) as err:
                 # in the status line, with the last result kept: a raised gr.Error would also put "Error" pills
                 # over every output
                 return gr.update(), gr.update(), gr.update(), f"⚠️ Invalid input: {err}", gr.update()
             weights_text = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
-            shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}, "
-                     f"seed {int(seed_value)}.")
+            smc_text = f" with SMC, {int(particle_count)} particles" if smc else ""
+            shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}"
+                     f"{smc_text}, seed {int(seed_value)}.")
             return (result.images, format_scores(result.scores, result.seconds, result.standard_errors),
                     pareto_figure(pareto_reference, result.scores, result.standard_errors), shown,
                     {"values": list(values), "shown": shown})
@@ -183,7 +197,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                 return gr.update()
             return last["shown"] if list(current) == last["values"] else STALE
 
-        controls = [*weight_sliders, kl_slider, method, seed, prompt]
+        controls = [*weight_sliders, kl_slider, method, seed, prompt, particles]
         outputs = [image, scores_md, pareto, status, last_settings]
         for control in [*weight_sliders, kl_slider]:
             control.change(update_method, [*weight_sliders, kl_slider], [method, method_note])

@@ -31,13 +31,15 @@ def digits_studio(
     if not adapters:
         raise DiffusionBlendError("no adapters: run `make demo` first, or pass --adapter NAME=PATH")
     model = load_default_digits_model(progress=False)
-    rewards = {}
+    rewards, alphas = {}, set()
     for name, path in adapters.items():
         metadata = load_adapter(model, path, name)
         rewards[name] = get_reward(basis_reward_name(metadata.rewards, path))
+        alphas.add((metadata.training_config or {}).get("alpha"))
     return LoraStudio(
         model, digits_forward, digits_scheduler("ddim"), IMAGE_SHAPE, rewards, decode=to_image_space,
         num_images=num_images, num_inference_steps=num_inference_steps,
+        alpha=alphas.pop() if len(alphas) == 1 and None not in alphas else None,  # SMC needs one common alpha
         description=f"Embedded 8x8 handwritten-digits model; experts: {', '.join(adapters)}. "
         f"{num_images} samples, DDIM eta=1, {num_inference_steps} steps; same seed = same initial noise.",
     )

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from ..denoisers import make_denoiser
+from ..errors import DiffusionBlendError
 from ..evaluation.stats import mean_and_standard_error
 from ..lora import Forward, LoraFamily
 from ..preference import Preference
 from ..sampling import sample
+from ..smc import smc_sample
 
 RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
 
@@ -38,7 +40,8 @@ class Studio(Protocol):
     text_conditioned: bool
     description: str
 
-    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None) -> Generation: ...
+    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None) -> Generation:
+        """Samples for ``preference``; a studio with ``supports_smc`` also takes ``particles=N`` (SMC on the blend)."""
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None, cell: int = 64) -> np.ndarray:
@@ -81,6 +84,7 @@ class LoraStudio:
         num_inference_steps: int = 50,
         eta: float = 1.0,
         description: str = "",
+        alpha: float | None = None,
     ):
         self.family = LoraFamily(model.eval(), forward, expert_names=list(rewards))
         self.reward_names = tuple(rewards)
@@ -92,15 +96,36 @@ class LoraStudio:
         self.num_inference_steps = num_inference_steps
         self.eta = eta
         self.description = description
+        self.alpha = alpha  # the experts' KL weight: needed by SMC's target p_pre exp(lambda r_w / alpha)
+
+    @property
+    def supports_smc(self) -> bool:
+        return self.alpha is not None
 
     @torch.no_grad()
-    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None) -> Generation:
+    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
+                 particles: int = 1) -> Generation:
+        """``particles > 1``: SMC on the blend (``diffusion_blend.smc``; DB-MPA proposal) instead of plain sampling."""
         start = time.perf_counter()
-        denoiser = make_denoiser(self.family, preference, method, generator=seed + 1_000_003)
-        samples = sample(
-            denoiser, self.scheduler, generator=seed, shape=(self.num_images, *self.sample_shape),
-            num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
-        ).samples
+        if particles > 1:
+            if method != "mpa" or not self.supports_smc:
+                raise DiffusionBlendError("SMC particles > 1 need method DB-MPA (its proposal) and the experts' alpha")
+
+            def r_w(x: torch.Tensor) -> torch.Tensor:
+                images = self.decode(x)
+                return sum(w * self.rewards[n](images, None).double() for n, w in preference.weights.items() if w)
+
+            samples = smc_sample(
+                self.family, preference, self.scheduler, reward=r_w, alpha=self.alpha, particles=int(particles),
+                generator=seed, shape=(self.num_images, *self.sample_shape),
+                num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
+            ).samples
+        else:
+            denoiser = make_denoiser(self.family, preference, method, generator=seed + 1_000_003)
+            samples = sample(
+                denoiser, self.scheduler, generator=seed, shape=(self.num_images, *self.sample_shape),
+                num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
+            ).samples
         images = self.decode(samples)
         stats = {name: mean_and_standard_error(fn(images, None).detach()) for name, fn in self.rewards.items()}
         return Generation(image_grid(images), {name: m for name, (m, _) in stats.items()}, time.perf_counter() - start,

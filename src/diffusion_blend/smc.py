@@ -1,0 +1,268 @@
+"""Layer 3: sequential Monte Carlo on top of the blend, an exactness knob (beyond the paper; docs/method.md).
+
+The blend (paper Lemma 1-2) is an approximation of the target: the Jensen gap. This sampler corrects it. The
+target is the base sampler's chain tilted at the end,
+
+    P*(x_T .. x_0) ∝ p_pre(x_T .. x_0) exp(lambda r_w(x_0) / alpha),
+
+whose ``x_0`` marginal is the target ``p_pre exp(lambda r_w / alpha)`` of paper section 1 (for the base sampler's
+own chain). The proposal ``q`` is the blended chain (:class:`~diffusion_blend.denoisers.BlendedDenoiser`, any
+preference) with the base's Gaussian step std ``s_k`` (the same scheduler step), or the base chain itself
+(``proposal="base"``: FK steering, Singhal et al. 2025). ``N`` particles per output sample are propagated with
+``q``; at every step the weight of a particle is multiplied by
+
+    G_k = N(x_{k+1}; mu_pre(x_k), s_k^2) / N(x_{k+1}; mu_q(x_k), s_k^2) * exp(lambda / alpha * (h_{k+1} - h_k))
+
+with a look-ahead potential ``h_k``: ``r_w`` of the Tweedie estimate ``x0_hat(x_k)`` of the proposal's prediction
+(``potential="tweedie"``, FK steering's choice) or 0 (``potential="none"``); the initial weight is
+``exp(lambda h_0(x_T) / alpha)`` and ``h_K = r_w(x_0)`` exactly, so the product telescopes to the exact importance
+weight ``dP* / dQ`` (up to a constant) for ANY choice of ``h``; ``h`` only decides when the weights become
+informative. Groups whose effective sample size falls below ``ess_threshold * N`` are resampled (systematic
+resampling, per output sample), and the output is one particle per group drawn by the final weights.
+
+The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
+batched :meth:`~diffusion_blend.denoisers.DenoiserFamily.predict_all` (one more member, still one forward).
+Steps with std 0 (deterministic: DDIM ``eta = 0``, DDIM's last step with ``set_alpha_to_one=True``, DDPM's last
+step) make the ratio undefined; such samplers are refused before any work.
+
+The reward is a callable on the sampler's space (the caller composes decoding and the weighted sum of basis
+rewards): ``reward(x) -> Tensor[rows]`` gives ``r_w``; this layer knows nothing of reward models.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from .denoisers import Denoiser, DenoiserFamily, repeat_rows
+from .errors import DiffusionBlendError
+from .preference import BASE, Preference, blend_predictions
+from .sampling import (
+    as_generator,
+    gaussian_log_prob,
+    initial_latents,
+    to_epsilon,
+    transition_distribution,
+    tweedie_x0,
+)
+
+PROPOSALS = ("blend", "base")
+POTENTIALS = ("tweedie", "none")
+Reward = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class SMCOutput:
+    """One output sample per group of ``N`` particles, and what it cost.
+
+    ``network_evaluations``: rows routed through the family per output sample (``N x members x steps``);
+    ``reward_evaluations``: calls of ``r_w`` on one particle per output sample (potential steps and the end);
+    ``final_ess``: per output sample, the effective sample size of the final weights (1 .. N);
+    ``resampling_steps``: per output sample, how many times its group was resampled; ``ess_history[k, b]``: the
+    ESS of group ``b`` after the weights of state ``k`` (``K + 1`` rows: states ``x_T .. x_0``);
+    ``particles`` ``(N, B, ...)`` and ``log_weights`` ``(N, B)`` (normalised per group): the final particle system.
+    """
+
+    samples: torch.Tensor
+    network_evaluations: float
+    reward_evaluations: float
+    final_ess: torch.Tensor
+    resampling_steps: torch.Tensor
+    ess_history: torch.Tensor
+    particles: torch.Tensor
+    log_weights: torch.Tensor
+
+
+def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
+    """``(sum w)^2 / sum w^2`` per column of ``log_weights`` ``(N, B)`` (unnormalised log-weights)."""
+    probabilities = torch.softmax(log_weights, dim=0)
+    return 1.0 / (probabilities**2).sum(0)
+
+
+def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Systematic resampling per column of ``log_weights`` ``(N, B)``: ``(N, B)`` ancestor indices.
+
+    One uniform ``u_b`` per column; ancestor of slot ``n`` is the first ``i`` with ``cdf_i > (u_b + n) / N``, so
+    particle ``i`` is copied ``floor(N p_i)`` or ``ceil(N p_i)`` times (Douc, Cappé and Moulines 2005).
+    """
+    n, batch = log_weights.shape
+    cdf = torch.softmax(log_weights.to(torch.float64), dim=0).cumsum(0).T.contiguous()  # (B, N)
+    uniforms = torch.rand(batch, 1, generator=generator, dtype=torch.float64, device=torch.device("cpu"))
+    positions = (uniforms.to(cdf.device) + torch.arange(n, dtype=torch.float64, device=cdf.device)) / n
+    return torch.searchsorted(cdf, positions, right=True).clamp(max=n - 1).T
+
+
+def check_stochastic_steps(scheduler: Any, eta: float) -> None:
+    """Refuse (one line) schedulers without Gaussian transitions or with a deterministic step (std 0)."""
+    if not isinstance(scheduler, DDIMScheduler | DDPMScheduler):
+        raise DiffusionBlendError(
+            f"SMC needs Gaussian sampler steps (DDIM with eta > 0 or DDPM), not {type(scheduler).__name__}")
+    probe = torch.zeros(1, 1)
+    for t in scheduler.timesteps:
+        _, std = transition_distribution(scheduler, probe, t, probe, eta)
+        if float(std) == 0.0:
+            raise DiffusionBlendError(
+                f"SMC needs every sampler step to be stochastic, but step t={int(t)} is deterministic (std 0: the "
+                "weight ratio is undefined); use eta > 0 and DDIM with steps_offset=1, set_alpha_to_one=False "
+                "(Stable Diffusion's settings; DDPM's last step is deterministic too)")
+
+
+def _check_values(values: Any, rows: int) -> torch.Tensor:
+    values = torch.as_tensor(values)
+    if values.shape != (rows,):
+        raise DiffusionBlendError(f"the reward returned shape {tuple(values.shape)} for {rows} particles")
+    values = values.detach().to(torch.float64)
+    if not torch.isfinite(values).all():
+        raise DiffusionBlendError("the reward returned NaN or infinite values")
+    return values
+
+
+def _validate(particles: int, proposal: Any, potential: str, ess_threshold: float, potential_every: int,
+              alpha: float) -> None:
+    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+        raise DiffusionBlendError(f"particles must be an integer >= 1, got {particles!r}")
+    if not (callable(proposal) or proposal in PROPOSALS):
+        raise DiffusionBlendError(f"unknown SMC proposal {proposal!r}; choose 'blend' (ours) or 'base' (FK steering)")
+    if potential not in POTENTIALS:
+        raise DiffusionBlendError(f"unknown SMC potential {potential!r}; choose from {', '.join(POTENTIALS)}")
+    if not (isinstance(ess_threshold, int | float) and 0.0 <= ess_threshold <= 1.0):
+        raise DiffusionBlendError(f"ess_threshold must be in [0, 1] (a fraction of N), got {ess_threshold!r}")
+    if isinstance(potential_every, bool) or not isinstance(potential_every, int) or potential_every < 1:
+        raise DiffusionBlendError(f"potential_every must be an integer >= 1, got {potential_every!r}")
+    if not (isinstance(alpha, int | float) and alpha > 0 and math.isfinite(alpha)):
+        raise DiffusionBlendError(f"alpha (the experts' KL weight) must be a positive number, got {alpha!r}")
+
+
+@torch.no_grad()
+def smc_sample(
+    family: DenoiserFamily,
+    preference: Preference,
+    scheduler: Any,
+    *,
+    reward: Reward,
+    alpha: float,
+    generator: torch.Generator | int,
+    particles: int = 4,
+    proposal: str | Denoiser = "blend",
+    potential: str = "tweedie",
+    ess_threshold: float = 0.5,
+    potential_every: int = 1,
+    shape: tuple[int, ...] | None = None,
+    latents: torch.Tensor | None = None,
+    num_inference_steps: int = 50,
+    eta: float = 1.0,
+    cond: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SMCOutput:
+    """Sample ``B`` outputs from the tilted base chain with ``particles`` particles each (module docstring).
+
+    ``shape = (B, ...)`` draws independent ``x_T`` for all ``N x B`` particles; ``latents`` ``(B, ...)`` are shared
+    by the ``N`` particles of each output (the output then targets ``P*`` given ``x_T``; under the VP process
+    ``E[exp(lambda r / alpha) | x_T]`` is nearly constant, so this changes little). ``proposal``: ``"blend"`` (the
+    preference's blend), ``"base"`` (FK steering) or any denoiser (e.g. an exact target, for tests).
+    ``potential_every = k`` evaluates ``h`` only every ``k`` steps (``h`` is held in between), bounding the
+    reward cost. The same generator seed gives the same samples.
+    """
+    _validate(particles, proposal, potential, ess_threshold, potential_every, alpha)
+    if not callable(reward):
+        raise DiffusionBlendError("the SMC reward must be a callable x -> r_w(x), one value per row")
+    generator = as_generator(generator)
+    n = particles
+    scale = preference.kl_scale / float(alpha)
+    coefficients = preference.coefficients(family.expert_names)
+    if proposal == "blend":
+        active = coefficients.active()
+        members = [member for member, _ in active]
+        blend_coefficients = [coef for _, coef in active]
+        if BASE not in members:
+            members.append(BASE)
+        base_index = members.index(BASE)
+    else:
+        members, base_index = [BASE], 0
+    family.check_members(members)
+    if latents is not None:
+        x = initial_latents(scheduler, generator, latents=latents, device=device, dtype=dtype)
+        batch = x.shape[0]
+        x = x.repeat(n, *([1] * (x.ndim - 1)))  # particle-major rows: [p_0 b_0..b_B-1, p_1 ...]
+    else:
+        if shape is None:
+            raise DiffusionBlendError("give the sample shape or the initial latents")
+        batch = shape[0]
+        x = initial_latents(scheduler, generator, (n * batch, *shape[1:]), None, device, dtype)
+    scheduler.set_timesteps(num_inference_steps, device=x.device)
+    check_stochastic_steps(scheduler, eta)
+    cond = repeat_rows(dict(cond or {}), n, batch)
+    rows = n * batch
+    groups = torch.arange(batch, device=x.device)
+    log_weights = torch.zeros(n, batch, dtype=torch.float64, device=x.device)
+    potential_prev = torch.zeros(rows, dtype=torch.float64, device=x.device)  # h_{-1} = 0: initial weight e^{s h_0}
+    pending = torch.zeros(rows, dtype=torch.float64, device=x.device)  # log p_pre / q of the last transition
+    resampled = torch.zeros(batch, dtype=torch.long)
+    ess_history, network_rows, reward_rows = [], 0, 0
+
+    def gather(tensor: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        grouped = tensor.view(n, batch, *tensor.shape[1:])
+        return grouped[ancestors, groups].reshape(tensor.shape)
+
+    timesteps = list(scheduler.timesteps)
+    for k, t in enumerate(tqdm(timesteps, desc="SMC", disable=not progress, leave=False)):
+        model_input = scheduler.scale_model_input(x, t)
+        predictions = family.predict_all(model_input, t, members, **cond)
+        network_rows += len(members) * rows
+        out_pre = predictions[base_index]
+        if proposal == "blend":
+            out_q = blend_predictions(blend_coefficients, predictions[: len(blend_coefficients)])
+        elif proposal == "base":
+            out_q = out_pre
+        else:
+            out_q = proposal(model_input, t, **cond)
+        increment = pending
+        if potential == "tweedie" and k % potential_every == 0:
+            value = _check_values(reward(tweedie_x0(scheduler, out_q, t, x)), rows).to(x.device)
+            reward_rows += rows
+            increment = increment + scale * (value - potential_prev)
+            potential_prev = value
+        log_weights = log_weights + increment.view(n, batch)
+        ess = effective_sample_size(log_weights)
+        ess_history.append(ess.cpu())
+        needed = ess < ess_threshold * n
+        if n > 1 and bool(needed.any()):
+            identity = torch.arange(n, device=x.device).unsqueeze(1).expand(n, batch)
+            ancestors = torch.where(needed.unsqueeze(0), systematic_resample(log_weights, generator).to(x.device),
+                                    identity)
+            x, out_q, out_pre, potential_prev = (gather(v, ancestors) for v in (x, out_q, out_pre, potential_prev))
+            log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(log_weights), log_weights)
+            resampled += needed.cpu().long()
+        mean_q, std = transition_distribution(scheduler, to_epsilon(scheduler, out_q, t, x), t, x, eta)
+        mean_pre, _ = transition_distribution(scheduler, to_epsilon(scheduler, out_pre, t, x), t, x, eta)
+        x = mean_q + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x64, std64 = x.to(torch.float64), std.to(torch.float64)
+        pending = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64) - gaussian_log_prob(
+            x64, mean_q.to(torch.float64), std64)
+    final = _check_values(reward(x), rows).to(x.device)
+    reward_rows += rows
+    log_weights = log_weights + (pending + scale * (final - potential_prev)).view(n, batch)
+    final_ess = effective_sample_size(log_weights)
+    ess_history.append(final_ess.cpu())
+    probabilities = torch.softmax(log_weights, dim=0).T.cpu()  # (B, N)
+    chosen = torch.multinomial(probabilities, 1, generator=generator).flatten().to(x.device)
+    grouped = x.view(n, batch, *x.shape[1:])
+    return SMCOutput(
+        samples=grouped[chosen, groups],
+        network_evaluations=network_rows / batch,
+        reward_evaluations=reward_rows / batch,
+        final_ess=final_ess.cpu(),
+        resampling_steps=resampled,
+        ess_history=torch.stack(ess_history),
+        particles=grouped,
+        log_weights=torch.log_softmax(log_weights, dim=0),
+    )

@@ -1,0 +1,222 @@
+"""SMC on the blend vs FK steering: the gain in ``r_w`` over the base as a fraction of the exact target's gain, against
+network evaluations per sample (docs/evaluation.md, "SMC on the blend").
+
+For every weight ``w`` (``lambda = 1``) and every particle count ``N``, one shared sweep
+(:func:`~diffusion_blend.evaluation.sweep.run_sweep`, resumable cells under ``<out>/n<N>/``) runs the base,
+DB-MPA, DB-MPA-LS, SMC with the blend as proposal (``smc``) and FK steering (``fk``: the base as proposal) at the
+same ``N``; a second sweep (``<out>/fk-equal-n<N>/``) runs FK steering with as many particles as give SMC's network
+evaluations (``N x`` the blend's members plus the base). The target's gain comes from the setting's oracle: on
+digits the importance-weighted oracle over the demo's base samples (the same estimate the demo's checks use), on
+the Gaussian mixture the closed form. Outputs: ``smc_study.csv`` / ``.json`` / ``.md`` and ``oracle_fraction.png``.
+
+    python -m diffusion_blend.studies.smc_study --setting digits --out runs/smc-study-digits --demo-dir runs/demo
+    python -m diffusion_blend.studies.smc_study --setting gmm --out runs/smc-study-gmm
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DiffusionBlendError
+from ..evaluation.sweep import Setting, SweepConfig, run_sweep
+from ..preference import BASE, Preference
+
+LABELS = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "smc": "SMC on blend", "fk": "FK steering (same N)",
+          "fk-equal": "FK steering (equal NFE)"}
+
+
+@dataclass(frozen=True)
+class SMCStudyConfig:
+    weights: tuple[float, ...] = (0.2, 0.5, 0.8)
+    particles: tuple[int, ...] = (2, 4, 8, 16)
+    seeds: tuple[int, ...] = (0, 1)
+    samples_per_seed: int = 256
+    equal_nfe: bool = True
+    potential: str = "tweedie"
+
+
+def members_per_particle(setting: Setting, preference: Preference) -> int:
+    """Members SMC evaluates per particle and step: the blend's active members plus the base if it is not one."""
+    active = [m for m, _ in preference.coefficients(setting.family.expert_names).active()]
+    return len(active) + (BASE not in active)
+
+
+def run_smc_study(setting: Setting, preferences: Sequence[Preference], oracle_gain: Mapping[float, float],
+                  first_reward: str, out_dir: str | Path, config: SMCStudyConfig, progress: bool = True) -> list[dict]:
+    """One row per (method, w, N) with the gain in ``r_w``, its oracle fraction, NFE, reward evaluations and ESS."""
+    out = Path(out_dir)
+    rows: list[dict[str, Any]] = []
+    common = dict(preferences=list(preferences), seeds=list(config.seeds), samples_per_seed=config.samples_per_seed,
+                  oracle_samples=2, smc_potential=config.potential)
+    done_blends = False
+    for n in config.particles:
+        methods = ("base", "smc", "fk") if done_blends else ("base", "mpa", "ls", "smc", "fk")
+        result = run_sweep(setting, SweepConfig(methods=methods, particles=n, **common), out / f"n{n}", progress=progress)
+        sweeps = [("", result)]
+        if config.equal_nfe:
+            members = members_per_particle(setting, preferences[0])
+            equal = run_sweep(setting, SweepConfig(methods=("base", "fk"), particles=n, fk_particles=members * n,
+                                                   **common), out / f"fk-equal-n{n}", progress=progress)
+            sweeps.append(("-equal", equal))
+        for suffix, res in sweeps:
+            for row in res["rows"]:
+                if row["method"] in ("base", "is-oracle") or (done_blends and row["method"] in ("mpa", "ls")):
+                    continue
+                w = float(row["weights"][first_reward])
+                method = row["method"] + suffix
+                rows.append({
+                    "method": method, "label": LABELS[method], "w": w,
+                    "particles": row.get("particles"), "smc_particles": n if method != "mpa" and method != "ls" else None,
+                    "weighted_reward": row["weighted_reward"], "se_weighted_reward": row["se_weighted_reward"],
+                    "gain": row["gain_weighted_reward"], "oracle_gain": oracle_gain[w],
+                    "oracle_fraction": row["gain_weighted_reward"] / oracle_gain[w],
+                    "oracle_fraction_se": row["se_weighted_reward"] / abs(oracle_gain[w]),
+                    "network_evaluations_per_sample": row["network_evaluations_per_sample"],
+                    "reward_evaluations_per_sample": row.get("reward_evaluations_per_sample"),
+                    "final_ess_mean": row.get("final_ess_mean"),
+                    "wall_time_per_sample": row["wall_time_per_sample"],
+                })
+        done_blends = True
+    write_outputs(rows, out, config)
+    return rows
+
+
+COLUMNS = ["method", "w", "particles", "smc_particles", "weighted_reward", "se_weighted_reward", "gain", "oracle_gain",
+           "oracle_fraction", "oracle_fraction_se", "network_evaluations_per_sample", "reward_evaluations_per_sample",
+           "final_ess_mean", "wall_time_per_sample"]
+
+
+def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, config: SMCStudyConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..evaluation.plots import save_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "smc_study.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "smc_study.json").write_text(json.dumps({"config": asdict(config), "rows": list(rows)}, indent=1))
+    lines = ["| method | N | " + " | ".join(f"w={w:g}: fraction (NFE)" for w in config.weights) + " |",
+             "| --- | --- |" + " --- |" * len(config.weights)]
+    keys = sorted({(r["method"], r["particles"]) for r in rows}, key=lambda k: (list(LABELS).index(k[0]), k[1] or 0))
+    for method, particles in keys:
+        cells = []
+        for w in config.weights:
+            match = [r for r in rows if r["method"] == method and r["particles"] == particles and abs(r["w"] - w) < 1e-9]
+            cells.append(f"{match[0]['oracle_fraction']:.2f} ± {match[0]['oracle_fraction_se']:.2f} "
+                         f"({match[0]['network_evaluations_per_sample']:.0f})" if match else "")
+        lines.append(f"| {LABELS[method]} | {particles or '-'} | " + " | ".join(cells) + " |")
+    (out / "smc_study.md").write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, len(config.weights), figsize=(5 * len(config.weights), 4), squeeze=False)
+    styles = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}
+    for ax, w in zip(axes[0], config.weights):
+        for method, style in styles.items():
+            points = sorted((r for r in rows if r["method"] == method and abs(r["w"] - w) < 1e-9),
+                            key=lambda r: r["network_evaluations_per_sample"])
+            if points:
+                ax.errorbar([p["network_evaluations_per_sample"] for p in points],
+                            [p["oracle_fraction"] for p in points], yerr=[p["oracle_fraction_se"] for p in points],
+                            fmt=style, label=LABELS[method], capsize=2, ms=5)
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        ax.axhline(0.9, color="C3", lw=0.6, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations per sample")
+        ax.set_ylabel("gain in r_w / IS oracle's gain")
+        ax.set_title(f"w = {w:g}")
+        ax.legend(fontsize=7)
+    save_figure(fig, out / "oracle_fraction.png")
+
+
+def digits_inputs(demo_dir: str, config: SMCStudyConfig, progress: bool):
+    """The demo's experts, setting, and the IS oracle's gain at each w (demo's 20,000 base samples)."""
+    from ..demo.adapters import ensure_demo_adapters
+    from ..demo.config import DemoConfig
+    from ..demo.pipeline import base_rewards, digits_setting, load_demo_models
+    from ..evaluation.oracle import importance_weighted_oracle
+
+    demo = DemoConfig()
+    torch.set_num_threads(2)
+    models = load_demo_models(ensure_demo_adapters(demo_dir, demo, progress=progress), demo, progress=progress)
+    setting = digits_setting(models, demo)
+    base = base_rewards(models, demo, progress)
+    first = demo.rewards[0]
+    preferences, gains = [], {}
+    for w in config.weights:
+        preference = Preference(demo.weights(w), 1.0)
+        oracle = importance_weighted_oracle(base, preference, demo.alpha)
+        gains[float(w)] = sum(v * (oracle.expected_rewards[n] - float(base[n].mean())) for n, v in
+                              preference.weights.items())
+        preferences.append(preference)
+    return setting, preferences, gains, first
+
+
+def gmm_inputs(config: SMCStudyConfig, steps: int, alpha: float):
+    """The GMM setting (ideal experts) and the closed-form gain of the exact target at each w."""
+    from ..evaluation.sweep import gmm_setting
+    from ..studies.gmm_study import RIGHT, study_testbed
+    from ..testbeds.gmm import combined_reward, tilted_target
+
+    base, rewards = study_testbed()
+    setting = gmm_setting(num_inference_steps=steps, alpha=alpha)
+    preferences, gains = [], {}
+    other = [name for name in rewards if name != RIGHT][0]
+    for w in config.weights:
+        preference = Preference({RIGHT: float(w), other: 1.0 - float(w)}, 1.0)
+        rw = combined_reward(rewards, preference)
+        gains[float(w)] = tilted_target(base, rewards, preference, alpha).expectation(rw) - base.expectation(rw)
+        preferences.append(preference)
+    return setting, preferences, gains, RIGHT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=("digits", "gmm"), default="digits")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--demo-dir", default="runs/demo")
+    parser.add_argument("--particles", default="2,4,8,16")
+    parser.add_argument("--weights", default=None, help="w values (default 0.2,0.5,0.8 digits; 0.25,0.5,0.75 gmm)")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--samples-per-seed", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20, help="gmm only: sampler steps")
+    parser.add_argument("--alpha", type=float, default=1.0, help="gmm only: the experts' KL weight")
+    parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        default_weights = "0.2,0.5,0.8" if args.setting == "digits" else "0.25,0.5,0.75"
+        config = SMCStudyConfig(
+            weights=tuple(float(v) for v in (args.weights or default_weights).split(",")),
+            particles=tuple(int(v) for v in args.particles.split(",")),
+            seeds=tuple(int(v) for v in args.seeds.split(",")), samples_per_seed=args.samples_per_seed,
+            potential=args.smc_potential)
+        progress = not args.no_progress
+        started = time.perf_counter()
+        if args.setting == "digits":
+            setting, preferences, gains, first = digits_inputs(args.demo_dir, config, progress)
+        else:
+            setting, preferences, gains, first = gmm_inputs(config, args.steps, args.alpha)
+        run_smc_study(setting, preferences, gains, first, args.out, config, progress=progress)
+    except (DiffusionBlendError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "smc_study.md").read_text())
+    print(f"{time.perf_counter() - started:.0f} s; outputs in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

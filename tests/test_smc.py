@@ -1,0 +1,258 @@
+"""SMC on top of the blend (smc.py) against closed forms and hand-written references (docs/method.md, "SMC")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffusion_blend.denoisers import BlendedDenoiser
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.evaluation.sweep import CountingFamily
+from diffusion_blend.preference import BASE, Preference
+from diffusion_blend.sampling import make_scheduler, sample, transition_distribution
+from diffusion_blend.smc import effective_sample_size, smc_sample, systematic_resample
+from diffusion_blend.testbeds import GaussianMixture, QuadraticForm, combined_reward, ideal_family, tilted_target
+
+F64 = torch.float64
+ALPHA = 0.25
+PREFERENCE = Preference({"right": 0.5, "bump": 0.5}, 1.0)
+
+
+def stochastic_ddim():
+    """Stable Diffusion's DDIM settings: every step (the last one included) has std > 0."""
+    return make_scheduler("ddim", steps_offset=1, set_alpha_to_one=False)
+
+
+def bimodal():
+    """1-D two-component mixture; a linear and a quadratic reward pull the target between the modes (the blend of
+    the two ideal experts misses it by ~1.0 in the mean: a large Jensen gap at alpha = 0.25)."""
+    base = GaussianMixture([0.6, 0.4], [[-1.5], [1.5]], [[[0.3]], [[0.5]]])
+    rewards = {"right": QuadraticForm.linear_reward([1.0]), "bump": QuadraticForm.quadratic_reward([-1.0], [[1.0]])}
+    return base, rewards
+
+
+def moments(mixture: GaussianMixture) -> tuple[float, float]:
+    mean = mixture.mean()
+    second = sum(w * (c + torch.outer(m, m)) for w, m, c in zip(mixture.weights, mixture.means, mixture.covariances))
+    return float(mean), float(second - torch.outer(mean, mean))
+
+
+def test_smc_converges_to_the_exact_tilted_target() -> None:
+    """As N grows the output's mean and variance approach the closed-form target p_pre exp(lambda r_w / alpha).
+
+    Tolerance at N = 64 (400 outputs, 50 steps): |mean error| < 0.15 and |variance error| < 0.2 (target variance
+    0.92); the 50-step base chain's own discretisation is part of that budget. N = 1 is the blend alone.
+    """
+    base, rewards = bimodal()
+    family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
+    reward = combined_reward(rewards, PREFERENCE)
+    target_mean, target_variance = moments(tilted_target(base, rewards, PREFERENCE, ALPHA))
+    errors = {}
+    for n in (1, 8, 64):
+        out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0, particles=n,
+                         shape=(400, 1), num_inference_steps=50, progress=False, dtype=F64)
+        samples = out.samples.flatten()
+        errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
+    assert errors[1][0] > 0.7  # the blend's Jensen gap is real here
+    assert errors[64][0] < errors[8][0] < errors[1][0]
+    assert errors[64][0] < 0.15 and errors[64][1] < 0.2, errors
+
+
+def gaussian_chain(steps: int):
+    """A Gaussian base and a linear reward: the base chain is linear-Gaussian, so the tilted path measure has a
+    closed form. With ``mu_pre(x) = A_k x + b_k`` and ``log V_K(x) = s a.x``, ``V_k(x) = E[V_{k+1}(x_{k+1}) | x_k]`` is
+    ``exp(c_k.x + const)`` with ``c_k = A_k^T c_{k+1}``, and the tilted chain's step is ``N(mu_pre + s_k^2 c_{k+1},
+    s_k^2)`` (Doob's h-transform). Returns the family, reward, and that exact proposal as a denoiser."""
+    base = GaussianMixture([1.0], [[0.5, -0.3]], [[[0.6, 0.2], [0.2, 0.4]]])
+    rewards = {"right": QuadraticForm.linear_reward([1.0, 0.5]), "other": QuadraticForm.linear_reward([0.0, 1.0])}
+    preference = Preference({"right": 1.0}, 1.0)
+    scheduler = stochastic_ddim()
+    family = ideal_family(base, rewards, ALPHA, scheduler)
+    scheduler.set_timesteps(steps)
+    base_denoiser = family.member(BASE)
+    eye, zero = torch.eye(2, dtype=F64), torch.zeros(1, 2, dtype=F64)
+    linear, offsets, slopes, stds = [], [], [], []
+    for t in scheduler.timesteps:
+        mean0, std = transition_distribution(scheduler, base_denoiser(zero, t), t, zero)
+        columns = [transition_distribution(scheduler, base_denoiser(e[None], t), t, e[None])[0] - mean0 for e in eye]
+        linear.append(torch.cat(columns).T)  # A_k (mean is affine in x: the score of a Gaussian is affine)
+        slopes.append(float(transition_distribution(scheduler, torch.ones(1, 1, dtype=F64), t, zero[:, :1])[0]))
+        offsets.append(mean0)
+        stds.append(float(std))
+    c = [None] * (steps + 1)
+    c[steps] = (PREFERENCE_SCALE := preference.kl_scale / ALPHA) * rewards["right"].linear
+    for k in reversed(range(steps)):
+        c[k] = linear[k].T @ c[k + 1]
+    index = {int(t): k for k, t in enumerate(scheduler.timesteps)}
+
+    def exact_proposal(x, t, **cond):
+        k = index[int(t)]  # eps shift that moves the DDIM mean by s_k^2 c_{k+1} (the mean is affine in eps)
+        return base_denoiser(x, t) + stds[k] ** 2 * c[k + 1] / slopes[k]
+
+    assert PREFERENCE_SCALE == 4.0
+    return family, preference, combined_reward(rewards, preference), exact_proposal
+
+
+def test_exact_target_as_proposal_gives_uniform_weights() -> None:
+    steps = 12
+    family, preference, reward, exact = gaussian_chain(steps)
+    latents = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    common = dict(reward=reward, alpha=ALPHA, generator=0, particles=16, latents=latents, num_inference_steps=steps,
+                  progress=False, dtype=F64, ess_threshold=0.0)
+    for potential in ("tweedie", "none"):
+        out = smc_sample(family, preference, stochastic_ddim(), proposal=exact, potential=potential, **common)
+        assert (out.log_weights + math.log(16)).abs().max() < 1e-8  # uniform final weights in every group
+        assert torch.allclose(out.final_ess, torch.full((50,), 16.0, dtype=F64))
+    blend = smc_sample(family, preference, stochastic_ddim(), proposal="blend", **common)
+    assert float(blend.final_ess.mean()) < 15.0  # the discrete blend is not the exact tilted chain: weights differ
+
+
+def test_base_proposal_without_potential_is_importance_resampling() -> None:
+    """proposal='base', h = 0, no intermediate resampling: the particles are the base sampler's samples (same
+    generator stream) and the final weights are softmax(lambda r_w / alpha) of their rewards."""
+    base, rewards = bimodal()
+    family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
+    reward = combined_reward(rewards, PREFERENCE)
+    n, batch, steps = 8, 30, 10
+    out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=7, particles=n,
+                     proposal="base", potential="none", ess_threshold=0.0, shape=(batch, 1), num_inference_steps=steps,
+                     progress=False, dtype=F64)
+    reference = sample(family.member(BASE), stochastic_ddim(), generator=7, shape=(n * batch, 1),
+                       num_inference_steps=steps, record_trajectory=True, progress=False, dtype=F64).samples
+    assert torch.equal(out.particles.reshape(n * batch, 1), reference)
+    expected = torch.log_softmax((PREFERENCE.kl_scale / ALPHA) * reward(reference).view(n, batch), dim=0)
+    assert torch.allclose(out.log_weights, expected, atol=1e-10)
+    assert int(out.resampling_steps.sum()) == 0
+    for b in range(batch):  # each output is one of its own group's particles
+        assert (out.particles[:, b] == out.samples[b]).all(-1).any()
+
+
+def test_potential_choice_does_not_change_the_final_weights() -> None:
+    """Telescoping: without intermediate resampling the final weight is dP*/dQ for any potential h."""
+    base, rewards = bimodal()
+    family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
+    common = dict(reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA, generator=1, particles=6,
+                  ess_threshold=0.0, shape=(20, 1), num_inference_steps=8, progress=False, dtype=F64)
+    runs = [smc_sample(family, PREFERENCE, stochastic_ddim(), potential=p, potential_every=e, **common)
+            for p, e in (("none", 1), ("tweedie", 1), ("tweedie", 3))]
+    for other in runs[1:]:
+        assert torch.equal(other.particles, runs[0].particles)
+        assert torch.allclose(other.log_weights, runs[0].log_weights, atol=1e-9)
+
+
+def test_one_particle_is_the_blend_sampler() -> None:
+    base, rewards = bimodal()
+    family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
+    out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
+                     generator=4, particles=1, shape=(16, 1), num_inference_steps=6, progress=False, dtype=F64)
+    blend = sample(BlendedDenoiser(family, PREFERENCE), stochastic_ddim(), generator=4, shape=(16, 1),
+                   num_inference_steps=6, record_trajectory=True, progress=False, dtype=F64).samples
+    assert torch.equal(out.samples, blend)
+    assert torch.equal(out.final_ess, torch.ones(16, dtype=F64))
+
+
+@pytest.mark.parametrize("proposal, members", [("blend", 3), ("base", 1)])
+@pytest.mark.parametrize("potential, every, reward_calls", [("tweedie", 1, 7), ("tweedie", 3, 3), ("none", 1, 1)])
+def test_cost_accounting(proposal, members, potential, every, reward_calls) -> None:
+    """DB-MPA (c_0 = 0) over two experts adds the base as a third member; reward calls: potential steps + the end."""
+    base, rewards = bimodal()
+    counting = CountingFamily(ideal_family(base, rewards, ALPHA, stochastic_ddim()))
+    rw = combined_reward(rewards, PREFERENCE)
+    calls = []
+
+    def reward(x):
+        calls.append(x.shape[0])
+        return rw(x)
+
+    n, batch, steps = 4, 5, 6
+    out = smc_sample(counting, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0, particles=n,
+                     proposal=proposal, potential=potential, potential_every=every, shape=(batch, 1),
+                     num_inference_steps=steps, progress=False)
+    assert counting.rows == members * n * batch * steps
+    assert out.network_evaluations == members * n * steps
+    assert calls == [n * batch] * reward_calls
+    assert out.reward_evaluations == n * reward_calls
+    assert out.ess_history.shape == (steps + 1, batch)
+    assert ((out.final_ess >= 1 - 1e-9) & (out.final_ess <= n + 1e-9)).all()
+
+
+def test_systematic_resampling_copies_each_particle_floor_or_ceil_times() -> None:
+    generator = torch.Generator().manual_seed(0)
+    log_weights = torch.randn(10, 200, generator=generator, dtype=F64) * 2
+    ancestors = systematic_resample(log_weights, generator)
+    expected = 10 * torch.softmax(log_weights, 0)
+    counts = torch.zeros_like(expected)
+    counts.scatter_add_(0, ancestors, torch.ones_like(expected))
+    assert ((counts >= expected.floor() - 1e-9) & (counts <= expected.ceil() + 1e-9)).all()
+    for _ in range(5):  # weights (1/2, 0, 1/2) over 3 slots: particle 1 never, the others once or twice
+        ancestors = systematic_resample(torch.tensor([[0.0], [-math.inf], [0.0]]), generator).flatten().tolist()
+        assert ancestors in ([0, 0, 2], [0, 2, 2])
+    assert torch.allclose(effective_sample_size(torch.zeros(5, 3)), torch.full((3,), 5.0))
+    assert torch.allclose(effective_sample_size(torch.tensor([[0.0], [-math.inf]])), torch.ones(1))
+
+
+def test_refusals_are_one_line() -> None:
+    base, rewards = bimodal()
+    family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
+    common = dict(reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA, generator=0, shape=(2, 1),
+                  num_inference_steps=4, progress=False)
+    with pytest.raises(DiffusionBlendError, match="deterministic"):
+        smc_sample(family, PREFERENCE, make_scheduler("ddim"), **common)  # set_alpha_to_one: last step std 0
+    with pytest.raises(DiffusionBlendError, match="deterministic"):
+        smc_sample(family, PREFERENCE, stochastic_ddim(), eta=0.0, **common)
+    for bad in (dict(particles=0), dict(proposal="expert"), dict(potential="max"), dict(ess_threshold=1.5),
+                dict(potential_every=0)):
+        with pytest.raises(DiffusionBlendError) as info:
+            smc_sample(family, PREFERENCE, stochastic_ddim(), **bad, **common)
+        assert "\n" not in str(info.value)
+    with pytest.raises(DiffusionBlendError, match="alpha"):
+        smc_sample(family, PREFERENCE, stochastic_ddim(), **{**common, "alpha": 0.0})
+    with pytest.raises(DiffusionBlendError, match="shape"):
+        smc_sample(family, PREFERENCE, stochastic_ddim(), **{**common, "reward": lambda x: x})
+
+
+def test_sweep_cells_report_cost_and_ess(tmp_path) -> None:
+    """`dblend evaluate --methods smc,fk`: NFE (blend over two experts + the base: 3 members), basis-reward
+    evaluations (2 rewards x N x (steps + 1)) and one final ESS per sample, through the shared sweep and the CLI."""
+    from diffusion_blend.cli import main
+    from diffusion_blend.evaluation.sweep import Cell, SweepConfig, gmm_setting, run_cell
+
+    setting = gmm_setting(num_inference_steps=4)
+    preference = Preference({"right": 0.5, "corner": 0.5}, 1.0)
+    config = SweepConfig(methods=("smc", "fk"), preferences=[preference], seeds=[0], samples_per_seed=6,
+                         particles=3, fk_particles=9)
+    smc = run_cell(setting, config, Cell("smc", preference, 0))
+    fk = run_cell(setting, config, Cell("fk", preference, 0))
+    assert smc["network_evaluations_per_sample"] == 3 * 3 * 4 == fk["network_evaluations_per_sample"]
+    assert smc["reward_evaluations_per_sample"] == 2 * 3 * 5 and fk["reward_evaluations_per_sample"] == 2 * 9 * 5
+    assert len(smc["final_ess"]) == 6 and all(1 - 1e-9 <= e <= 3 + 1e-9 for e in smc["final_ess"])
+    assert SweepConfig(methods=("mpa",), preferences=[preference]).hyperparameters().get("particles") is None
+    args = ["evaluate", "--setting", "gmm", "--out", str(tmp_path), "--methods", "mpa,smc,fk", "--grid", "2",
+            "--seeds", "0", "--samples-per-seed", "4", "--steps", "3", "--particles", "2", "--no-progress"]
+    assert main(args) == 0
+    import csv
+
+    with open(tmp_path / "results.csv") as handle:
+        rows = {(r["method"], r["w_right"]): r for r in csv.DictReader(handle)}
+    assert float(rows[("smc", "1.0")]["network_evaluations_per_sample"]) == 2 * 2 * 3  # expert + base
+    assert float(rows[("fk", "1.0")]["network_evaluations_per_sample"]) == 2 * 3
+    assert 1 <= float(rows[("smc", "0.0")]["final_ess_mean"]) <= 2
+    assert main([*args[:-1], "--particles", "0"]) == 2
+
+
+def test_smc_study_writes_rows_and_plot(tmp_path) -> None:
+    """The oracle-fraction study: one row per method, w and N; FK at equal NFE gets 3N particles (2 experts + base)."""
+    from diffusion_blend.studies.smc_study import SMCStudyConfig, gmm_inputs, run_smc_study
+
+    config = SMCStudyConfig(weights=(0.5,), particles=(2,), seeds=(0,), samples_per_seed=4)
+    setting, preferences, gains, first = gmm_inputs(config, steps=3, alpha=1.0)
+    rows = run_smc_study(setting, preferences, gains, first, tmp_path, config, progress=False)
+    by_method = {row["method"]: row for row in rows}
+    assert set(by_method) == {"mpa", "ls", "smc", "fk", "fk-equal"}
+    assert by_method["smc"]["network_evaluations_per_sample"] == by_method["fk-equal"]["network_evaluations_per_sample"]
+    assert by_method["fk-equal"]["particles"] == 6 and by_method["smc"]["particles"] == 2
+    for row in rows:
+        assert row["oracle_fraction"] == pytest.approx(row["gain"] / row["oracle_gain"])
+    assert all((tmp_path / name).exists() for name in ("smc_study.csv", "smc_study.md", "oracle_fraction.png"))
