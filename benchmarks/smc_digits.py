@@ -7,7 +7,8 @@ One weight per run (1 thread, < 60 s on 2 shared cores at 128 samples), experts 
 
 The oracle's gain and the base's mean r_w come from the demo report (IS over its 20,000 base samples).
 """
-import json, sys, time
+import json
+import sys
 PLOT = 'import json, matplotlib\nmatplotlib.use("Agg")\nimport matplotlib.pyplot as plt\nrows = []\nfor w in (0.2, 0.5, 0.8):\n    rows += json.load(open(f"runs/smc-digits-w{w}.json"))\nlab = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "smc": "SMC on blend (N=2,4,8,16)", "fk": "FK steering (same N)",\n       "fk-equal": "FK steering (3N: equal NFE)"}\nsty = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}\nfig, axes = plt.subplots(1, 3, figsize=(15, 4))\nfor ax, w in zip(axes, (0.2, 0.5, 0.8)):\n    for m, st in sty.items():\n        pts = sorted((r for r in rows if r["method"] == m and r["w"] == w), key=lambda r: r["nfe"])\n        ax.errorbar([p["nfe"] for p in pts], [p["fraction"] for p in pts], yerr=[p["se"] for p in pts], fmt=st,\n                    label=lab[m], capsize=2, ms=5)\n    ax.axhline(1, color="k", lw=0.8, ls=":"); ax.axhline(0.9, color="C3", lw=0.6, ls="--")\n    ax.set_xscale("log"); ax.set_xlabel("network evaluations per sample"); ax.set_ylabel("gain in r_w / IS oracle\'s gain")\n    ax.set_title(f"digits (ink vs digit_prob_3), w = {w:g}"); ax.legend(fontsize=7)\nfig.savefig("docs/images/smc_oracle_fraction.png", dpi=100, bbox_inches="tight")\n'
 import torch
 torch.set_num_threads(1)

@@ -10,7 +10,6 @@ numbers themselves are identical).
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch

@@ -223,8 +223,6 @@ def test_adapter_paths_outside_the_configured_folders_are_refused(experts, tmp_p
 
 def test_star_has_standard_error_bars():
     """The star's +-2 se bars: the same point drawn with and without a standard error differs only by the bars."""
-    import numpy as np
-
     from diffusion_blend.ui.app import pareto_figure
 
     reference = {"rewards": ["ink", "compressibility"],

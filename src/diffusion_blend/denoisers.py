@@ -21,14 +21,14 @@ from typing import Any, Protocol
 
 import torch
 
+from .devices import ROUTINGS  # noqa: F401 (re-exported)
 from .errors import DiffusionBlendError
 from .preference import BASE, Preference, PreferenceError, blend_predictions
 
 Member = str | None
 
-ROUTINGS = ("auto", "batched", "sequential")
-"""How a family evaluates several members (or CFG branches): ``"batched"`` in one forward of the stacked rows,
-``"sequential"`` in one forward per member, ``"auto"`` by device (:func:`device_routing`)."""
+# ROUTINGS: how a family evaluates several members (or CFG branches): "batched" in one forward of the stacked rows,
+# "sequential" in one forward per member, "auto" by device (device_routing).
 
 
 def check_routing(routing: Any) -> str:

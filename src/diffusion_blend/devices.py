@@ -10,6 +10,9 @@ from __future__ import annotations
 from .errors import DiffusionBlendError
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+ROUTINGS = ("auto", "batched", "sequential")
+"""How a LoRA family evaluates its members (:func:`diffusion_blend.denoisers.check_routing`); here, not in
+``denoisers``, so that registering ``dblend sample`` imports no torch."""
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, str]:

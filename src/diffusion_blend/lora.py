@@ -34,7 +34,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from .denoisers import ROUTINGS, DenoiserFamily, Member, check_routing, device_routing, select_rows  # noqa: F401 (ROUTINGS re-exported)
+from .denoisers import DenoiserFamily, Member, check_routing, device_routing, select_rows
+from .devices import ROUTINGS  # noqa: F401 (re-exported)
 from .errors import DiffusionBlendError
 from .preference import BASE, PreferenceError
 

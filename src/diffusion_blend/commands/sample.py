@@ -19,8 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..denoisers import ROUTINGS
-from ..devices import DTYPE_CHOICES
+from ..devices import DTYPE_CHOICES, ROUTINGS
 from ..errors import DiffusionBlendError
 from ..files import give_user_mode, refuse_existing_results, rounded
 from ..preference import Preference
