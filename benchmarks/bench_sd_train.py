@@ -68,9 +68,9 @@ def build_pipeline(dtype_name: str, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from bench_sd_blend import SD15_UNET_CONFIG
-    from tiny_sd import make_tokenizer  # offline byte-level CLIP tokenizer
+
+    from diffusion_blend.tiny import make_tokenizer  # offline byte-level CLIP tokenizer
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(seed)
