@@ -47,7 +47,7 @@ def sd_target(tmp_path, guidance_scale=3.0, reward="brightness"):
     return sd_finetune_target(pipe, PROMPTS, {reward: get_reward(reward)}, guidance_scale=guidance_scale)
 
 
-def with_policy(target, seed=3, scale=0.2):
+def with_policy(target, seed=3, scale=0.2, routing="auto"):
     """Give ``target.model`` a LoRA adapter 'policy' with random non-zero weights (so policy != base)."""
     lora.add_lora(target.model, "policy", rank=2, target_modules=target.target_modules)
     target.model.eval()
@@ -56,7 +56,7 @@ def with_policy(target, seed=3, scale=0.2):
         for name, param in target.model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return adapter_pair(target.model, target.forward, "policy")
+    return adapter_pair(target.model, target.forward, "policy", routing=routing)
 
 
 def lora_grads(model):
@@ -85,16 +85,24 @@ def test_chunked_rollouts_equal_unchunked_on_an_unconditional_target():
 
 
 def test_policy_base_and_both_cfg_branches_are_one_unet_call_per_step(tmp_path):
+    """routing='batched': ONE UNet call per step; 'sequential' (auto's CPU choice): one per member, same rollout."""
     target = sd_target(tmp_path)
-    pair = with_policy(target)
+    pair = with_policy(target, routing="batched")
     batches = []
     handle = target.model.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
     try:
-        rollout(target, pair, 4, torch.Generator().manual_seed(1), num_inference_steps=3, eta=1.0, chunk_size=2)
+        batched = rollout(target, pair, 4, torch.Generator().manual_seed(1), num_inference_steps=3, eta=1.0,
+                          chunk_size=2)
+        # 2 chunks x 3 steps, each call = 2 members (policy, base) x 2 CFG branches x 2 rows
+        assert batches == [8] * 6
+        batches.clear()
+        sequential = rollout(target, adapter_pair(target.model, target.forward, "policy", routing="sequential"), 4,
+                             torch.Generator().manual_seed(1), num_inference_steps=3, eta=1.0, chunk_size=2)
+        assert batches == [4] * 12  # policy, then base: each both CFG branches x 2 rows
     finally:
         handle.remove()
-    # 2 chunks x 3 steps, each call = 2 members (policy, base) x 2 CFG branches x 2 rows
-    assert batches == [8] * 6
+    torch.testing.assert_close(sequential.latents, batched.latents, **TOL)
+    torch.testing.assert_close(sequential.kl, batched.kl, **TOL)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

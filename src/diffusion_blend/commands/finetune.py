@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..devices import ROUTINGS
 from ..errors import DiffusionBlendError
 from ..preference import Preference
 
@@ -179,6 +180,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="precision of the frozen weights (LoRA, Adam, log-probs and KL stay float32)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="recompute activations in the backward pass (policy-update blocks; pathwise steps)")
+    parser.add_argument("--routing", choices=ROUTINGS, default="auto",
+                        help="policy and base: one batched forward (batched), one forward each (sequential), or "
+                        "auto (sequential on CPU, batched on CUDA when it fits)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default): cuda when available, else cpu; multi-GPU: launch with torchrun")
     parser.add_argument("--reward-options", help='JSON: per-reward factory options, e.g. {"digit_prob": {"digit": 3}}')
@@ -237,7 +241,8 @@ def run(args: argparse.Namespace) -> int:
         config.extra = {**config.extra, args.target: {"base": str(args.base), "prompts": str(args.prompts),
                                                "guidance_scale": args.guidance_scale, "resolution": args.resolution}}
     target = TARGETS[args.target](list(config.reward_weights), args)
-    result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.quiet)
+    result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.quiet,
+                      routing=args.routing)
     last = result.curves[-1]
     print(f"adapter: {result.adapter_path}")
     for line in EXPORTS.get(args.target, lambda *_: [])(result, args):

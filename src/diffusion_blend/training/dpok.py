@@ -605,6 +605,7 @@ def finetune(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    routing: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune a LoRA adapter on ``target.model`` for ``r_w = sum_i w_i r_i`` at KL weight ``alpha``.
 
@@ -612,7 +613,11 @@ def finetune(
     ``checkpoint.safetensors`` every ``config.checkpoint_every`` iterations, and at the end
     ``adapter.safetensors`` (see :mod:`diffusion_blend.adapters`) and ``log.json`` (the curves); with
     ``resume`` an existing checkpoint there is continued. ``stop_after=k`` raises :class:`TrainingInterrupted`
-    after iteration ``k`` (a test hook simulating a killed run).
+    after iteration ``k`` (a test hook simulating a killed run). ``routing`` (:func:`adapter_pair`): how the
+    policy and the base are evaluated, one batched forward (``"batched"``; with a CFG target the policy, the base
+    and both branches are then ONE network call) or one forward each (``"sequential"``); ``"auto"`` is sequential
+    on CPU and batched on CUDA when it fits. It changes no result beyond float rounding, so it is not part of the
+    config a resumed run must match.
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out_dir) if out_dir is not None else None
@@ -643,7 +648,7 @@ def finetune(
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=config.torch_dtype == torch.float16)
     generator = torch.Generator().manual_seed(process_seed(config.seed, accelerator.process_index))
-    pair = adapter_pair(model, target.forward, config.adapter_name)
+    pair = adapter_pair(model, target.forward, config.adapter_name, routing=routing)
     names = list(config.reward_weights)
     curves: list[dict[str, float]] = []
     start = 0
