@@ -145,8 +145,9 @@ def _check_values(values: Any, rows: int) -> torch.Tensor:
     return values
 
 
-def _validate(particles: int, proposal: Any, potential: str, ess_threshold: float, potential_every: int,
-              alpha: float) -> None:
+def check_options(particles: int, proposal: Any, potential: str, ess_threshold: float, potential_every: int,
+                  alpha: float) -> None:
+    """One-line :class:`DiffusionBlendError` for a bad SMC option (before any work)."""
     if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
         raise DiffusionBlendError(f"particles must be an integer >= 1, got {particles!r}")
     if not (callable(proposal) or proposal in PROPOSALS):
@@ -203,7 +204,7 @@ def smc_sample(
     ``sigmas`` and ``mu``). ``eta``: DDIM's stochasticity or the flow SDE's noise level (as in
     :func:`~diffusion_blend.sampling.sample`).
     """
-    _validate(particles, proposal, potential, ess_threshold, potential_every, alpha)
+    check_options(particles, proposal, potential, ess_threshold, potential_every, alpha)
     if not callable(reward):
         raise DiffusionBlendError("the SMC reward must be a callable x -> r_w(x), one value per row")
     generator = as_generator(generator)
