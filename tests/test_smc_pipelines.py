@@ -83,12 +83,13 @@ class RowCounter:
     """Rows of every network forward (a pre-hook on the UNet / transformer): the evaluations actually made."""
 
     def __init__(self, model):
-        self.rows = 0
+        self.rows = self.forwards = 0
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         self.rows += x.shape[0]
+        self.forwards += 1
 
     def remove(self):
         self.handle.remove()
@@ -113,6 +114,11 @@ def test_one_particle_is_the_db_mpa_blend_in_the_stock_loop(which, request):
     other = run(pipe, 4, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
                 output_type="latent", **extra)
     assert (other - outputs["latent"]).abs().max() > 1e-2  # the seed matters: the comparison is not vacuous
+    if which != "flux":  # a negative prompt reaches the unconditional branch as in the stock loop
+        blend = run(pipe, 3, preference=DB_MPA, method="mpa", output_type="latent", negative_prompt="blurry", **extra)
+        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
+                  output_type="latent", negative_prompt="blurry", **extra)
+        assert torch.allclose(smc, blend, atol=ATOL) and (smc - outputs["latent"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("which, cfg_copies", [("sdxl", 2), ("sd3", 2), ("flux", 1)])
@@ -141,6 +147,15 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
     assert stats.reward_evaluations == 3 * (STEPS + 1)
     assert len(calls) == STEPS + 1 and all(c == ["a cat", "a dog"] * 3 for c in calls)  # particle-major rows
     assert stats.final_ess.shape == (2,) and ((stats.final_ess >= 1 - 1e-9) & (stats.final_ess <= 3 + 1e-9)).all()
+    # one batched forward per step (members x particles x prompts x CFG rows) gives the same images
+    counter = RowCounter(pipe.unet if which == "sdxl" else pipe.transformer)
+    try:
+        batched = run(pipe, 1, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.05, particles=3,
+                      prompt=["a cat", "a dog"], output_type="latent", routing="batched", **extra)
+    finally:
+        counter.remove()
+    assert counter.forwards == STEPS and counter.rows == 3 * 3 * 2 * cfg_copies * STEPS
+    assert torch.allclose(batched, out, atol=ATOL)
 
 
 @pytest.mark.parametrize("which", ["sd3", "flux"])
