@@ -188,3 +188,26 @@ def test_smc_refusals_are_one_line(flux_pipe, sdxl_pipe):
         run(sdxl_pipe, 0, particles=0, eta=1.0, **common)
     with pytest.raises(DiffusionBlendError, match="deterministic"):
         run(sdxl_pipe, 0, eta=0.0, **common)
+
+
+def test_flux_without_guidance_embedding_runs_like_its_stock_loop(tmp_path):
+    """FLUX-schnell-style transformers take no guidance input: the shared forward passes none (as the stock loop) and
+    N = 1 is still the DB-MPA stock loop."""
+    from diffusers import FluxTransformer2DModel
+    from tiny_flow import perturbed_transformer_lora
+
+    stock = tiny_flux_pipeline(tmp_path)
+    torch.manual_seed(1)
+    transformer = FluxTransformer2DModel(**{**stock.transformer.config, "guidance_embeds": False})
+    for name, seed in (("aesthetic", 1), ("align", 2)):
+        perturbed_transformer_lora(transformer, name, seed)
+    pipe = BlendFluxPipeline(**{**stock.components, "transformer": transformer})
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # built from configs, not loaded: the text encoders' dropout would be active
+    pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=0.7)
+    pipe.set_progress_bar_config(disable=True)
+    blend = run(pipe, 5, preference=DB_MPA, method="mpa", output_type="latent", guidance_scale=0.0)
+    smc = run(pipe, 5, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
+              output_type="latent", guidance_scale=0.0)
+    assert torch.allclose(smc, blend, atol=ATOL)
