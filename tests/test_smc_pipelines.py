@@ -211,3 +211,19 @@ def test_flux_without_guidance_embedding_runs_like_its_stock_loop(tmp_path):
     smc = run(pipe, 5, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
               output_type="latent", guidance_scale=0.0)
     assert torch.allclose(smc, blend, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd15"])
+def test_smc_benchmark_refuses_cuda_when_no_device_is_present(family):
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the refusal does not apply")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import bench_smc
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench_smc.main(["--family", family, "--device", "cuda"])
