@@ -22,8 +22,15 @@ resampling, per output sample), and the output is one particle per group drawn b
 
 The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
 batched :meth:`~diffusion_blend.denoisers.DenoiserFamily.predict_all` (one more member, still one forward).
-Steps with std 0 (deterministic: DDIM ``eta = 0``, DDIM's last step with ``set_alpha_to_one=True``, DDPM's last
-step) make the ratio undefined; such samplers are refused before any work.
+
+Any sampler whose steps are Gaussian with an explicit mean and std runs (:func:`~diffusion_blend.sampling.model_transition`):
+DDIM (``eta > 0``) and DDPM on noise / v / sample predictions, and flow-matching models (SD3, FLUX: velocity
+predictions) on :class:`~diffusion_blend.sampling.FlowMatchSDEScheduler`, the marginal-preserving SDE whose step is
+affine in the velocity (:func:`~diffusion_blend.sampling.flow_transition`); the Tweedie look-ahead of a flow model
+is ``x0_hat = x_s - s v`` (:func:`~diffusion_blend.sampling.tweedie_x0`). Steps with std 0 (deterministic: DDIM
+``eta = 0``, DDIM's last step with ``set_alpha_to_one=True``, DDPM's last step, the flow SDE at noise level 0 and
+diffusers' Euler ODE ``FlowMatchEulerDiscreteScheduler``) make the ratio undefined; such samplers are refused
+before any work.
 
 The reward is a callable on the sampler's space (the caller composes decoding and the weighted sum of basis
 rewards): ``reward(x) -> Tensor[rows]`` gives ``r_w``; this layer knows nothing of reward models.
@@ -37,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
@@ -45,11 +52,12 @@ from .denoisers import Denoiser, DenoiserFamily, repeat_rows
 from .errors import DiffusionBlendError
 from .preference import BASE, Preference, blend_predictions
 from .sampling import (
+    FlowMatchSDEScheduler,
     as_generator,
     gaussian_log_prob,
     initial_latents,
-    to_epsilon,
-    transition_distribution,
+    model_transition,
+    scale_input,
     tweedie_x0,
 )
 
@@ -100,18 +108,31 @@ def systematic_resample(log_weights: torch.Tensor, generator: torch.Generator) -
 
 
 def check_stochastic_steps(scheduler: Any, eta: float) -> None:
-    """Refuse (one line) schedulers without Gaussian transitions or with a deterministic step (std 0)."""
-    if not isinstance(scheduler, DDIMScheduler | DDPMScheduler):
+    """Refuse (one line) schedulers without Gaussian transitions or with a deterministic step (std 0).
+
+    Call after ``scheduler.set_timesteps``. Accepted: DDIM, DDPM and :class:`FlowMatchSDEScheduler` (``eta``: DDIM's
+    stochasticity or the flow SDE's noise level) whose every step has std > 0."""
+    if not isinstance(scheduler, DDIMScheduler | DDPMScheduler | FlowMatchEulerDiscreteScheduler):
         raise DiffusionBlendError(
-            f"SMC needs Gaussian sampler steps (DDIM with eta > 0 or DDPM), not {type(scheduler).__name__}")
+            f"SMC needs Gaussian sampler steps (DDIM with eta > 0, DDPM, or FlowMatchSDEScheduler for flow models), "
+            f"not {type(scheduler).__name__}")
+    flow = isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    if flow and not isinstance(scheduler, FlowMatchSDEScheduler):
+        raise DiffusionBlendError(
+            f"SMC needs every sampler step to be stochastic, but {type(scheduler).__name__} is deterministic (the "
+            "Euler ODE: std 0, the weight ratio is undefined); set pipe.scheduler = "
+            "FlowMatchSDEScheduler.from_config(pipe.scheduler.config) (noise level > 0)")
     probe = torch.zeros(1, 1)
     for t in scheduler.timesteps:
-        _, std = transition_distribution(scheduler, probe, t, probe, eta)
+        _, std = model_transition(scheduler, probe, t, probe, eta)
         if float(std) == 0.0:
+            hint = ("the flow SDE at noise level 0 is the Euler ODE; use a noise level > 0 (eta, or "
+                    "FlowMatchSDEScheduler(noise_level=...))" if flow else
+                    "use eta > 0 and DDIM with steps_offset=1, set_alpha_to_one=False (Stable Diffusion's settings; "
+                    "DDPM's last step is deterministic too)")
             raise DiffusionBlendError(
-                f"SMC needs every sampler step to be stochastic, but step t={int(t)} is deterministic (std 0: the "
-                "weight ratio is undefined); use eta > 0 and DDIM with steps_offset=1, set_alpha_to_one=False "
-                "(Stable Diffusion's settings; DDPM's last step is deterministic too)")
+                f"SMC needs every sampler step to be stochastic, but step t={float(t):g} is deterministic (std 0: the "
+                f"weight ratio is undefined); {hint}")
 
 
 def _check_values(values: Any, rows: int) -> torch.Tensor:
@@ -124,8 +145,9 @@ def _check_values(values: Any, rows: int) -> torch.Tensor:
     return values
 
 
-def _validate(particles: int, proposal: Any, potential: str, ess_threshold: float, potential_every: int,
-              alpha: float) -> None:
+def check_options(particles: int, proposal: Any, potential: str, ess_threshold: float, potential_every: int,
+                  alpha: float) -> None:
+    """One-line :class:`DiffusionBlendError` for a bad SMC option (before any work)."""
     if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
         raise DiffusionBlendError(f"particles must be an integer >= 1, got {particles!r}")
     if not (callable(proposal) or proposal in PROPOSALS):
@@ -156,9 +178,12 @@ def smc_sample(
     potential_every: int = 1,
     shape: tuple[int, ...] | None = None,
     latents: torch.Tensor | None = None,
+    particle_latents: torch.Tensor | None = None,
     num_inference_steps: int = 50,
     eta: float = 1.0,
     cond: Mapping[str, Any] | None = None,
+    noise_generator: torch.Generator | None = None,
+    timestep_kwargs: Mapping[str, Any] | None = None,
     progress: bool = True,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -171,8 +196,15 @@ def smc_sample(
     preference's blend), ``"base"`` (FK steering) or any denoiser (e.g. an exact target, for tests).
     ``potential_every = k`` evaluates ``h`` only every ``k`` steps (``h`` is held in between), bounding the
     reward cost. The same generator seed gives the same samples.
+
+    ``particle_latents`` ``(N x B, ...)``, particle-major (row ``n B + b`` is particle ``n`` of output ``b``): one
+    ``x_T`` per particle drawn by the caller (a pipeline's own ``prepare_latents``, so that ``N = 1`` is its stock
+    loop). ``noise_generator``: the stream of the step noise (default ``generator``, which also draws ``x_T``, the
+    resampling and the final selection). ``timestep_kwargs``: extra ``scheduler.set_timesteps`` arguments (FLUX's
+    ``sigmas`` and ``mu``). ``eta``: DDIM's stochasticity or the flow SDE's noise level (as in
+    :func:`~diffusion_blend.sampling.sample`).
     """
-    _validate(particles, proposal, potential, ess_threshold, potential_every, alpha)
+    check_options(particles, proposal, potential, ess_threshold, potential_every, alpha)
     if not callable(reward):
         raise DiffusionBlendError("the SMC reward must be a callable x -> r_w(x), one value per row")
     generator = as_generator(generator)
@@ -189,7 +221,15 @@ def smc_sample(
     else:
         members, base_index = [BASE], 0
     family.check_members(members)
-    if latents is not None:
+    if sum(given is not None for given in (shape, latents, particle_latents)) > 1:
+        raise DiffusionBlendError("give one of the sample shape, the shared latents or the particle latents")
+    if particle_latents is not None:
+        if particle_latents.ndim < 1 or particle_latents.shape[0] % n:
+            raise DiffusionBlendError(f"particle latents need N x B rows (N = {n}), got shape "
+                                      f"{tuple(particle_latents.shape)}")
+        x = initial_latents(scheduler, generator, latents=particle_latents, device=device, dtype=dtype)
+        batch = x.shape[0] // n
+    elif latents is not None:
         x = initial_latents(scheduler, generator, latents=latents, device=device, dtype=dtype)
         batch = x.shape[0]
         x = x.repeat(n, *([1] * (x.ndim - 1)))  # particle-major rows: [p_0 b_0..b_B-1, p_1 ...]
@@ -198,8 +238,10 @@ def smc_sample(
             raise DiffusionBlendError("give the sample shape or the initial latents")
         batch = shape[0]
         x = initial_latents(scheduler, generator, (n * batch, *shape[1:]), None, device, dtype)
-    scheduler.set_timesteps(num_inference_steps, device=x.device)
+    scheduler.set_timesteps(num_inference_steps, device=x.device, **dict(timestep_kwargs or {}))
     check_stochastic_steps(scheduler, eta)
+    noise_generator = generator if noise_generator is None else noise_generator
+    state_dtype = x.dtype
     cond = repeat_rows(dict(cond or {}), n, batch)
     rows = n * batch
     groups = torch.arange(batch, device=x.device)
@@ -215,7 +257,7 @@ def smc_sample(
 
     timesteps = list(scheduler.timesteps)
     for k, t in enumerate(tqdm(timesteps, desc="SMC", disable=not progress, leave=False)):
-        model_input = scheduler.scale_model_input(x, t)
+        model_input = scale_input(scheduler, x, t)
         predictions = family.predict_all(model_input, t, members, **cond)
         network_rows += len(members) * rows
         out_pre = predictions[base_index]
@@ -242,9 +284,10 @@ def smc_sample(
             x, out_q, out_pre, potential_prev = (gather(v, ancestors) for v in (x, out_q, out_pre, potential_prev))
             log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(log_weights), log_weights)
             resampled += needed.cpu().long()
-        mean_q, std = transition_distribution(scheduler, to_epsilon(scheduler, out_q, t, x), t, x, eta)
-        mean_pre, _ = transition_distribution(scheduler, to_epsilon(scheduler, out_pre, t, x), t, x, eta)
-        x = mean_q + std * randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        mean_q, std = model_transition(scheduler, out_q, t, x, eta)
+        mean_pre, _ = model_transition(scheduler, out_pre, t, x, eta)
+        noise = randn_tensor(x.shape, generator=noise_generator, device=x.device, dtype=mean_q.dtype)
+        x = (mean_q + std * noise).to(state_dtype)
         x64, std64 = x.to(torch.float64), std.to(torch.float64)
         pending = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64) - gaussian_log_prob(
             x64, mean_q.to(torch.float64), std64)

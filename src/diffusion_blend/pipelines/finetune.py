@@ -122,6 +122,43 @@ def guided_forward(guidance_scale: float):
     return forward
 
 
+@torch.no_grad()
+def unet_conditioning(pipe: Any, prompts: Sequence[str], device: torch.device, use_cfg: bool, height: int, width: int,
+                      negative_prompt: str | list[str] | None = None, sdxl: bool | None = None) -> dict[str, torch.Tensor]:
+    """The keyword conditioning of :func:`guided_forward` for ``prompts`` (one row each), encoded as the stock SD / SDXL
+    pipeline encodes it, in the UNet's dtype (the trainer's prompts and ``method="smc"``'s).
+
+    SD: ``encode_prompt`` (negative prompt ``""`` unless given). SDXL (``sdxl``; default: the pipeline has a second
+    text encoder): both text encoders, pooled embeds (an empty negative prompt is zeros when
+    ``force_zeros_for_empty_prompt``) and the micro-conditioning time ids for an uncropped ``height x width`` image,
+    shared by both CFG branches as in the stock pipeline."""
+    dtype = pipe.unet.dtype
+    prompts = list(prompts)
+    if sdxl is None:
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if not sdxl:
+        positive, negative = pipe.encode_prompt(prompts, device, 1, use_cfg, negative_prompt)
+        cond = {"encoder_hidden_states": positive.to(dtype)}
+        if use_cfg:
+            cond["negative_encoder_hidden_states"] = negative.to(dtype)
+        return cond
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=use_cfg,
+        negative_prompt=negative_prompt)
+    if pipe.text_encoder_2 is None:
+        projection_dim = int(pooled.shape[-1])
+    else:
+        projection_dim = int(pipe.text_encoder_2.config.projection_dim)
+    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=positive.dtype,
+                                      text_encoder_projection_dim=projection_dim)
+    time_ids = time_ids.to(device).repeat(len(prompts), 1).to(dtype)
+    cond = {"encoder_hidden_states": positive.to(dtype), "text_embeds": pooled.to(dtype), "time_ids": time_ids}
+    if use_cfg:
+        cond.update(negative_encoder_hidden_states=negative.to(dtype), negative_text_embeds=negative_pooled.to(dtype),
+                    negative_time_ids=time_ids)
+    return cond
+
+
 def sd_finetune_target(
     pipe: StableDiffusionPipeline,
     prompts: Sequence[str],
@@ -172,26 +209,7 @@ def sd_finetune_target(
     def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
         for module in text_encoders:
             device = follow_unet(module)
-        if not sdxl:
-            positive, negative = pipe.encode_prompt(list(batch), device, 1, use_cfg)
-            cond = {"encoder_hidden_states": positive.to(unet.dtype)}
-            if use_cfg:
-                cond["negative_encoder_hidden_states"] = negative.to(unet.dtype)
-            return cond
-        # SDXL: the stock pipeline's encoding (two text encoders, pooled embeds; an empty negative prompt is zeros
-        # when force_zeros_for_empty_prompt) and its micro-conditioning time ids for a square image
-        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-            list(batch), device=device, num_images_per_prompt=1, do_classifier_free_guidance=use_cfg)
-        projection_dim = int(pipe.text_encoder_2.config.projection_dim)
-        time_ids = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution),
-                                          dtype=positive.dtype, text_encoder_projection_dim=projection_dim)
-        time_ids = time_ids.to(device).repeat(len(batch), 1)
-        cond = {"encoder_hidden_states": positive.to(unet.dtype), "text_embeds": pooled.to(unet.dtype),
-                "time_ids": time_ids.to(unet.dtype)}
-        if use_cfg:
-            cond.update(negative_encoder_hidden_states=negative.to(unet.dtype),
-                        negative_text_embeds=negative_pooled.to(unet.dtype), negative_time_ids=time_ids.to(unet.dtype))
-        return cond
+        return unet_conditioning(pipe, batch, device, use_cfg, resolution, resolution, sdxl=sdxl)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""

@@ -22,6 +22,10 @@ velocities blend like noise predictions). Any other transformer pipeline is one 
   it runs with :class:`~diffusion_blend.sampling.FlowMatchSDEScheduler` (noise level > 0) and is refused with
   the Euler ODE and with diffusers' ``stochastic_sampling`` (which does not keep the marginals: measured in
   docs/method.md).
+- ``method="smc"`` (SMC on the blend) needs :class:`~diffusion_blend.sampling.FlowMatchSDEScheduler` with noise
+  level > 0 (its steps are Gaussian; the Euler ODE is refused); the shared loop of
+  :class:`~diffusion_blend.pipelines.stable_diffusion.BlendPipelineMixin` with this module's ``_smc_setup`` hook
+  (SD3 with CFG, FLUX with distilled guidance and packed latents); ``N = 1`` is the DB-MPA stock loop.
 - With a :class:`~diffusion_blend.sampling.FlowMatchSDEScheduler` and a ``generator``, the SDE noise is drawn
   from a stream derived from that generator (the stock loop calls ``scheduler.step`` without one), so a seeded
   call is reproducible, with or without a preference.
@@ -32,11 +36,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
 from ..errors import DiffusionBlendError
 from ..sampling import FlowMatchSDEScheduler
-from .stable_diffusion import BlendPipelineMixin, _derived_switch_generator
+from .flow_finetune import transformer_conditioning, transformer_forward
+from .stable_diffusion import BlendPipelineMixin, SMCSetup, _derived_switch_generator
 
 SDE_NOISE_SALT = 0x5DE  # separates the SDE noise stream from the initial noise and the DB-MPA-LS draws
 
@@ -73,6 +83,67 @@ class BlendTransformerPipelineMixin(BlendPipelineMixin):
             return super().__call__(*args, **kwargs)
         finally:
             scheduler.noise_generator = saved
+
+    def _smc_setup(self, prompts: list[str], *, particles: int, guidance_scale: float | None, eta: float | None,
+                   negative_prompt: str | list[str] | None, height: int | None, width: int | None,
+                   generator: torch.Generator, device: torch.device, num_inference_steps: int,
+                   max_sequence_length: int | None = None) -> SMCSetup:
+        """SD3 / FLUX hook of ``method="smc"``: the stock ``encode_prompt`` (:func:`~.flow_finetune.transformer_conditioning`),
+        the guided velocity (:func:`~.flow_finetune.transformer_forward`: SD3 with both CFG branches in one call,
+        FLUX with its distilled guidance input and no CFG batch), ``prepare_latents`` (FLUX: packed tokens and their
+        position ids) and the stock loop's timesteps (FLUX: ``sigmas = linspace(1, 1/n, n)`` and the resolution's
+        ``mu``; SD3: ``mu`` under dynamic shifting). The sampler must be :class:`FlowMatchSDEScheduler` (the Euler
+        ODE is refused by the SMC sampler); its noise level is ``eta`` (default: the scheduler's ``noise_level``) and
+        its noise comes from the stream the stock loop derives from the generator (module docstring), so ``N = 1``
+        is the stock loop with the DB-MPA blend."""
+        flux = isinstance(self, FluxPipeline)
+        if flux and negative_prompt is not None:
+            raise DiffusionBlendError("method 'smc' on FLUX uses its distilled guidance (no CFG batch): a negative "
+                                      "prompt would need true CFG, which SMC does not run; drop negative_prompt")
+        if guidance_scale is None:
+            guidance_scale = 3.5 if flux else 7.0  # the stock pipelines' defaults
+        use_cfg = (not flux) and guidance_scale > 1
+        if max_sequence_length is None:
+            max_sequence_length = 512 if flux else 256  # the stock pipelines' defaults
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        cond = transformer_conditioning(self, prompts, device, use_cfg, max_sequence_length, negative_prompt)
+        dtype = cond["encoder_hidden_states"].dtype
+        rows = particles * len(prompts)
+        config = self.scheduler.config
+        if flux:
+            latents, image_ids = self.prepare_latents(rows, self.transformer.config.in_channels // 4, height, width,
+                                                      dtype, device, generator)
+            steps = int(num_inference_steps)
+            sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+            mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.15))
+            timestep_kwargs = {"sigmas": sigmas, "mu": mu}
+
+            def unpack(packed: torch.Tensor) -> torch.Tensor:
+                return self._unpack_latents(packed, height, width, self.vae_scale_factor)
+
+            def output(images: Any) -> Any:
+                return FluxPipelineOutput(images=images)
+        else:
+            latents = self.prepare_latents(rows, self.transformer.config.in_channels, height, width, dtype, device,
+                                           generator)
+            image_ids, unpack, timestep_kwargs = None, None, {}
+            if config.get("use_dynamic_shifting", None):
+                patch = self.transformer.config.patch_size
+                timestep_kwargs["mu"] = calculate_shift(
+                    (latents.shape[2] // patch) * (latents.shape[3] // patch), config.get("base_image_seq_len", 256),
+                    config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+
+            def output(images: Any) -> Any:
+                return StableDiffusion3PipelineOutput(images=images)
+        if eta is None:
+            eta = config.noise_level if isinstance(self.scheduler, FlowMatchSDEScheduler) else 0.0
+        return SMCSetup(forward=transformer_forward(flux, guidance_scale, use_cfg, image_ids), cond=cond,
+                        latents=latents, eta=float(eta), output=output, unpack=unpack,
+                        noise_generator=_derived_switch_generator(generator, salt=SDE_NOISE_SALT),
+                        timestep_kwargs=timestep_kwargs)
 
 
 class BlendStableDiffusion3Pipeline(BlendTransformerPipelineMixin, StableDiffusion3Pipeline):

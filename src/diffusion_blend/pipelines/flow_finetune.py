@@ -42,6 +42,62 @@ def _timestep_vector(t: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(t, device=x.device).to(x.dtype).reshape(-1).expand(x.shape[0])
 
 
+@torch.no_grad()
+def transformer_conditioning(pipe: Any, prompts: Sequence[str], device: torch.device, use_cfg: bool,
+                             max_sequence_length: int, negative_prompt: str | list[str] | None = None
+                             ) -> dict[str, torch.Tensor]:
+    """The keyword conditioning of :func:`transformer_forward` for ``prompts`` (one row each), encoded by the stock
+    SD3 / FLUX ``encode_prompt`` (every text encoder gets the prompt), in the transformer's dtype."""
+    from diffusers import FluxPipeline
+
+    dtype = pipe.transformer.dtype
+    prompts = list(prompts)
+    if isinstance(pipe, FluxPipeline):
+        embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=max_sequence_length)
+        return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, prompts, prompts, device=device, do_classifier_free_guidance=use_cfg,
+        negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
+    cond = {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
+    if use_cfg:
+        cond.update(negative_encoder_hidden_states=negative.to(dtype),
+                    negative_pooled_projections=negative_pooled.to(dtype))
+    return cond
+
+
+def transformer_forward(flux: bool, guidance_scale: float, use_cfg: bool, image_ids: torch.Tensor | None = None):
+    """``forward(transformer, x_t, t, **conditioning) -> velocity``: the velocity the stock pipeline steps with (in
+    float32). SD3: classifier-free guided with ONE transformer call on ``[uncond; cond]`` as the stock pipeline makes
+    it (``stacked_copies = 2``, :func:`diffusion_blend.lora.stacked_copies`); FLUX: its distilled guidance as an input
+    (when the transformer embeds guidance; FLUX-schnell does not), no CFG branch, the packed latents' position ids
+    ``image_ids`` (tokens x 3, no batch dimension) and zero text ids as the stock pipeline builds them."""
+
+    def forward(model: torch.nn.Module, x_t: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor,
+                pooled_projections: torch.Tensor, negative_encoder_hidden_states: torch.Tensor | None = None,
+                negative_pooled_projections: torch.Tensor | None = None) -> torch.Tensor:
+        timestep = _timestep_vector(t, x_t)
+        if flux:
+            text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+            guidance = None
+            if getattr(model.config, "guidance_embeds", True):
+                guidance = torch.full((x_t.shape[0],), guidance_scale, device=x_t.device, dtype=torch.float32)
+            return model(hidden_states=x_t, timestep=timestep / 1000, guidance=guidance,
+                         pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
+                         txt_ids=text_ids, img_ids=image_ids.to(x_t.device, x_t.dtype), return_dict=False)[0].float()
+        if not use_cfg:
+            return model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                         pooled_projections=pooled_projections, return_dict=False)[0].float()
+        both = model(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([timestep, timestep]),
+                     encoder_hidden_states=torch.cat([negative_encoder_hidden_states, encoder_hidden_states]),
+                     pooled_projections=torch.cat([negative_pooled_projections, pooled_projections]),
+                     return_dict=False)[0].float()
+        uncond, cond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    forward.stacked_copies = 2 if use_cfg else 1  # type: ignore[attr-defined]  (lora.stacked_copies)
+    return forward
+
+
 def flow_finetune_target(
     pipe: Any,
     prompts: Sequence[str],
@@ -108,46 +164,11 @@ def flow_finetune_target(
 
     @torch.no_grad()
     def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
-        device = transformer.device
         for module in encoders:
             follow(module)
-        dtype = transformer.dtype
-        if flux:
-            embeds, pooled, _ = pipe.encode_prompt(list(batch), list(batch), device=device,
-                                                   max_sequence_length=max_sequence_length)
-            return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            list(batch), list(batch), list(batch), device=device, do_classifier_free_guidance=use_cfg,
-            max_sequence_length=max_sequence_length)
-        cond = {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
-        if use_cfg:
-            cond.update(negative_encoder_hidden_states=negative.to(dtype),
-                        negative_pooled_projections=negative_pooled.to(dtype))
-        return cond
+        return transformer_conditioning(pipe, batch, transformer.device, use_cfg, max_sequence_length)
 
-    def forward(model: torch.nn.Module, x_t: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor,
-                pooled_projections: torch.Tensor, negative_encoder_hidden_states: torch.Tensor | None = None,
-                negative_pooled_projections: torch.Tensor | None = None) -> torch.Tensor:
-        """The velocity the stock pipeline steps with (in float32): SD3 CFG-guided with ONE transformer call on
-        ``[uncond; cond]`` as the stock pipeline makes it, FLUX with its distilled guidance input."""
-        timestep = _timestep_vector(t, x_t)
-        if flux:
-            text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
-            guidance = torch.full((x_t.shape[0],), guidance_scale, device=x_t.device, dtype=torch.float32)
-            return model(hidden_states=x_t, timestep=timestep / 1000, guidance=guidance,
-                         pooled_projections=pooled_projections, encoder_hidden_states=encoder_hidden_states,
-                         txt_ids=text_ids, img_ids=image_ids.to(x_t.device, x_t.dtype), return_dict=False)[0].float()
-        if not use_cfg:
-            return model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
-                         pooled_projections=pooled_projections, return_dict=False)[0].float()
-        both = model(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([timestep, timestep]),
-                     encoder_hidden_states=torch.cat([negative_encoder_hidden_states, encoder_hidden_states]),
-                     pooled_projections=torch.cat([negative_pooled_projections, pooled_projections]),
-                     return_dict=False)[0].float()
-        uncond, cond = both.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    forward.stacked_copies = 2 if use_cfg else 1  # type: ignore[attr-defined]  (lora.stacked_copies)
+    forward = transformer_forward(flux, guidance_scale, use_cfg, image_ids if flux else None)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""

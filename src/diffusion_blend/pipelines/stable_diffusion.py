@@ -25,10 +25,12 @@ Samplers (checked at every blended call, one-line :class:`~diffusion_blend.error
   with an ``sde-*`` algorithm type; deterministic samplers (DDIM ``eta = 0``, PNDM, Euler, Heun, LMS, UniPC,
   ODE DPM-Solver) are refused.
 
-``method="smc"`` (Stable Diffusion 1.x/2.x; beyond the paper, :mod:`diffusion_blend.smc`) runs N particles per image
-with the blend as proposal, reweighted to the exact target ``p_pre exp(lambda r_w / alpha)``; it needs its own loop
-(the stock loop has one chain) and reuses the pipeline's ``encode_prompt``, ``prepare_latents``-style noise, VAE and
-image processor:
+``method="smc"`` (beyond the paper, :mod:`diffusion_blend.smc`) runs N particles per image with the blend as proposal,
+reweighted to the exact target ``p_pre exp(lambda r_w / alpha)``; it needs its own loop (the stock loop has one chain),
+shared by every pipeline (:meth:`BlendPipelineMixin._smc_call`), and one small hook per pipeline
+(``_smc_setup`` -> :class:`SMCSetup`: stock prompt encoding as a conditioning dict, the guided forward, the particles'
+initial latents from ``prepare_latents``, sampler settings, output class). SD 1.x/2.x and SDXL (pooled text embeds and
+time ids in both CFG branches) here; SD3 and FLUX in :mod:`.flow`:
 
     out = pipe("a cat", preference=pref, method="smc", reward=my_r_w, alpha=0.1, particles=4, eta=1.0,
                generator=torch.Generator().manual_seed(0))
@@ -38,18 +40,23 @@ image processor:
 from __future__ import annotations
 
 import inspect
+import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from ..denoisers import DenoiserFamily, Member
 from ..errors import DiffusionBlendError
 from ..lora import LoraFamily, adapter_names
 from ..preference import Preference
-from ..smc import SMCOutput, smc_sample
+from ..sampling import as_generator
+from ..smc import SMCOutput, check_options, smc_sample
+from .finetune import DECODE_CHUNK, guided_forward, unet_conditioning
 from .loading import load_adapter, load_adapters
 from .unet_blend import DenoiserBlend, blended_denoiser
 
@@ -98,27 +105,28 @@ def check_sampler(scheduler: Any, method: str, eta: float | None) -> None:
         )
 
 
-class _GuidedUNetFamily(DenoiserFamily):
-    """The UNet's base and LoRA experts with classifier-free guidance: every member is guided with its own two
-    predictions, and both CFG halves of all rows go through one routed evaluation (:class:`LoraFamily`)."""
+@dataclass
+class SMCSetup:
+    """What a pipeline's :meth:`BlendPipelineMixin._smc_setup` hook gives the shared ``method="smc"`` loop.
 
-    def __init__(self, unet: Any, guidance_scale: float):
-        self.guidance_scale = float(guidance_scale)
-        self.lora = LoraFamily(unet, self._forward, adapter_names(unet))
-        self.expert_names = self.lora.expert_names
+    ``forward(model, x_t, t, **cond) -> prediction``: the guided prediction the stock loop steps with (classifier-free
+    guidance inside, ``stacked_copies`` declared; routed per member by :class:`~diffusion_blend.lora.LoraFamily`);
+    ``cond``: its per-prompt conditioning tensors (one row per prompt); ``latents``: ``x_T`` of all ``N x B``
+    particles, particle-major, drawn by the pipeline's own ``prepare_latents`` from the call's generator (so ``N = 1``
+    is the stock loop's noise); ``eta``: DDIM's stochasticity or the flow SDE's noise level; ``noise_generator``: the
+    step noise stream (``None``: the call's generator, as the stock UNet loop); ``timestep_kwargs``: the stock loop's
+    extra ``set_timesteps`` arguments; ``unpack``: sampler space -> VAE latents (FLUX's packed tokens), applied
+    before decoding; ``output``: wraps the images (or latents) in the stock pipeline's output class.
+    """
 
-    @staticmethod
-    def _forward(model: Any, x: torch.Tensor, t: Any, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return model(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
-
-    def route(self, x_t: torch.Tensor, t: Any, members: Sequence[Member], *, encoder_hidden_states: torch.Tensor,
-              negative_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        if negative_embeds is None:
-            return self.lora.route(x_t, t, members, encoder_hidden_states=encoder_hidden_states)
-        out = self.lora.route(torch.cat([x_t, x_t]), t, [*members, *members],
-                              encoder_hidden_states=torch.cat([negative_embeds, encoder_hidden_states]))
-        uncond, cond = out.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+    forward: Callable[..., torch.Tensor]
+    cond: dict[str, torch.Tensor]
+    latents: torch.Tensor
+    eta: float
+    output: Callable[[Any], Any]
+    noise_generator: torch.Generator | None = None
+    timestep_kwargs: dict[str, Any] = field(default_factory=dict)
+    unpack: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class BlendPipelineMixin:
@@ -186,7 +194,7 @@ class BlendPipelineMixin:
         if method == "smc":
             if preference is None:
                 raise DiffusionBlendError("method 'smc' needs a preference (and reward=, alpha=)")
-            return self._smc_call(*args, preference=preference, **kwargs)
+            return self._smc_call(*args, preference=preference, routing=routing, **kwargs)
         if preference is None:
             return super().__call__(*args, **kwargs)
         self._check_blend_call(method, kwargs)
@@ -211,62 +219,135 @@ class BlendPipelineMixin:
         ess_threshold: float = 0.5,
         potential_every: int = 1,
         num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        eta: float = 1.0,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         generator: torch.Generator | int | None = None,
         output_type: str = "pil",
+        routing: str | None = None,
+        **options: Any,
     ) -> Any:
-        """SMC on the blend (module docstring). ``reward(images in [0, 1], prompts) -> r_w`` per image."""
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-        if isinstance(self, StableDiffusionXLPipeline) or self.blend_component != "unet":
-            raise DiffusionBlendError(f"method 'smc' supports Stable Diffusion 1.x/2.x pipelines so far, not "
-                                      f"{type(self).__name__}")
-        if not adapter_names(self.unet):
-            raise DiffusionBlendError("the pipeline's UNet carries no LoRA adapter; load some with load_adapter()")
+        """SMC on the blend (:mod:`diffusion_blend.smc`), shared by every pipeline: the pipeline-specific parts
+        (prompt encoding, guided forward, initial latents, sampler settings, output class) come from
+        :meth:`_smc_setup`. ``reward(images in [0, 1], prompts) -> r_w`` per image; ``options``: the hook's own
+        arguments (``max_sequence_length`` for SD3 / FLUX)."""
+        check_options(particles, proposal, potential, ess_threshold, potential_every, alpha)
+        if not callable(reward):
+            raise DiffusionBlendError("method 'smc' needs reward=, a callable (images in [0, 1], prompts) -> r_w")
+        if not adapter_names(self.blend_model):
+            raise DiffusionBlendError(f"the pipeline's {self.blend_component} carries no LoRA adapter; load some with "
+                                      "load_adapter()")
+        accepted = set(inspect.signature(self._smc_setup).parameters) - set(SMC_SETUP_ARGUMENTS)
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise DiffusionBlendError(f"method 'smc' of {type(self).__name__} does not take {', '.join(unknown)}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise DiffusionBlendError("method 'smc' needs a prompt (a string or a list of strings)")
+        if isinstance(generator, list):
+            raise DiffusionBlendError("method 'smc' takes one generator (or seed), not a list")
+        if guidance_scale is not None:  # the stock rule: classifier-free guidance iff > 1 (FLUX: an input, any value)
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not (
+                    math.isfinite(guidance_scale) and guidance_scale >= 0):
+                raise DiffusionBlendError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+            guidance_scale = float(guidance_scale)
+        generator = as_generator(generator if generator is not None else int(torch.randint(0, 2**62, (1,)).item()))
         device = self._execution_device
-        guided = guidance_scale > 1.0
-        cond_embeds, negative_embeds = self.encode_prompt(prompts, device, 1, guided, negative_prompt)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        shape = (len(prompts), self.unet.config.in_channels, height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        family = _GuidedUNetFamily(self.unet, guidance_scale)
-        cond = {"encoder_hidden_states": cond_embeds}
-        if guided:
-            cond["negative_embeds"] = negative_embeds
-
-        def decode(latents: torch.Tensor) -> torch.Tensor:
-            images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-            return (images / 2 + 0.5).clamp(0, 1)
+        setup = self._smc_setup(prompts, particles=particles, guidance_scale=guidance_scale, eta=eta,
+                                negative_prompt=negative_prompt, height=height, width=width, generator=generator,
+                                device=device, num_inference_steps=num_inference_steps, **options)
+        family = LoraFamily(self.blend_model, setup.forward, routing=self.routing if routing is None else routing)
 
         def r_w(latents: torch.Tensor) -> torch.Tensor:  # particle-major rows: row i is prompt i % len(prompts)
-            return reward(decode(latents), [prompts[i % len(prompts)] for i in range(latents.shape[0])])
+            images = (self._smc_decode(setup, latents).float() / 2 + 0.5).clamp(0, 1)
+            return reward(images, [prompts[i % len(prompts)] for i in range(latents.shape[0])])
 
         out = smc_sample(
             family, preference, self.scheduler, reward=r_w, alpha=alpha, particles=particles, proposal=proposal,
-            potential=potential, ess_threshold=ess_threshold, potential_every=potential_every,
-            generator=generator if generator is not None else int(torch.randint(0, 2**62, (1,)).item()),
-            shape=shape, num_inference_steps=num_inference_steps, eta=eta, cond=cond,
+            potential=potential, ess_threshold=ess_threshold, potential_every=potential_every, generator=generator,
+            particle_latents=setup.latents, num_inference_steps=num_inference_steps, eta=setup.eta, cond=setup.cond,
+            noise_generator=setup.noise_generator, timestep_kwargs=setup.timestep_kwargs,
             progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), device=device,
-            dtype=cond_embeds.dtype,
         )
         self.last_smc = out
         if output_type == "latent":
-            return StableDiffusionPipelineOutput(images=out.samples, nsfw_content_detected=None)
-        images = self.vae.decode(out.samples / self.vae.config.scaling_factor, return_dict=False)[0]
-        images = self.image_processor.postprocess(images, output_type=output_type)
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+            return setup.output(out.samples)
+        images = self.image_processor.postprocess(self._smc_decode(setup, out.samples), output_type=output_type)
+        return setup.output(images)
+
+    def _smc_setup(self, prompts: list[str], *, particles: int, guidance_scale: float | None, eta: float | None,
+                   negative_prompt: str | list[str] | None, height: int | None, width: int | None,
+                   generator: torch.Generator, device: torch.device, num_inference_steps: int) -> SMCSetup:
+        """The per-pipeline part of ``method="smc"`` (:class:`SMCSetup`); pipelines without one refuse SMC."""
+        raise DiffusionBlendError(f"method 'smc' has no setup for {type(self).__name__} (it runs on the Stable "
+                                  "Diffusion 1.x/2.x, SDXL, SD3 and FLUX blend pipelines)")
+
+    def _smc_decode(self, setup: SMCSetup, latents: torch.Tensor) -> torch.Tensor:
+        """Sampler-space latents -> VAE images in [-1, 1] as the stock pipelines decode (``unpack``, the VAE's
+        ``latents_mean`` / ``latents_std`` or ``scaling_factor`` and ``shift_factor``; a float16 VAE with
+        ``force_upcast`` decodes in float32), in chunks of :data:`DECODE_CHUNK` rows."""
+        vae = self.vae
+        if setup.unpack is not None:
+            latents = setup.unpack(latents)
+        config = vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            channels = latents.shape[1]
+            mean = torch.tensor(config.latents_mean).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, channels, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        dtype = torch.float32 if vae.dtype == torch.float16 and getattr(config, "force_upcast", False) else vae.dtype
+        original = vae.dtype
+        if dtype != original:
+            vae.to(dtype)
+        try:
+            return torch.cat([vae.decode(chunk.to(dtype), return_dict=False)[0]
+                              for chunk in latents.split(DECODE_CHUNK)])
+        finally:
+            if dtype != original:
+                vae.to(original)
 
 
-class BlendStableDiffusionPipeline(BlendPipelineMixin, StableDiffusionPipeline):
+SMC_SETUP_ARGUMENTS = ("self", "prompts", "particles", "guidance_scale", "eta", "negative_prompt", "height", "width",
+                       "generator", "device", "num_inference_steps")
+
+
+class _UNetSMCSetup:
+    """The SD 1.x/2.x and SDXL hook: stock prompt encoding (:func:`~.finetune.unet_conditioning`), the CFG-guided
+    UNet forward (:func:`~.finetune.guided_forward`: both branches in one call) and ``prepare_latents``."""
+
+    default_guidance_scale = 7.5
+
+    def _smc_setup(self, prompts: list[str], *, particles: int, guidance_scale: float | None, eta: float | None,
+                   negative_prompt: str | list[str] | None, height: int | None, width: int | None,
+                   generator: torch.Generator, device: torch.device, num_inference_steps: int) -> SMCSetup:
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        size = getattr(self, "default_sample_size", None) or self.unet.config.sample_size
+        height = height or size * self.vae_scale_factor
+        width = width or size * self.vae_scale_factor
+        cond = unet_conditioning(self, prompts, device, guidance_scale > 1, height, width, negative_prompt,
+                                 sdxl=isinstance(self, StableDiffusionXLPipeline))
+        latents = self.prepare_latents(particles * len(prompts), self.unet.config.in_channels, height, width,
+                                       cond["encoder_hidden_states"].dtype, device, generator)
+        if isinstance(self, StableDiffusionXLPipeline):
+            def output(images: Any) -> Any:
+                return StableDiffusionXLPipelineOutput(images=images)
+        else:
+            def output(images: Any) -> Any:
+                return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+        return SMCSetup(forward=guided_forward(guidance_scale), cond=cond, latents=latents,
+                        eta=1.0 if eta is None else float(eta), output=output)
+
+
+class BlendStableDiffusionPipeline(_UNetSMCSetup, BlendPipelineMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` with Diffusion Blend (see :class:`BlendPipelineMixin`)."""
 
 
-class BlendStableDiffusionXLPipeline(BlendPipelineMixin, StableDiffusionXLPipeline):
+class BlendStableDiffusionXLPipeline(_UNetSMCSetup, BlendPipelineMixin, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` with Diffusion Blend; SDXL's ``added_cond_kwargs`` (pooled text embeddings,
     time ids) are tiled with the member batch like the prompt embeddings."""
+
+    default_guidance_scale = 5.0  # the stock SDXL pipeline's

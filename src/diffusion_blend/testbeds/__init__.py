@@ -3,6 +3,7 @@
 from .gmm import (
     GaussianMixture,
     MixtureDenoiser,
+    MixtureVelocity,
     QuadraticForm,
     combined_reward,
     expected_rewards,
@@ -14,6 +15,7 @@ from .gmm import (
 __all__ = [
     "GaussianMixture",
     "MixtureDenoiser",
+    "MixtureVelocity",
     "QuadraticForm",
     "combined_reward",
     "expected_rewards",

@@ -14,6 +14,10 @@ to the old one times the component's partition function. Under the VP forward pr
 The ideal fine-tuned expert for reward ``r_i`` at KL weight ``alpha`` is the tilt by ``r_i / alpha``
 (Proposition 1's exact control); the paper's sanity cases (section 2.9, section 8 fact 10) follow.
 
+Flow matching (rectified flow ``x_s = (1 - s) x_0 + s eps``, SD3 / FLUX) has the same closed forms: every component
+becomes ``N((1 - s) mu_k, (1 - s)^2 Sigma_k + s^2 I)`` and the exact velocity is
+``v = E[eps - x_0 | x_s] = -(x_s + s score_s(x_s)) / (1 - s)`` (:class:`MixtureVelocity`).
+
 Everything is computed in float64; denoisers return the input's dtype.
 """
 
@@ -312,6 +316,39 @@ class MixtureDenoiser:
         return eps.to(x_t.dtype)
 
 
+class MixtureVelocity:
+    """Exact rectified-flow velocity ``E[eps - x_0 | x_s]`` of a mixture (denoiser contract ``(x_s, t) -> v``).
+
+    ``x_s = (1 - s) x_0 + s eps`` with ``s = t / num_train_timesteps`` (diffusers' flow-matching timesteps are
+    ``sigma * num_train_timesteps``): the marginal is the mixture with components ``N((1 - s) mu_k, (1 - s)^2
+    Sigma_k + s^2 I)``, Tweedie gives ``E[eps | x_s] = -s score`` and ``E[x_0 | x_s] = (x_s + s^2 score) / (1 - s)``,
+    so ``v = -(x_s + s score) / (1 - s)``; at ``s = 1`` (pure noise) ``v = x_1 - E[x_0]``. The ideal velocity model
+    trained to convergence on ``mixture``.
+    """
+
+    def __init__(self, mixture: GaussianMixture, num_train_timesteps: int = 1000):
+        self.mixture = mixture
+        self.num_train_timesteps = int(num_train_timesteps)
+
+    def __call__(self, x_s: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
+        if torch.is_tensor(t) and t.numel() != 1:
+            raise DiffusionBlendError(f"the timestep must be shared by the batch, got shape {tuple(t.shape)}")
+        s = float(t) / self.num_train_timesteps
+        if not 0.0 < s <= 1.0:
+            raise DiffusionBlendError(f"flow time s = {s:g} outside (0, 1]")
+        x = _check_points(x_s, self.mixture.dim).to(DTYPE)
+        if s == 1.0:
+            return (x - self.mixture.mean()).to(x_s.dtype)
+        mixture = self.mixture
+        eye = torch.eye(mixture.dim, dtype=DTYPE)
+        marginal = GaussianMixture(mixture.weights, (1 - s) * mixture.means, (1 - s) ** 2 * mixture.covariances + s**2 * eye)
+        return (-(x + s * marginal.score(x)) / (1 - s)).to(x_s.dtype)
+
+
+def _is_flow_scheduler(scheduler: Any) -> bool:
+    return not hasattr(scheduler, "alphas_cumprod") and hasattr(scheduler, "sigmas")
+
+
 def _alphas_cumprod(scheduler_or_alphas: Any) -> torch.Tensor:
     return torch.as_tensor(getattr(scheduler_or_alphas, "alphas_cumprod", scheduler_or_alphas))
 
@@ -338,7 +375,14 @@ def tilted_target(
 def ideal_family(
     base: GaussianMixture, rewards: Mapping[str, QuadraticForm], alpha: float, scheduler_or_alphas_cumprod: Any
 ) -> CallableFamily:
-    """Base and one ideal fine-tuned expert per basis reward at KL weight ``alpha``, as exact denoisers."""
+    """Base and one ideal fine-tuned expert per basis reward at KL weight ``alpha``, as exact denoisers.
+
+    A flow-matching scheduler (diffusers' ``FlowMatchEulerDiscreteScheduler`` or our ``FlowMatchSDEScheduler``) gives
+    exact velocities (:class:`MixtureVelocity`) instead of noise predictions."""
+    if _is_flow_scheduler(scheduler_or_alphas_cumprod):
+        steps = int(scheduler_or_alphas_cumprod.config.num_train_timesteps)
+        experts = {name: MixtureVelocity(ideal_expert(base, reward, alpha), steps) for name, reward in rewards.items()}
+        return CallableFamily(MixtureVelocity(base, steps), experts)
     alphas_cumprod = _alphas_cumprod(scheduler_or_alphas_cumprod)
     experts = {name: MixtureDenoiser(ideal_expert(base, reward, alpha), alphas_cumprod) for name, reward in rewards.items()}
     return CallableFamily(MixtureDenoiser(base, alphas_cumprod), experts)
