@@ -18,7 +18,7 @@ THUMBNAIL = 96  # pixels: the longer side of each preview image (keeps a report 
 
 
 def write_image_strip(images: torch.Tensor, path: str | os.PathLike, size: int = THUMBNAIL) -> Path:
-    """Images ``(B, C, H, W)`` in ``[0, 1]`` side by side as one PNG, each resized to at most ``size`` pixels
+    """Images ``(B, C, H, W)`` in ``[0, 1]`` side by side as one PNG, each shrunk to at most ``size`` pixels
     (PIL, bicubic), written atomically."""
     from PIL import Image
 
@@ -28,7 +28,7 @@ def write_image_strip(images: torch.Tensor, path: str | os.PathLike, size: int =
     if pixels.shape[1] == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
     pictures = [Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()) for p in pixels[:, :3]]
-    scale = size / max(pictures[0].size)
+    scale = min(1.0, size / max(pictures[0].size))  # shrink large images, never enlarge small ones
     width, height = (max(1, round(d * scale)) for d in pictures[0].size)
     strip = Image.new("RGB", (width * len(pictures) + 2 * (len(pictures) - 1), height), (255, 255, 255))
     for index, picture in enumerate(pictures):
@@ -89,7 +89,7 @@ def render_html(result: Mapping[str, Any]) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>diffusion-blend evaluation: {html.escape(str(setting.get('name', '')))}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
-figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}img.strip{{margin-right:6px}}</style></head><body>
+figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}img.strip{{margin-right:6px;height:96px;image-rendering:pixelated}}</style></head><body>
 <h1>Evaluation: {html.escape(str(setting.get('name', '')))}</h1>
 <p>Setting: {html.escape(str(setting))}. Sweep: {html.escape(str(result.get('sweep', {})))}.</p>
 <h2>Per method and preference</h2>
