@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kl-scales", default="1", help="KL scales lambda, comma-separated (default 1)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--samples-per-seed", type=int,
-                        help="samples per cell (default gmm 64; sd: one per prompt; row b gets prompt b mod P)")
+                        help="samples per cell (default: 64); --setting sd: one per prompt (row b gets prompt "
+                        "b mod P)")
     parser.add_argument("--batch-size", type=int,
                         help="rows per network batch within a cell (default gmm: the whole cell; sd: 8)")
     parser.add_argument("--steps", type=int, help="sampling steps, DDIM eta = 1 (default gmm 20, sd 50)")
