@@ -136,7 +136,7 @@ def _model_dtype_forward(forward):
 
 
 def sd_setting(
-    base: str | os.PathLike,
+    base: str | os.PathLike | Any,
     adapters: Mapping[str, str | os.PathLike],
     prompts_file: str | os.PathLike,
     reward_names: Sequence[str],
@@ -154,7 +154,8 @@ def sd_setting(
     preview_images: int = 4,
 ) -> Setting:
     """The ``sd`` setting (module docstring). Cheap checks (rewards, RGG on non-differentiable rewards, prompts,
-    adapter names, alphas, fingerprints recorded in the files) run before the base model is loaded."""
+    adapter names, alphas, fingerprints recorded in the files) run before the base model is loaded. ``base`` is a
+    folder or hub id, or an already loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``."""
     from ..lora import LoraFamily
     from ..pipelines.finetune import check_guidance_scale, read_prompts, sd_finetune_target, unet_architecture
     from ..pipelines.loading import load_adapter, pipeline_kind
@@ -207,13 +208,17 @@ def sd_setting(
         raise DiffusionBlendError(f"the adapters were fine-tuned on different base models (fingerprints {listed})")
     tilts = [morl_tilt(w, m, alpha, reward_names) for w, _, m in morl_metadata]
 
-    kind = pipeline_kind(base, pipeline)
-    if kind not in ("sd", "sdxl"):
-        raise DiffusionBlendError(f"--setting sd evaluates Stable Diffusion 1.x/2.x and SDXL bases; {base} is a {kind} "
-                                  "pipeline")
-    from ..pipelines.finetune import load_sd_pipeline
+    if hasattr(base, "unet") and hasattr(base, "vae"):  # an already loaded pipeline (benchmarks, notebooks)
+        pipe, kind = base, "sdxl" if getattr(base, "text_encoder_2", None) is not None else "sd"
+        base = f"<{type(pipe).__name__} in memory>"
+    else:
+        kind = pipeline_kind(base, pipeline)
+        if kind not in ("sd", "sdxl"):
+            raise DiffusionBlendError(f"--setting sd evaluates Stable Diffusion 1.x/2.x and SDXL bases; {base} is a "
+                                      f"{kind} pipeline")
+        from ..pipelines.finetune import load_sd_pipeline
 
-    pipe = load_sd_pipeline(base, sdxl=kind == "sdxl")
+        pipe = load_sd_pipeline(base, sdxl=kind == "sdxl")
     unet = pipe.unet
     base_print = None
     if fingerprints:
