@@ -243,7 +243,7 @@ def test_sdxl_sweep_in_chunks_matches_the_stock_sdxl_pipeline(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     argv = ["evaluate", "--setting", "sd", "--base", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.txt"),
             "--rewards", "brightness,saturation", "--adapter", f"brightness={files['brightness']}", "--adapter",
-            f"saturation={files['saturation']}", "--alpha", "1", "--methods", "base,mpa", "--weights",
+            f"saturation={files['saturation']}", "--alpha", "1", "--methods", "base,mpa,ls", "--weights",
             "brightness=1,saturation=0", "--seeds", "3", "--samples-per-seed", "4", "--batch-size", "2", "--steps",
             str(STEPS), "--guidance-scale", str(GUIDANCE), "--device", "cpu", "--no-progress", "--out",
             str(tmp_path / "out")]
@@ -267,6 +267,8 @@ def test_sdxl_sweep_in_chunks_matches_the_stock_sdxl_pipeline(tmp_path, capsys):
     assert np.allclose(base, expected_base, rtol=0, atol=2e-6) and np.allclose(blend, expected_blend, rtol=0, atol=2e-6)
     assert np.abs(np.array(base) - blend).max() > 1e-4  # the expert changes the images (measured ~4e-4): teeth  # the expert changes the images: the check has teeth
     assert expected_base[0] != pytest.approx(expected_base[2], abs=1e-6)  # the two chunks draw different noise
+    switching = next(c for (m, _), c in cells.items() if m == "ls")["rewards"]["brightness"]
+    assert np.allclose(switching, blend, rtol=0, atol=2e-6)  # one expert with weight 1: LS always draws it
 
 
 @pytest.mark.distributed

@@ -304,7 +304,8 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
         elif method == "mpa":
             denoiser = BlendedDenoiser(counting, preference)
         elif method == "ls":
-            denoiser = SwitchingDenoiser(counting, preference, torch.Generator().manual_seed(10_007 * seed + 1))
+            denoiser = SwitchingDenoiser(counting, preference,
+                                         torch.Generator().manual_seed((10_007 * seed + 1) % 2**63))
         elif method == "morl":
             inner = setting.morl_denoiser(preference)
 
