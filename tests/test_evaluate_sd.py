@@ -222,6 +222,8 @@ def test_sd_refusals_are_one_line(experts, tmp_path, capsys):
         "one --adapter NAME=PATH per reward": (["--rewards", "brightness"], None),
         "--morl": (["--methods", "base,morl", "--morl", f"0.3={files['morl']}"], None),
     }
+    if not torch.cuda.is_available():
+        cases["CUDA is not available"] = (["--device", "cuda"], None)
     for expected, (extra, replaced) in cases.items():
         replaced = replaced if isinstance(replaced, dict) else {"saturation": replaced}
         assert main(_argv(root, files, out, *extra, **replaced)) == 2, expected
