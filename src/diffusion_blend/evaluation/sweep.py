@@ -5,7 +5,10 @@ A :class:`Setting` bundles what a model family needs: its :class:`~diffusion_ble
 ``alpha``. :func:`run_sweep` evaluates every *cell* ``(method, preference, seed)``: ``samples_per_seed`` samples
 drawn from a generator seeded with ``seed`` (so every method starts from the same initial noise: results are
 paired by seed and row), their per-reward scores, network evaluations (rows routed through the family: a DB-MPA
-step over m experts counts m; classifier-free guidance doubling is not counted) and wall time per sample.
+step over m experts counts m; classifier-free guidance doubling is not counted) and wall time per sample. A cell
+larger than ``SweepConfig.batch_size`` runs in chunks, each from its own :func:`chunk_seed` generator (the same
+for every method, so the pairing holds). Settings: ``gmm`` here, ``sd`` (Stable Diffusion / SDXL with LoRA
+experts) in :mod:`.sd_setting`.
 
 Resumable: each finished cell is written atomically to ``cells/<method>/<key>.json`` together with a fingerprint of
 the setting and sweep configuration; a rerun skips finished cells with the same fingerprint. Under ``torchrun`` /
@@ -16,7 +19,8 @@ barrier (:mod:`.report`-style outputs are written by :func:`aggregate` and :func
 Methods (:data:`METHODS`): ``base`` (pre-trained model), ``mpa`` (DB-MPA / DB-KLA / combined), ``ls`` (DB-MPA-LS),
 ``rs-factors`` / ``rs-deltas`` (Rewarded Soup, LoRA families only), ``code`` (CoDe), ``rgg`` (reward-gradient
 guidance; differentiable rewards only), ``is-oracle`` (importance-weighted oracle of the exact target from
-``oracle_samples`` base samples; no sampler, so no win rate or cost), ``morl`` (the setting's MORL oracle),
+``oracle_samples`` base samples, or, with ``Setting.oracle_from_base``, from the sweep's own base cells per prompt;
+no sampler, so no win rate or cost), ``morl`` (the setting's MORL oracle),
 ``smc`` (sequential Monte Carlo with the blend as proposal, :func:`~diffusion_blend.smc.smc_sample`, ``particles``
 per sample) and ``fk`` (FK steering: the same sampler with the base as proposal, ``fk_particles`` per sample). SMC
 cells also record reward evaluations per sample (basis rewards) and every sample's final effective sample size.
@@ -267,7 +271,7 @@ def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str,
             samples = sample(
                 setting.family.member(BASE), setting.scheduler_factory(), generator=cell.seed,
                 shape=(batch, *setting.sample_shape), num_inference_steps=setting.num_inference_steps, eta=setting.eta,
-                cond=cond, progress=False,
+                cond=cond, progress=False, device=setting.device,
             ).samples
     scores, _ = _score(setting, samples, prompts)
     estimate = importance_weighted_oracle({k: torch.tensor(v) for k, v in scores.items()}, cell.preference, setting.alpha)
