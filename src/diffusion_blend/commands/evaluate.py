@@ -1,7 +1,11 @@
 """``dblend evaluate``: sweep methods x preferences x seeds on a setting; CSV/JSON/PNG/HTML (paper section 6).
 
+Settings: ``gmm`` (the 2-D Gaussian-mixture miniature with ideal experts) and ``sd`` (a Stable Diffusion 1.x/2.x or
+SDXL base with one LoRA expert per reward: ``--base B --adapter NAME=PATH ... --prompts FILE --rewards NAME[,NAME]
+[--morl W=PATH ...]``, :mod:`diffusion_blend.evaluation.sd_setting`).
+
 Resumable (finished cells are skipped) and splittable across processes: ``torchrun --nproc_per_node N -m
-diffusion_blend.cli evaluate ...`` or ``accelerate launch``.
+diffusion_blend.cli evaluate ...`` or ``accelerate launch`` (one GPU per process).
 """
 
 from __future__ import annotations
@@ -32,24 +36,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sweeps methods x preferences x seeds. Finished cells in OUT/cells are reused on a rerun.",
     )
     # names are checked when the command runs, so registering it (`dblend --help`) does not import the sweep (torch)
-    parser.add_argument("--setting", default="gmm", help="model family and rewards (gmm)")
+    parser.add_argument("--setting", default="gmm", help="gmm (2-D mixture miniature) or sd (SD 1.x/2.x, SDXL base)")
     parser.add_argument("--out", required=True, help="output folder (cells/, results.csv/json, *.png, summary.html)")
-    parser.add_argument("--methods", default="base,mpa,ls,code,rgg,is-oracle,morl",
+    parser.add_argument("--methods",
                         help="comma-separated, from: base, mpa, ls, rs-factors, rs-deltas, code, rgg, is-oracle, "
-                        "morl (docs/evaluation.md)")
+                        "morl, smc, fk (docs/evaluation.md); default gmm: base,mpa,ls,code,rgg,is-oracle,morl; sd: "
+                        "base,mpa,ls,rs-factors,rs-deltas,code,is-oracle, plus rgg when every reward is "
+                        "differentiable and morl with --morl")
     parser.add_argument("--weights", help="preferences 'a=0.2,b=0.8;a=0.5,b=0.5' (overrides --grid)")
     parser.add_argument("--grid", type=int, default=5, help="evenly spaced w for two rewards (default 5 points)")
     parser.add_argument("--kl-scales", default="1", help="KL scales lambda, comma-separated (default 1)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--samples-per-seed", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="sampling steps (DDIM, eta = 1)")
-    parser.add_argument("--alpha", type=float, default=1.0, help="the experts' KL weight alpha")
+    parser.add_argument("--samples-per-seed", type=int,
+                        help="samples per cell (default: 64); --setting sd: one per prompt (row b gets prompt "
+                        "b mod P)")
+    parser.add_argument("--batch-size", type=int,
+                        help="rows per network batch within a cell (default gmm: the whole cell; sd: 8)")
+    parser.add_argument("--steps", type=int, help="sampling steps, DDIM eta = 1 (default gmm 20, sd 50)")
+    parser.add_argument("--alpha", type=float,
+                        help="the experts' KL weight alpha (gmm: default 1; sd: read from the adapters' metadata, "
+                        "needed only for foreign LoRA files)")
+    sd = parser.add_argument_group("--setting sd")
+    sd.add_argument("--base", help="base pipeline: a local diffusers folder or hub id (SD 1.x/2.x or SDXL)")
+    sd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="one expert per reward, named after it (diffusers LoRA file or folder); repeat")
+    sd.add_argument("--prompts", help="prompts file: one per line, or a JSON list")
+    sd.add_argument("--rewards", help="basis rewards from the registry, comma-separated (dblend rewards)")
+    sd.add_argument("--morl", action="append", default=[], metavar="W=PATH",
+                    help="MORL oracle adapter fine-tuned on r_w: W = the first reward's weight (two rewards) or "
+                    "'0.2:0.8' in --rewards order; repeat per preference")
+    sd.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    sd.add_argument("--resolution", type=int, help="image side in pixels (default: the UNet's native size)")
+    sd.add_argument("--pipeline", choices=("auto", "sd", "sdxl"), default="auto",
+                    help="base kind (auto: from model_index.json; a hub id counts as sd)")
+    sd.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:i]; under torchrun "
+                    "each process takes the GPU of its local rank")
+    sd.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="UNet and text encoders (auto: float16 on cuda, float32 on cpu); the VAE decodes in float32")
+    sd.add_argument("--routing", choices=("auto", "batched", "sequential"), default="auto",
+                    help="how the experts are evaluated (docs/design.md, adapter routing)")
+    sd.add_argument("--preview-images", type=int, default=4, help="images per cell in the report's grid (default 4)")
     parser.add_argument("--code-candidates", type=int, default=20)
     parser.add_argument("--code-block-size", type=int, default=5)
     parser.add_argument("--rgg-scale", type=float, default=1.0)
     parser.add_argument("--rgg-normalize", action="store_true", help="L2-normalise each reward gradient (dim 1)")
     parser.add_argument("--no-rgg-tempering", action="store_true")
-    parser.add_argument("--oracle-samples", type=int, default=20_000)
+    parser.add_argument("--oracle-samples", type=int, default=20_000,
+                        help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells)")
     parser.add_argument("--particles", type=int, default=8, help="SMC particles per sample (methods smc, fk)")
     parser.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
     parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none"),
@@ -61,18 +94,73 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+SD_ONLY = ("base", "prompts", "rewards")
+
+
+def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
+    from ..devices import resolve_device
+    from ..evaluation.sd_setting import parse_morl, sd_setting
+    from .sample import _parse_adapters
+
+    for flag in SD_ONLY:
+        if not getattr(args, flag):
+            raise DiffusionBlendError(f"--setting sd needs --{flag}")
+    reward_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
+    adapters = _parse_adapters(args.adapter)
+    morl = parse_morl(args.morl, reward_names)
+    if methods is None:
+        from ..rewards import get_reward
+
+        methods = ["base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "is-oracle"]
+        if all(getattr(get_reward(n), "differentiable", False) for n in reward_names):
+            methods.append("rgg")
+        if morl:
+            methods.append("morl")
+    if args.preview_images < 0:
+        raise DiffusionBlendError(f"--preview-images must be >= 0, got {args.preview_images}")
+    device, dtype = resolve_device(args.device, args.dtype)
+    if device == "cuda":
+        from accelerate import PartialState
+
+        device = str(PartialState().device)  # one GPU per process under torchrun / accelerate launch
+    setting = sd_setting(
+        args.base, adapters, args.prompts, reward_names, morl=morl, methods=methods,
+        num_inference_steps=args.steps or 50, guidance_scale=args.guidance_scale, resolution=args.resolution,
+        alpha=args.alpha, pipeline=args.pipeline, device=device, dtype=dtype, routing=args.routing,
+        preview_images=args.preview_images,
+    )
+    return setting, methods
+
+
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.sweep import SETTINGS, SweepConfig, parse_preference_grid, run_sweep
 
-    if args.setting not in SETTINGS:
-        raise DiffusionBlendError(f"unknown --setting {args.setting!r}; choose from {', '.join(sorted(SETTINGS))}")
-    setting = SETTINGS[args.setting](num_inference_steps=args.steps, alpha=args.alpha)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    for flag, value in (("--samples-per-seed", args.samples_per_seed), ("--batch-size", args.batch_size),
+                        ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise DiffusionBlendError(f"{flag} must be >= 1, got {value}")
+    if args.setting == "sd":
+        setting, methods = _sd_setting(args, methods)
+        samples_per_seed = args.samples_per_seed or len(setting.prompts)
+        batch_size = args.batch_size or 8
+    elif args.setting in SETTINGS:
+        given = [f"--{flag}" for flag in (*SD_ONLY, "adapter", "morl") if getattr(args, flag)]
+        if given:
+            raise DiffusionBlendError(f"{', '.join(given)} belong(s) to --setting sd, not --setting {args.setting}")
+        setting = SETTINGS[args.setting](num_inference_steps=args.steps or 20,
+                                         alpha=1.0 if args.alpha is None else args.alpha)
+        methods = methods or ["base", "mpa", "ls", "code", "rgg", "is-oracle", "morl"]
+        samples_per_seed, batch_size = args.samples_per_seed or 64, args.batch_size
+    else:
+        raise DiffusionBlendError(f"unknown --setting {args.setting!r}; choose from {', '.join(sorted([*SETTINGS, 'sd']))}")
     preferences = parse_preference_grid(list(setting.rewards), args.weights, args.grid, _floats(args.kl_scales))
     config = SweepConfig(
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=methods,
         preferences=preferences,
         seeds=_ints(args.seeds),
-        samples_per_seed=args.samples_per_seed,
+        samples_per_seed=samples_per_seed,
+        batch_size=batch_size,
         code_candidates=args.code_candidates,
         code_block_size=args.code_block_size,
         rgg_scale=args.rgg_scale,
@@ -90,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{result['cells_run']} cell(s) computed; results in {args.out}")
     names = result["reward_names"]
+    if args.setting == "sd":
+        print(f"alpha = {setting.alpha:g}, {setting.name} base {args.base}, {len(setting.prompts)} prompt(s)")
     print(f"{'method':>10s}  {'weights':>24s}  {'λ':>4s}  {'r_w':>8s}  {'Δr_w':>8s}  {'win':>5s}  {'NFE':>6s}  {'ESS':>6s}")
     for row in result["rows"]:
         weights = ",".join(f"{n}={row['weights'].get(n, 0.0):g}" for n in names)

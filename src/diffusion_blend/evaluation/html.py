@@ -1,4 +1,5 @@
-"""A self-contained HTML summary of a sweep: tables and the plots (linked relatively), no scripts, no network."""
+"""A self-contained HTML summary of a sweep: tables, the plots and (image settings) an image grid of a few samples
+per cell, all linked relatively; no scripts, no network."""
 
 from __future__ import annotations
 
@@ -9,7 +10,35 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..files import give_user_mode
+
+THUMBNAIL = 96  # pixels: the longer side of each preview image (keeps a report of many cells small)
+
+
+def write_image_strip(images: torch.Tensor, path: str | os.PathLike, size: int = THUMBNAIL) -> Path:
+    """Images ``(B, C, H, W)`` in ``[0, 1]`` side by side as one PNG, each shrunk to at most ``size`` pixels
+    (PIL, bicubic), written atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.expand(-1, 3, -1, -1)
+    pictures = [Image.fromarray(p.permute(1, 2, 0).contiguous().numpy()) for p in pixels[:, :3]]
+    scale = min(1.0, size / max(pictures[0].size))  # shrink large images, never enlarge small ones
+    width, height = (max(1, round(d * scale)) for d in pictures[0].size)
+    strip = Image.new("RGB", (width * len(pictures) + 2 * (len(pictures) - 1), height), (255, 255, 255))
+    for index, picture in enumerate(pictures):
+        strip.paste(picture.resize((width, height), Image.Resampling.BICUBIC), (index * (width + 2), 0))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    strip.save(tmp, format="PNG", optimize=True)
+    give_user_mode(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def format_cell(value: Any) -> str:
@@ -43,11 +72,24 @@ def render_html(result: Mapping[str, Any]) -> str:
         f'<figure><img src="{html.escape(name)}" alt="{html.escape(kind)}"><figcaption>{html.escape(kind)}</figcaption></figure>'
         for kind, name in result.get("plots", {}).items()
     )
+    grid_rows = []
+    for row in result["rows"]:
+        if not row.get("images"):
+            continue
+        weights = ", ".join(f"{n}={w:g}" for n, w in row["weights"].items())
+        pictures = "".join(f'<img class="strip" src="{html.escape(src)}" alt="{html.escape(src)}">' for src in row["images"])
+        grid_rows.append(f"<tr><td>{html.escape(row['method'])}</td><td>{html.escape(weights)}</td>"
+                         f"<td>{format_cell(row['kl_scale'])}</td><td>{pictures}</td></tr>")
+    grid = ""
+    if grid_rows:
+        grid = ("<h2>Image grid</h2><p>The first samples of every cell, one strip per seed (same seed: same initial "
+                "noise and prompts in every row).</p><table><tr><th>method</th><th>weights</th><th>λ</th>"
+                f"<th>samples</th></tr>{''.join(grid_rows)}</table>")
     setting = result.get("setting", {})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>diffusion-blend evaluation: {html.escape(str(setting.get('name', '')))}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
-figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}</style></head><body>
+figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}img.strip{{margin-right:6px;height:96px;image-rendering:pixelated}}</style></head><body>
 <h1>Evaluation: {html.escape(str(setting.get('name', '')))}</h1>
 <p>Setting: {html.escape(str(setting))}. Sweep: {html.escape(str(result.get('sweep', {})))}.</p>
 <h2>Per method and preference</h2>
@@ -58,6 +100,7 @@ seed and sample (same initial noise); NFE = network evaluations per sample.</p>
 <p>Hypervolume against the common reference point {html.escape(str([round(v, 4) for v in result['reference_point']]))}.</p>
 <table><tr><th>method</th><th>hypervolume</th><th>front size</th></tr>{fronts}</table>
 <h2>Plots</h2>{plots}
+{grid}
 </body></html>
 """
 

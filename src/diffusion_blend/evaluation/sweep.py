@@ -5,7 +5,10 @@ A :class:`Setting` bundles what a model family needs: its :class:`~diffusion_ble
 ``alpha``. :func:`run_sweep` evaluates every *cell* ``(method, preference, seed)``: ``samples_per_seed`` samples
 drawn from a generator seeded with ``seed`` (so every method starts from the same initial noise: results are
 paired by seed and row), their per-reward scores, network evaluations (rows routed through the family: a DB-MPA
-step over m experts counts m; classifier-free guidance doubling is not counted) and wall time per sample.
+step over m experts counts m; classifier-free guidance doubling is not counted) and wall time per sample. A cell
+larger than ``SweepConfig.batch_size`` runs in chunks, each from its own :func:`chunk_seed` generator (the same
+for every method, so the pairing holds). Settings: ``gmm`` here, ``sd`` (Stable Diffusion / SDXL with LoRA
+experts) in :mod:`.sd_setting`.
 
 Resumable: each finished cell is written atomically to ``cells/<method>/<key>.json`` together with a fingerprint of
 the setting and sweep configuration; a rerun skips finished cells with the same fingerprint. Under ``torchrun`` /
@@ -16,7 +19,8 @@ barrier (:mod:`.report`-style outputs are written by :func:`aggregate` and :func
 Methods (:data:`METHODS`): ``base`` (pre-trained model), ``mpa`` (DB-MPA / DB-KLA / combined), ``ls`` (DB-MPA-LS),
 ``rs-factors`` / ``rs-deltas`` (Rewarded Soup, LoRA families only), ``code`` (CoDe), ``rgg`` (reward-gradient
 guidance; differentiable rewards only), ``is-oracle`` (importance-weighted oracle of the exact target from
-``oracle_samples`` base samples; no sampler, so no win rate or cost), ``morl`` (the setting's MORL oracle),
+``oracle_samples`` base samples, or, with ``Setting.oracle_from_base``, from the sweep's own base cells per prompt;
+no sampler, so no win rate or cost), ``morl`` (the setting's MORL oracle),
 ``smc`` (sequential Monte Carlo with the blend as proposal, :func:`~diffusion_blend.smc.smc_sample`, ``particles``
 per sample) and ``fk`` (FK steering: the same sampler with the base as proposal, ``fk_particles`` per sample). SMC
 cells also record reward evaluations per sample (basis rewards) and every sample's final effective sample size.
@@ -81,6 +85,13 @@ class Setting:
     ``morl_denoiser(preference)`` returns the MORL oracle's denoiser (e.g. via
     :class:`~diffusion_blend.baselines.morl.MorlOracle`). ``draw_base_samples(n, generator)`` gives exact base draws
     for the importance-weighted oracle when available (else the base model is sampled). ``options`` are recorded in every cell's fingerprint.
+
+    ``morl_covers(preference)``: whether the MORL oracle has a model for that preference (MORL cells run only
+    there; ``None``: every preference). ``oracle_from_base``: the ``is-oracle`` rows reweight the sweep's own
+    ``base`` cells, self-normalised per prompt (:func:`oracle_record_from_base`; no extra sampling, no cells of
+    its own) instead of drawing ``oracle_samples`` base samples. ``preview_images``: how many decoded samples of
+    every cell are written as one small PNG strip (``images/<method>/<key>.png``, the HTML report's image grid;
+    0 for non-image settings). ``device``: where latents are drawn and the networks run.
     """
 
     name: str
@@ -97,6 +108,10 @@ class Setting:
     morl_denoiser: Callable[[Preference], Denoiser] | None = None
     draw_base_samples: Callable[[int, torch.Generator], torch.Tensor] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    morl_covers: Callable[[Preference], bool] | None = None
+    oracle_from_base: bool = False
+    preview_images: int = 0
+    device: str = "cpu"
 
     def supports(self, method: str) -> str | None:
         """``None`` if ``method`` can run on this setting, else the reason it cannot."""
@@ -133,6 +148,7 @@ class SweepConfig:
     smc_potential: str = "tweedie"
     smc_potential_every: int = 1
     smc_ess_threshold: float = 0.5
+    batch_size: int | None = None  # rows per network batch within a cell (None: the whole cell in one batch)
 
     def __post_init__(self) -> None:
         if not self.methods or not self.preferences or not self.seeds:
@@ -143,11 +159,15 @@ class SweepConfig:
             self.fk_particles = self.particles
         if int(self.particles) < 1 or int(self.fk_particles) < 1:
             raise DiffusionBlendError(f"particles must be >= 1, got {self.particles} (smc) and {self.fk_particles} (fk)")
+        if self.batch_size is not None and int(self.batch_size) < 1:
+            raise DiffusionBlendError(f"batch_size must be >= 1, got {self.batch_size}")
 
     def hyperparameters(self) -> dict[str, Any]:
         skip = {"methods", "preferences", "seeds"}
         if not {"smc", "fk"} & set(self.methods):  # SMC settings do not touch other methods' cells (cache stays valid)
             skip |= {"particles", "fk_particles", "smc_potential", "smc_potential_every", "smc_ess_threshold"}
+        if self.batch_size is None or int(self.batch_size) >= int(self.samples_per_seed):  # one chunk: seed as is
+            skip.add("batch_size")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -195,13 +215,18 @@ def cells_of(setting: Setting, config: SweepConfig) -> list[Cell]:
             raise DiffusionBlendError(reason)
     for preference in config.preferences:
         preference.coefficients(setting.family.expert_names)  # validates reward names
+    if "morl" in config.methods and setting.morl_covers is not None:
+        if not any(setting.morl_covers(p) for p in config.preferences):
+            raise DiffusionBlendError("morl: no MORL model matches any preference of the sweep (give one per w)")
     cells = [Cell("base", None, int(seed)) for seed in config.seeds]
     for method in dict.fromkeys(config.methods):
-        if method == "base":
-            continue
+        if method == "base" or (method == "is-oracle" and setting.oracle_from_base):
+            continue  # the base-reweighting oracle is computed from the base cells (run_sweep)
         for preference in dict.fromkeys(config.preferences):
             if method == "is-oracle":
                 cells.append(Cell(method, preference, config.oracle_seed))
+                continue
+            if method == "morl" and setting.morl_covers is not None and not setting.morl_covers(preference):
                 continue
             cells.extend(Cell(method, preference, int(seed)) for seed in config.seeds)
     return cells
@@ -211,16 +236,21 @@ def cell_path(out_dir: Path, cell: Cell) -> Path:
     return out_dir / "cells" / cell.method / f"{cell.key}.json"
 
 
-def _conditioning(setting: Setting, batch: int) -> tuple[list[str] | None, dict[str, Any]]:
+def _conditioning(setting: Setting, batch: int, offset: int = 0) -> tuple[list[str] | None, dict[str, Any]]:
+    """Prompts of rows ``offset .. offset + batch - 1`` of a cell (row ``b`` has prompt ``b mod P``) and their
+    encoded conditioning."""
     if not setting.prompts:
         return None, {}
-    prompts = [setting.prompts[b % len(setting.prompts)] for b in range(batch)]
+    prompts = [setting.prompts[(offset + b) % len(setting.prompts)] for b in range(batch)]
     cond = dict(setting.encode_prompts(prompts)) if setting.encode_prompts else {}
     return prompts, cond
 
 
-def _score(setting: Setting, samples: torch.Tensor, prompts: list[str] | None) -> dict[str, list[float]]:
-    images = setting.decode(samples)
+def _score(setting: Setting, samples: torch.Tensor, prompts: list[str] | None,
+           keep: int = 0) -> tuple[dict[str, list[float]], torch.Tensor | None]:
+    """Per-reward scores of the decoded samples, and the first ``keep`` decoded images (``None`` if 0)."""
+    with torch.no_grad():
+        images = setting.decode(samples)
     scores = {}
     for name, reward in setting.rewards.items():
         values = reward(images) if prompts is None else reward(images, prompts)
@@ -228,7 +258,7 @@ def _score(setting: Setting, samples: torch.Tensor, prompts: list[str] | None) -
         if values.shape != (samples.shape[0],) or not torch.isfinite(values).all():
             raise DiffusionBlendError(f"reward {name!r} must return one finite value per sample")
         scores[name] = values.tolist()
-    return scores
+    return scores, (images[:keep].detach().float().cpu() if keep > 0 else None)
 
 
 def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any]:
@@ -241,9 +271,9 @@ def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str,
             samples = sample(
                 setting.family.member(BASE), setting.scheduler_factory(), generator=cell.seed,
                 shape=(batch, *setting.sample_shape), num_inference_steps=setting.num_inference_steps, eta=setting.eta,
-                cond=cond, progress=False,
+                cond=cond, progress=False, device=setting.device,
             ).samples
-    scores = _score(setting, samples, prompts)
+    scores, _ = _score(setting, samples, prompts)
     estimate = importance_weighted_oracle({k: torch.tensor(v) for k, v in scores.items()}, cell.preference, setting.alpha)
     return {
         "expected_rewards": estimate.expected_rewards,
@@ -253,27 +283,22 @@ def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str,
     }
 
 
-def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any]:
-    """Evaluate one cell; returns its JSON record (without the fingerprint)."""
-    record: dict[str, Any] = {
-        "method": cell.method,
-        "seed": cell.seed,
-        "weights": None if cell.preference is None else dict(cell.preference.weights),
-        "kl_scale": None if cell.preference is None else cell.preference.kl_scale,
-    }
-    start = time.perf_counter()
-    if cell.method == "is-oracle":
-        record.update(_oracle_cell(setting, config, cell))
-        record["wall_time_per_sample"] = None
-        record["network_evaluations_per_sample"] = None
-        return record
-    batch = int(config.samples_per_seed)
-    shape = (batch, *setting.sample_shape)
-    prompts, cond = _conditioning(setting, batch)
-    counting = CountingFamily(setting.family)
+def chunk_seed(seed: int, index: int, chunks: int) -> int:
+    """The generator seed of chunk ``index`` of a cell split into ``chunks`` network batches: the cell's seed when
+    it is one batch, else a hash of ``(seed, index)``; equal for every method, so methods stay paired."""
+    if chunks == 1:
+        return int(seed)
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}/{int(index)}".encode()).digest()[:7], "big")
+
+
+def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: CountingFamily, rows: int,
+                  offset: int, seed: int) -> tuple[torch.Tensor, list[str] | None, dict[str, Any]]:
+    """``rows`` samples of ``cell.method`` (rows ``offset ..`` of the cell) from a generator seeded ``seed``."""
+    shape = (rows, *setting.sample_shape)
+    prompts, cond = _conditioning(setting, rows, offset)
     scheduler = setting.scheduler_factory()
-    common = dict(generator=cell.seed, shape=shape, num_inference_steps=setting.num_inference_steps, eta=setting.eta,
-                  cond=cond, progress=False)
+    common = dict(generator=seed, shape=shape, num_inference_steps=setting.num_inference_steps, eta=setting.eta,
+                  cond=cond, progress=False, device=setting.device)
     preference = cell.preference
     method = cell.method
     extra: dict[str, Any] = {}
@@ -283,7 +308,8 @@ def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any
         elif method == "mpa":
             denoiser = BlendedDenoiser(counting, preference)
         elif method == "ls":
-            denoiser = SwitchingDenoiser(counting, preference, torch.Generator().manual_seed(10_007 * cell.seed + 1))
+            denoiser = SwitchingDenoiser(counting, preference,
+                                         torch.Generator().manual_seed((10_007 * seed + 1) % 2**63))
         elif method == "morl":
             inner = setting.morl_denoiser(preference)
 
@@ -304,7 +330,7 @@ def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any
             prompts=prompts, num_candidates=config.code_candidates, block_size=config.code_block_size, **common,
         )
         samples = out.samples
-        extra["reward_evaluations_per_sample"] = out.reward_evaluations
+        extra["reward_evaluations"] = out.reward_evaluations
     elif method == "rgg":
         out = guided_sample(
             counting.member(BASE), scheduler, rewards=setting.rewards, preference=preference, alpha=setting.alpha,
@@ -312,7 +338,7 @@ def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any
             normalize_gradient=config.rgg_normalize, tempering=config.rgg_tempering, **common,
         )
         samples = out.samples
-        extra["reward_evaluations_per_sample"] = out.reward_evaluations
+        extra["reward_evaluations"] = out.reward_evaluations
     elif method in ("smc", "fk"):
         particles = int(config.particles if method == "smc" else config.fk_particles)
 
@@ -326,16 +352,104 @@ def run_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str, Any
             ess_threshold=config.smc_ess_threshold, potential_every=config.smc_potential_every, **common,
         )
         samples = out.samples
-        extra["reward_evaluations_per_sample"] = out.reward_evaluations * len(active_rewards(setting.rewards, preference))
+        extra["reward_evaluations"] = out.reward_evaluations * len(active_rewards(setting.rewards, preference))
         extra["final_ess"] = out.final_ess.tolist()
         extra["particles"] = particles
     else:
         raise DiffusionBlendError(f"unknown method {method!r}")
-    elapsed = time.perf_counter() - start
-    record["rewards"] = _score(setting, samples, prompts)
+    return samples, prompts, extra
+
+
+def oracle_record_from_base(base_records: Sequence[Mapping[str, Any]], preference: Preference, alpha: float,
+                            num_prompts: int = 1) -> dict[str, Any]:
+    """The ``is-oracle`` record of ``preference`` from the sweep's base cells (no sampling).
+
+    Row ``b`` of every base cell has prompt ``b mod num_prompts``. Per prompt ``c``, the base samples of ``c``
+    (all seeds) are reweighted by ``exp(lambda r_w / alpha)``, self-normalised within the prompt
+    (:func:`~diffusion_blend.evaluation.oracle.importance_weighted_oracle`): the target ``p_pre(x | c)
+    exp(lambda r_w(x, c) / alpha)`` is tilted per prompt, not across prompts. The estimate is the mean over prompts
+    (prompts equally likely), its standard error ``sqrt(sum_c se_c^2) / P``, its ESS the sum of the prompts' ESS.
+    """
+    if not base_records:
+        raise DiffusionBlendError("the base-reweighting oracle needs the base cells (add method 'base')")
+    names = list(base_records[0]["rewards"])
+    per_prompt: list[dict[str, list[float]]] = [{n: [] for n in names} for _ in range(int(num_prompts))]
+    for record in sorted(base_records, key=lambda r: r["seed"]):
+        for name in names:
+            for row, value in enumerate(record["rewards"][name]):
+                per_prompt[row % num_prompts][name].append(value)
+    estimates = [importance_weighted_oracle({n: torch.tensor(v, dtype=torch.float64) for n, v in group.items()},
+                                            preference, alpha) for group in per_prompt if group[names[0]]]
+    count = len(estimates)
+    return {
+        "method": "is-oracle",
+        "seed": None,
+        "weights": dict(preference.weights),
+        "kl_scale": preference.kl_scale,
+        "expected_rewards": {n: sum(e.expected_rewards[n] for e in estimates) / count for n in names},
+        "standard_errors": {n: math.sqrt(sum(e.standard_errors[n] ** 2 for e in estimates)) / count for n in names},
+        "effective_sample_size": sum(e.effective_sample_size for e in estimates),
+        "num_base_samples": sum(e.num_samples for e in estimates),
+        "wall_time_per_sample": None,
+        "network_evaluations_per_sample": None,
+    }
+
+
+def run_cell(setting: Setting, config: SweepConfig, cell: Cell, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Evaluate one cell; returns its JSON record (without the fingerprint).
+
+    The cell's ``samples_per_seed`` rows go through the network in chunks of ``config.batch_size`` rows (each chunk
+    from its own :func:`chunk_seed` generator). With ``out_dir`` and ``setting.preview_images > 0`` the first
+    decoded samples are written as ``out_dir/images/<method>/<key>.png`` (record key ``"images"``).
+    """
+    record: dict[str, Any] = {
+        "method": cell.method,
+        "seed": cell.seed,
+        "weights": None if cell.preference is None else dict(cell.preference.weights),
+        "kl_scale": None if cell.preference is None else cell.preference.kl_scale,
+    }
+    if cell.method == "is-oracle":
+        record.update(_oracle_cell(setting, config, cell))
+        record["wall_time_per_sample"] = None
+        record["network_evaluations_per_sample"] = None
+        return record
+    batch = int(config.samples_per_seed)
+    size = min(int(config.batch_size or batch), batch)
+    starts = list(range(0, batch, size))
+    counting = CountingFamily(setting.family)
+    scores: dict[str, list[float]] = {name: [] for name in setting.rewards}
+    previews: list[torch.Tensor] = []
+    reward_evaluations, final_ess, particles, elapsed = 0.0, [], None, 0.0
+    for index, offset in enumerate(starts):
+        rows = min(size, batch - offset)
+        start = time.perf_counter()
+        samples, prompts, extra = _sample_chunk(setting, config, cell, counting, rows, offset,
+                                                chunk_seed(cell.seed, index, len(starts)))
+        elapsed += time.perf_counter() - start
+        keep = max(0, int(setting.preview_images) - sum(len(p) for p in previews)) if out_dir is not None else 0
+        chunk_scores, images = _score(setting, samples, prompts, keep)
+        for name, values in chunk_scores.items():
+            scores[name].extend(values)
+        if images is not None:
+            previews.append(images)
+        reward_evaluations += extra.get("reward_evaluations", 0.0) * rows
+        final_ess.extend(extra.get("final_ess", []))
+        particles = extra.get("particles", particles)
+        has_reward_cost = "reward_evaluations" in extra
+    record["rewards"] = scores
     record["network_evaluations_per_sample"] = counting.rows / batch
     record["wall_time_per_sample"] = elapsed / batch
-    record.update(extra)
+    if has_reward_cost:
+        record["reward_evaluations_per_sample"] = reward_evaluations / batch
+    if particles is not None:
+        record["final_ess"] = final_ess
+        record["particles"] = particles
+    if previews:
+        from .html import write_image_strip
+
+        relative = Path("images") / cell.method / f"{cell.key}.png"
+        write_image_strip(torch.cat(previews), Path(out_dir) / relative)
+        record["images"] = relative.as_posix()
     return record
 
 
@@ -364,7 +478,7 @@ def run_sweep(
     state.wait_for_everyone()  # every process has listed the same unfinished cells before anyone writes
     with state.split_between_processes(todo) as mine:
         for cell in tqdm(mine, desc=f"evaluate [rank {state.process_index}]", disable=not progress):
-            record = run_cell(setting, config, cell)
+            record = run_cell(setting, config, cell, out)
             record["fingerprint"] = print_
             record["process_index"] = state.process_index
             _write_json_atomic(cell_path(out, cell), record)
@@ -372,6 +486,11 @@ def run_sweep(
     if not state.is_main_process:
         return None
     records = [json.loads(cell_path(out, cell).read_text()) for cell in cells]
+    if "is-oracle" in config.methods and setting.oracle_from_base:
+        base_records = [r for r in records if r["method"] == "base"]
+        num_prompts = len(setting.prompts) if setting.prompts else 1
+        records += [oracle_record_from_base(base_records, p, setting.alpha, num_prompts)
+                    for p in dict.fromkeys(config.preferences)]
     result = aggregate(records, list(setting.rewards))
     result["cells_run"] = len(todo)
     result["setting"] = {"name": setting.name, "options": dict(setting.options), "alpha": setting.alpha,
@@ -405,8 +524,10 @@ def aggregate(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str])
     rows = []
     for pref_label, preference in preferences.items():
         base_all = {n: np.concatenate([np.asarray(base[s][n]) for s in sorted(base)]) for n in reward_names}
-        base_row = _sample_row("base", preference, [{"seed": s, "rewards": base[s]} for s in sorted(base)], base,
-                               reward_names, base_all)
+        base_images = {r["seed"]: r.get("images") for r in records if r["method"] == "base"}
+        base_row = _sample_row("base", preference,
+                               [{"seed": s, "rewards": base[s], "images": base_images[s]} for s in sorted(base)],
+                               base, reward_names, base_all)
         base_row["network_evaluations_per_sample"] = _mean_field(
             [r for r in records if r["method"] == "base"], "network_evaluations_per_sample")
         base_row["wall_time_per_sample"] = _mean_field([r for r in records if r["method"] == "base"], "wall_time_per_sample")
@@ -461,6 +582,7 @@ def _sample_row(method, preference, group, base, reward_names, base_all) -> dict
                 wins.append((ours > theirs) + 0.5 * (ours == theirs))
     row["win_rate"] = float(np.concatenate(wins).mean()) if wins else None
     row["num_samples"] = int(weighted.size)
+    row["images"] = [g["images"] for g in sorted(group, key=lambda g: g["seed"]) if g.get("images")]
     return row
 
 

@@ -306,6 +306,16 @@ def export_run_adapter(unet: torch.nn.Module, adapter_name: str, run_dir: str | 
     return export_diffusers_lora(unet, adapter_name, Path(run_dir) / DIFFUSERS_LORA_NAME, metadata, pipeline_class)
 
 
+def load_sd_pipeline(base: str | os.PathLike, sdxl: bool | None = None) -> StableDiffusionPipeline:
+    """The stock SD (no safety checker) or SDXL pipeline of ``base`` (``sdxl=None``: SDXL when the local folder's
+    ``model_index.json`` names an XL class); one-line error when it cannot be loaded."""
+    from .loading import is_sdxl_folder, load_base_pipeline
+
+    if sdxl or (sdxl is None and is_sdxl_folder(base)):
+        return load_base_pipeline(StableDiffusionXLPipeline, base)
+    return load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+
+
 def load_sd_target(
     base: str | os.PathLike,
     prompts_file: str | os.PathLike,
@@ -321,7 +331,6 @@ def load_sd_target(
     ``sdxl``: load the base as ``StableDiffusionXLPipeline`` (``None``: when the local folder's
     ``model_index.json`` names an XL class)."""
     from ..rewards import get_reward
-    from .loading import is_sdxl_folder, load_base_pipeline
 
     options = dict(reward_options or {})
     unused = sorted(set(options) - set(reward_names))
@@ -330,9 +339,6 @@ def load_sd_target(
     rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
     prompts = read_prompts(prompts_file)
     guidance_scale = check_guidance_scale(guidance_scale)
-    if sdxl or (sdxl is None and is_sdxl_folder(base)):
-        pipe = load_base_pipeline(StableDiffusionXLPipeline, base)
-    else:
-        pipe = load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+    pipe = load_sd_pipeline(base, sdxl)
     return sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
                               name="sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd")
