@@ -107,17 +107,17 @@ def test_same_seed_same_images_and_the_preference_moves_them(studio):
 def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio):
     app = build_app(studio)
     generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat")
+    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1)  # particles last
     assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
     assert "| small |" in scores and "| big |" in scores and "standard error" in scores
     assert status.startswith("Result for weights small 1, big 0, KL scale 1, DB-MPA, seed 5")
     mark_stale = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "mark_stale")
-    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", shown).startswith("**Stale**")
-    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", shown) == status  # back to the shown settings
-    invalid = generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat")  # a value typed outside the slider's range
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", 1, shown).startswith("**Stale**")
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, shown) == status  # back to the shown settings
+    invalid = generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1)  # a value typed outside the slider's range
     assert invalid[3] == "⚠️ Invalid input: weight: small must be between -1 and 2, got 5.0"
     assert all(isinstance(output, dict) for output in invalid[:3])  # gr.update(): the result on show stays
-    assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "")[3] == "⚠️ Invalid input: enter a prompt"
+    assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "", 1)[3] == "⚠️ Invalid input: enter a prompt"
 
 
 def test_adapter_problems_are_one_line_errors(files):

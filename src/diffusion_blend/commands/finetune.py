@@ -149,7 +149,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Maximise E[r_w] - alpha * KL(path to base) with r_w = sum_i w_i r_i. Flags override --config.",
     )
     parser.formatter_class = type("DefaultsEpilogFormatter",
-                                  (parser.formatter_class, argparse.RawDescriptionHelpFormatter), {})
+                                  (argparse.RawDescriptionHelpFormatter, parser.formatter_class), {})
 
     def format_help() -> str:  # the defaults epilog reads DPOKConfig (torch): built when help is shown, not here
         parser.epilog = defaults_epilog()
