@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sd_blend import _rss_bytes  # noqa: E402
+from bench_sd_blend import _add_adapters, _merged_copies, _rss_bytes  # noqa: E402
 
 SD3_MEDIUM_CONFIG = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -64,41 +64,6 @@ def _random_transformer(dtype, device, seed):
         for buffer in model.buffers():
             buffer.zero_()
     return model.eval()
-
-
-def _add_adapters(model, names, seed):
-    import torch
-
-    from diffusion_blend.lora import add_lora
-
-    generator = torch.Generator().manual_seed(seed)
-    for name in names:
-        add_lora(model, name, rank=4, target_modules=TARGETS, init_lora_weights="gaussian")
-    with torch.no_grad():
-        for key, param in model.named_parameters():
-            if "lora_B" in key:
-                param.copy_((torch.randn(param.shape, generator=generator) * 0.01).to(param))
-    model.eval()
-
-
-def _merged_copies(model_with_adapters, names, dtype, device, seed):
-    import torch
-
-    from diffusion_blend.lora import lora_layers
-
-    layers = {id(layer) for layer in lora_layers(model_with_adapters)}
-    copies = []
-    for name in names:
-        copy = _random_transformer(dtype, device, seed)
-        modules = dict(copy.named_modules())
-        with torch.no_grad():
-            for layer_name, module in model_with_adapters.named_modules():
-                if id(module) in layers and name in module.lora_A:
-                    delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
-                    target = modules[layer_name]
-                    target.weight += (module.scaling[name] * delta).to(target.weight)
-        copies.append(copy)
-    return copies
 
 
 def model_bytes(dtype_name: str) -> int:
@@ -134,8 +99,9 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
     preference = Preference({name: 1.0 / m for name in names})
     model = _random_transformer(dtype, device, seed)
     if variant != "single":
-        _add_adapters(model, names, seed + 1)
-    copies = _merged_copies(model, names, dtype, device, seed) if variant == "copies" else None
+        _add_adapters(model, names, seed + 1, targets=TARGETS)
+    copies = (_merged_copies(model, names, lambda: _random_transformer(dtype, device, seed))
+              if variant == "copies" else None)
     if copies is not None:
         del model
     generator = torch.Generator().manual_seed(seed)

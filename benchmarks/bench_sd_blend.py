@@ -80,34 +80,36 @@ def _random_unet(dtype, device, seed):
     return unet.to(device=device, dtype=dtype).eval()
 
 
-def _add_adapters(unet, names, seed):
+def _add_adapters(model, names, seed, targets=TARGETS):
+    """Rank-4 LoRA adapters ``names`` on ``targets`` with random non-zero ``lora_B`` (else every adapter = base)."""
     import torch
 
     from diffusion_blend.lora import add_lora
 
     generator = torch.Generator().manual_seed(seed)
     for name in names:
-        add_lora(unet, name, rank=4, target_modules=TARGETS, init_lora_weights="gaussian")
+        add_lora(model, name, rank=4, target_modules=targets, init_lora_weights="gaussian")
     with torch.no_grad():
-        for key, param in unet.named_parameters():
+        for key, param in model.named_parameters():
             if "lora_B" in key:
                 param.copy_((torch.randn(param.shape, generator=generator) * 0.01).to(param))
-    unet.eval()
+    model.eval()
 
 
-def _merged_copies(unet_with_adapters, names, dtype, device, seed):
-    """m full UNets, copy i = base weights + its LoRA merged in (W += scale * B A), as the reference code keeps."""
+def _merged_copies(model_with_adapters, names, build_base):
+    """m full networks, copy i = ``build_base()`` (the same base weights) + LoRA i merged in (W += scale * B A), as
+    the reference code keeps."""
     import torch
 
     from diffusion_blend.lora import lora_layers
 
     copies = []
-    layers = {id(layer) for layer in lora_layers(unet_with_adapters)}
+    layers = {id(layer) for layer in lora_layers(model_with_adapters)}
     for name in names:
-        copy = _random_unet(dtype, device, seed)  # same seed: the same base weights
+        copy = build_base()
         modules = dict(copy.named_modules())
         with torch.no_grad():
-            for layer_name, module in unet_with_adapters.named_modules():
+            for layer_name, module in model_with_adapters.named_modules():
                 if id(module) in layers and name in module.lora_A:
                     delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
                     target = modules[layer_name]
@@ -138,7 +140,8 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
     unet = _random_unet(dtype, device, seed)
     if variant != "single":
         _add_adapters(unet, names, seed + 1)
-    copies = _merged_copies(unet, names, dtype, device, seed) if variant == "reference_copies" else None
+    copies = (_merged_copies(unet, names, lambda: _random_unet(dtype, device, seed))
+              if variant == "reference_copies" else None)
     if copies is not None:
         del unet
     generator = torch.Generator().manual_seed(seed)

@@ -65,7 +65,7 @@ def run_variant(family_name: str, particles: int, base_only: bool, steps: int, d
     generator = torch.Generator().manual_seed(seed)
     if family_name == "sd3":
         model = sd3._random_transformer(dtype, device, seed)
-        sd3._add_adapters(model, names, seed + 1)
+        sd3._add_adapters(model, names, seed + 1, targets=sd3.TARGETS)
         family = LoraFamily(model, transformer_forward(False, 7.0, True), names)
         cond = {"encoder_hidden_states": torch.randn(1, prompt_tokens, 4096, generator=generator).to(device, dtype),
                 "pooled_projections": torch.randn(1, 2048, generator=generator).to(device, dtype)}
