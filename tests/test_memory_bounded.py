@@ -294,3 +294,37 @@ def test_brightness_and_saturation_closed_forms_and_gradients():
 
     with pytest.raises(RewardError, match="3 channels"):
         saturation(torch.zeros(1, 1, 2, 2))
+
+
+def test_training_benchmark_fixes_the_cpu_allocator_threshold_and_refuses_bad_options(monkeypatch, tmp_path):
+    """bench_sd_train's parent process: CPU workers get glibc's MALLOC_MMAP_THRESHOLD_ (so the resident peak follows
+    the live tensors, benchmarks/README.md), 0 keeps glibc's dynamic default; bad options are one line, exit 2.
+    The workers are replaced by a stub (the real iterations take minutes), so this checks the plumbing only."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_sd_train
+
+    seen, real_run = [], subprocess.run
+
+    def fake_run(cmd, **kwargs):
+        if "--worker" not in cmd:  # anything else (platform probes) runs for real
+            return real_run(cmd, **kwargs)
+        seen.append(kwargs["env"].get("MALLOC_MMAP_THRESHOLD_"))
+        row = {"config": cmd[-1], "estimator": "score", "batch_size": 1, "minibatch_size": 1, "steps": 2,
+               "dtype": "float32", "gradient_checkpointing": False, "seconds": 1.0, "peak_memory_bytes": 2**30,
+               "peak_before_training_bytes": 2**29, "memory_method": "stub"}
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    assert bench_sd_train.main(["--configs", "score_b1", "--out", str(tmp_path)]) == 0
+    assert bench_sd_train.main(["--configs", "score_b1", "--out", str(tmp_path), "--malloc-mmap-threshold", "0"]) == 0
+    assert seen == ["131072", None]
+    assert "MALLOC_MMAP_THRESHOLD_: 131072" not in (tmp_path / "sd_train_cpu_256.md").read_text()  # last run: 0
+    for bad in (["--malloc-mmap-threshold", "-1"], ["--configs", "score_b3"]):
+        proc = real_run([sys.executable, bench_sd_train.__file__, *bad], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
