@@ -1,50 +1,151 @@
 """SMC on the blend vs FK steering on the demo's digits experts: oracle fraction vs network evaluations (README).
 
-One weight per run (1 thread, < 60 s on 2 shared cores at 128 samples), experts cached by `dblend demo --out runs/demo`:
+One weight per run (1 thread, about a minute at 128 samples on a quiet core), experts cached by
+`dblend demo --out runs/demo` (trained there first if missing or stale):
 
-    PYTHONPATH=src python benchmarks/smc_digits.py 0.2 128   # then 0.5 and 0.8
-    PYTHONPATH=src python benchmarks/smc_digits.py plot      # docs/images/smc_oracle_fraction.png
+    PYTHONPATH=src python benchmarks/smc_digits.py 0.2 --samples 128   # then 0.5 and 0.8
+    PYTHONPATH=src python benchmarks/smc_digits.py 0.8 --samples 128 --potentials tweedie,experts,none --particles 4,8
+    PYTHONPATH=src python benchmarks/smc_digits.py plot                # docs/images/smc_oracle_fraction.png
+    PYTHONPATH=src python benchmarks/smc_digits.py table               # the README's markdown table
 
+Rows: DB-MPA, DB-MPA-LS, then for each N SMC on the blend (each potential), FK steering with N particles and FK
+steering with 3N particles (equal network evaluations: the blend costs 2 experts + the base per particle and step).
 The oracle's gain and the base's mean r_w come from the demo report (IS over its 20,000 base samples).
 """
+
+from __future__ import annotations
+
+import argparse
 import json
-import sys
-PLOT = 'import json, matplotlib\nmatplotlib.use("Agg")\nimport matplotlib.pyplot as plt\nrows = []\nfor w in (0.2, 0.5, 0.8):\n    rows += json.load(open(f"runs/smc-digits-w{w}.json"))\nlab = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "smc": "SMC on blend (N=2,4,8,16)", "fk": "FK steering (same N)",\n       "fk-equal": "FK steering (3N: equal NFE)"}\nsty = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}\nfig, axes = plt.subplots(1, 3, figsize=(15, 4))\nfor ax, w in zip(axes, (0.2, 0.5, 0.8)):\n    for m, st in sty.items():\n        pts = sorted((r for r in rows if r["method"] == m and r["w"] == w), key=lambda r: r["nfe"])\n        ax.errorbar([p["nfe"] for p in pts], [p["fraction"] for p in pts], yerr=[p["se"] for p in pts], fmt=st,\n                    label=lab[m], capsize=2, ms=5)\n    ax.axhline(1, color="k", lw=0.8, ls=":"); ax.axhline(0.9, color="C3", lw=0.6, ls="--")\n    ax.set_xscale("log"); ax.set_xlabel("network evaluations per sample"); ax.set_ylabel("gain in r_w / IS oracle\'s gain")\n    ax.set_title(f"digits (ink vs digit_prob_3), w = {w:g}"); ax.legend(fontsize=7)\nfig.savefig("docs/images/smc_oracle_fraction.png", dpi=100, bbox_inches="tight")\n'
-import torch
-torch.set_num_threads(1)
-from diffusion_blend.demo.config import DemoConfig
-from diffusion_blend.demo.adapters import ensure_demo_adapters
-from diffusion_blend.demo.pipeline import load_demo_models
-from diffusion_blend.smc import smc_sample
-from diffusion_blend.sampling import sample
-from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser
-from diffusion_blend.digits.model import digits_scheduler
-from diffusion_blend.digits.data import IMAGE_SHAPE, to_image_space
-from diffusion_blend.evaluation.stats import mean_and_standard_error
-from diffusion_blend.preference import Preference
-if sys.argv[1] == "plot":
-    exec(PLOT)
-    sys.exit(0)
-w = float(sys.argv[1]); B = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-demo = DemoConfig()
-models = load_demo_models(ensure_demo_adapters("runs/demo", demo, progress=False), demo, progress=False)
-pts = json.load(open("runs/demo/report/results.json"))["points"]
-p = Preference(demo.weights(w), 1.0)
-mp = [q for q in pts if q["method"] == "DB-MPA" and abs(q["w"] - w) < 1e-9][0]
-base_rw = mp["oracle_weighted_reward"] - mp["oracle_gain_weighted_reward"]; gain = mp["oracle_gain_weighted_reward"]
-def rw(x):
-    im = to_image_space(x)
-    return sum(v * models.rewards[n](im).double() for n, v in p.weights.items())
-rows = []
-def record(method, n, samples, nfe, ess=None):
-    m, se = mean_and_standard_error(rw(samples))
-    rows.append(dict(method=method, w=w, particles=n, fraction=(m - base_rw) / gain, se=se / gain, nfe=nfe, ess=ess))
-    print(rows[-1], flush=True)
-shape = (B, *IMAGE_SHAPE)
-record("mpa", None, sample(BlendedDenoiser(models.family, p), digits_scheduler("ddim"), generator=11, shape=shape, num_inference_steps=10, progress=False).samples, 20)
-record("ls", None, sample(SwitchingDenoiser(models.family, p, 12), digits_scheduler("ddim"), generator=11, shape=shape, num_inference_steps=10, progress=False).samples, 10)
-for n in (2, 4, 8, 16):
-    for method, prop, k in (("smc", "blend", n), ("fk", "base", n), ("fk-equal", "base", 3 * n)):
-        o = smc_sample(models.family, p, digits_scheduler("ddim"), reward=rw, alpha=demo.alpha, particles=k, proposal=prop, generator=11, shape=shape, num_inference_steps=10, progress=False)
-        record(method, n, o.samples, o.network_evaluations, float(o.final_ess.mean()))
-json.dump(rows, open(f"runs/smc-digits-w{w}.json", "w"), indent=1)
+from pathlib import Path
+
+RUNS = Path("runs")
+WEIGHTS = (0.2, 0.5, 0.8)
+LABELS = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "smc": "SMC on blend (N=2,4,8,16)", "fk": "FK steering (same N)",
+          "fk-equal": "FK steering (3N: equal NFE)"}
+
+
+def results_path(w: float) -> Path:
+    return RUNS / f"smc-digits-w{w}.json"
+
+
+def measure(w: float, samples: int, particles: list[int], potentials: list[str]) -> list[dict]:
+    import torch
+
+    from diffusion_blend.demo.adapters import ensure_demo_adapters
+    from diffusion_blend.demo.config import DemoConfig
+    from diffusion_blend.demo.pipeline import load_demo_models
+    from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser
+    from diffusion_blend.digits.data import IMAGE_SHAPE, to_image_space
+    from diffusion_blend.digits.model import digits_scheduler
+    from diffusion_blend.evaluation.stats import mean_and_standard_error
+    from diffusion_blend.preference import Preference
+    from diffusion_blend.sampling import sample
+    from diffusion_blend.smc import smc_sample
+
+    torch.set_num_threads(1)
+    demo = DemoConfig()
+    models = load_demo_models(ensure_demo_adapters(RUNS / "demo", demo, progress=False), demo, progress=False)
+    points = json.loads((RUNS / "demo" / "report" / "results.json").read_text())["points"]
+    preference = Preference(demo.weights(w), 1.0)
+    mpa = next(p for p in points if p["method"] == "DB-MPA" and abs(p["w"] - w) < 1e-9)
+    gain = mpa["oracle_gain_weighted_reward"]
+    base_rw = mpa["oracle_weighted_reward"] - gain
+
+    def r_w(x):
+        images = to_image_space(x)
+        return sum(v * models.rewards[name](images).double() for name, v in preference.weights.items())
+
+    rows = []
+
+    def record(method, n, out_samples, nfe, potential=None, ess=None, reward_evaluations=None):
+        mean, se = mean_and_standard_error(r_w(out_samples))
+        rows.append(dict(method=method, w=w, particles=n, potential=potential, fraction=(mean - base_rw) / gain,
+                         se=se / gain, nfe=nfe, ess=ess, reward_evaluations=reward_evaluations))
+        print(rows[-1], flush=True)
+
+    shape = (samples, *IMAGE_SHAPE)
+    common = dict(generator=11, shape=shape, num_inference_steps=10, progress=False)
+    record("mpa", None, sample(BlendedDenoiser(models.family, preference), digits_scheduler("ddim"), **common).samples,
+           20)
+    record("ls", None, sample(SwitchingDenoiser(models.family, preference, 12), digits_scheduler("ddim"),
+                              **common).samples, 10)
+    runs = [("smc", "blend", 1, potential) for potential in potentials] + [("fk", "base", 1, "tweedie"),
+                                                                             ("fk-equal", "base", 3, "tweedie")]
+    for n in particles:
+        for method, proposal, factor, potential in runs:
+            out = smc_sample(models.family, preference, digits_scheduler("ddim"), reward=r_w, alpha=demo.alpha,
+                             particles=factor * n, proposal=proposal, potential=potential, **common)
+            record(method, n, out.samples, out.network_evaluations, potential, float(out.final_ess.mean()),
+                   out.reward_evaluations)
+    return rows
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffusion_blend.studies.smc_study import format_oracle_fraction_axis
+
+    rows = [row for w in WEIGHTS for row in json.loads(results_path(w).read_text())]
+    styles = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}
+    fig, axes = plt.subplots(1, len(WEIGHTS), figsize=(15, 4))
+    for ax, w in zip(axes, WEIGHTS):
+        for method, style in styles.items():
+            for potential in sorted({r.get("potential") or "tweedie" for r in rows if r["method"] == method}):
+                points = sorted((r for r in rows if r["method"] == method and r["w"] == w
+                                 and (r.get("potential") or "tweedie") == potential), key=lambda r: r["nfe"])
+                label = LABELS[method] + (f", {potential} potential" if method == "smc" else "")
+                ax.errorbar([p["nfe"] for p in points], [p["fraction"] for p in points],
+                            yerr=[p["se"] for p in points], fmt=style, label=label, capsize=2, ms=5)
+        format_oracle_fraction_axis(ax, f"digits (ink vs digit_prob_3), w = {w:g}")
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    print(f"wrote {out}")
+
+
+def table() -> str:
+    """The README / docs/evaluation.md table from the three weights' results."""
+    rows = {w: json.loads(results_path(w).read_text()) for w in WEIGHTS}
+    names = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "fk": "FK steering (same N)", "fk-equal": "FK steering (3N: equal NFE)"}
+    keys = list(dict.fromkeys((r["method"], r["particles"], r.get("potential") or "tweedie") for r in rows[WEIGHTS[0]]))
+    order = ["mpa", "ls", "smc", "fk", "fk-equal"]
+    keys.sort(key=lambda k: (order.index(k[0]), k[2] if k[0] == "smc" else "", k[1] or 0))
+    lines = ["| method | particles | NFE / sample | reward evaluations / sample | "
+             + " | ".join(f"w = {w:g}" for w in WEIGHTS) + " | mean final ESS (w = 0.5) |",
+             "| --- " * (5 + len(WEIGHTS)) + "|"]
+    for method, n, potential in keys:
+        found = {w: next(r for r in rows[w] if (r["method"], r["particles"], r.get("potential") or "tweedie")
+                         == (method, n, potential)) for w in WEIGHTS}
+        first = found[WEIGHTS[0]]
+        name = f"SMC on blend, {potential} potential" if method == "smc" else names[method]
+        shown_n = "-" if n is None else str(3 * n if method == "fk-equal" else n)
+        rewards = first.get("reward_evaluations")
+        ess = found[0.5]["ess"]
+        lines.append(f"| {name} | {shown_n} | {first['nfe']:g} | {'-' if rewards is None else f'{rewards:g}'} | "
+                     + " | ".join(f"{found[w]['fraction']:.3f} ± {found[w]['se']:.3f}" for w in WEIGHTS)
+                     + f" | {'-' if ess is None else f'{ess:.1f}'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", help="a weight w in (0, 1), 'plot' or 'table'")
+    parser.add_argument("--samples", type=int, default=128, help="output samples per point (default 128)")
+    parser.add_argument("--particles", default="2,4,8,16", help="N values (default 2,4,8,16)")
+    parser.add_argument("--potentials", default="tweedie", help="SMC potentials, comma-separated (default tweedie)")
+    args = parser.parse_args()
+    if args.what == "plot":
+        plot(Path("docs/images/smc_oracle_fraction.png"))
+        return
+    if args.what == "table":
+        print(table())
+        return
+    w = float(args.what)
+    rows = measure(w, args.samples, [int(n) for n in args.particles.split(",")], args.potentials.split(","))
+    results_path(w).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":  # the experts train in a spawned process pool when missing or stale
+    main()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusion_blend.denoisers import BlendedDenoiser
+from diffusion_blend.denoisers import BlendedDenoiser, CallableFamily
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.evaluation.sweep import CountingFamily
 from diffusion_blend.preference import BASE, Preference
@@ -49,15 +49,17 @@ def test_smc_converges_to_the_exact_tilted_target() -> None:
     family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
     reward = combined_reward(rewards, PREFERENCE)
     target_mean, target_variance = moments(tilted_target(base, rewards, PREFERENCE, ALPHA))
-    errors = {}
-    for n in (1, 8, 64):
-        out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0, particles=n,
-                         shape=(400, 1), num_inference_steps=50, progress=False, dtype=F64)
-        samples = out.samples.flatten()
-        errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
-    assert errors[1][0] > 0.7  # the blend's Jensen gap is real here
-    assert errors[64][0] < errors[8][0] < errors[1][0]
-    assert errors[64][0] < 0.15 and errors[64][1] < 0.2, errors
+    for potential in ("tweedie", "experts"):
+        errors = {}
+        for n in (1, 8, 64):
+            out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0,
+                             particles=n, potential=potential, shape=(400, 1), num_inference_steps=50,
+                             progress=False, dtype=F64)
+            samples = out.samples.flatten()
+            errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
+        assert errors[1][0] > 0.7  # the blend's Jensen gap is real here
+        assert errors[64][0] < errors[8][0] < errors[1][0], (potential, errors)
+        assert errors[64][0] < 0.15 and errors[64][1] < 0.2, (potential, errors)
 
 
 def gaussian_chain(steps: int):
@@ -109,6 +111,52 @@ def test_exact_target_as_proposal_gives_uniform_weights() -> None:
     assert float(blend.final_ess.mean()) < 15.0  # the discrete blend is not the exact tilted chain: weights differ
 
 
+def test_experts_potential_with_the_exact_tilted_chain_as_expert_keeps_every_weight_uniform() -> None:
+    """One expert that IS the tilted chain (Doob's h-transform, closed form): its log-ratio to the base is the value
+    increment exactly, so with ``potential="experts"`` the weights are uniform at every state, not only at the end
+    (with ``h = 0`` the intermediate weights are the path ratios p_pre / q, far from uniform)."""
+    steps, n = 12, 16
+    family, preference, reward, exact = gaussian_chain(steps)
+    exact_family = CallableFamily(family.member(BASE), {"right": exact})
+    latents = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
+    common = dict(reward=reward, alpha=ALPHA, generator=0, particles=n, latents=latents, num_inference_steps=steps,
+                  progress=False, dtype=F64, ess_threshold=0.0)
+    experts = smc_sample(exact_family, preference, stochastic_ddim(), potential="experts", **common)
+    assert torch.allclose(experts.ess_history, torch.full_like(experts.ess_history, float(n)), atol=1e-6)
+    assert experts.reward_evaluations == n  # r_w once per particle, at x_0 only
+    plain = smc_sample(exact_family, preference, stochastic_ddim(), potential="none", **common)
+    assert float(plain.ess_history[steps // 2].mean()) < 0.5 * n  # path ratios alone: uneven halfway
+    assert torch.allclose(plain.final_ess, torch.full((50,), float(n), dtype=F64))  # ... uniform at the end
+
+
+def test_experts_potential_step_weight_is_the_jensen_gap_of_the_blend() -> None:
+    """After the first step the log-weight of a particle is ``-(sum_i c_i |d_i|^2 - |sum_i c_i d_i|^2) / (2 s^2)``
+    at its ``x_T`` (``d_i = mu_i - mu_pre``: the experts' step means against the base's), computed here by hand from
+    the members' DDIM means, independently of the sampler's log-density differences; at lambda < 1 too."""
+    base, rewards = bimodal()
+    n, batch, steps = 6, 4, 5
+    particle_latents = torch.randn(n * batch, 1, generator=torch.Generator().manual_seed(5), dtype=F64) * 1.5
+    for preference in (PREFERENCE, Preference({"right": 0.3, "bump": 0.7}, 0.6)):
+        family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
+        out = smc_sample(family, preference, stochastic_ddim(), reward=combined_reward(rewards, preference),
+                         alpha=ALPHA, generator=2, particles=n, potential="experts", ess_threshold=0.0,
+                         particle_latents=particle_latents, num_inference_steps=steps, progress=False, dtype=F64)
+        scheduler = stochastic_ddim()
+        scheduler.set_timesteps(steps)
+        t = scheduler.timesteps[0]
+        x = particle_latents
+        mean_pre, std = transition_distribution(scheduler, family.member(BASE)(x, t), t, x)
+        coefficients = preference.coefficients(family.expert_names).experts
+        deviations = {name: transition_distribution(scheduler, family.member(name)(x, t), t, x)[0] - mean_pre
+                      for name in coefficients}
+        blended = sum(c * deviations[name] for name, c in coefficients.items())
+        gap = (sum(c * (deviations[name] ** 2).sum(-1) for name, c in coefficients.items())
+               - (blended**2).sum(-1)) / (2 * float(std) ** 2)
+        assert float(gap.min()) > 0.0  # Jensen: the blend's step is never better than its experts on average
+        expected = effective_sample_size(-gap.view(n, batch))
+        assert torch.allclose(out.ess_history[1], expected, rtol=1e-9, atol=1e-9)
+
+
 def test_base_proposal_without_potential_is_importance_resampling() -> None:
     """proposal='base', h = 0, no intermediate resampling: the particles are the base sampler's samples (same
     generator stream) and the final weights are softmax(lambda r_w / alpha) of their rewards."""
@@ -136,7 +184,7 @@ def test_potential_choice_does_not_change_the_final_weights() -> None:
     common = dict(reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA, generator=1, particles=6,
                   ess_threshold=0.0, shape=(20, 1), num_inference_steps=8, progress=False, dtype=F64)
     runs = [smc_sample(family, PREFERENCE, stochastic_ddim(), potential=p, potential_every=e, **common)
-            for p, e in (("none", 1), ("tweedie", 1), ("tweedie", 3))]
+            for p, e in (("none", 1), ("tweedie", 1), ("tweedie", 3), ("experts", 1))]
     for other in runs[1:]:
         assert torch.equal(other.particles, runs[0].particles)
         assert torch.allclose(other.log_weights, runs[0].log_weights, atol=1e-9)
@@ -203,7 +251,7 @@ def test_refusals_are_one_line() -> None:
     with pytest.raises(DiffusionBlendError, match="deterministic"):
         smc_sample(family, PREFERENCE, stochastic_ddim(), eta=0.0, **common)
     for bad in (dict(particles=0), dict(proposal="expert"), dict(potential="max"), dict(ess_threshold=1.5),
-                dict(potential_every=0)):
+                dict(potential_every=0), dict(proposal="base", potential="experts")):
         with pytest.raises(DiffusionBlendError) as info:
             smc_sample(family, PREFERENCE, stochastic_ddim(), **bad, **common)
         assert "\n" not in str(info.value)

@@ -156,6 +156,12 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
         counter.remove()
     assert counter.forwards == STEPS and counter.rows == 3 * 3 * 2 * cfg_copies * STEPS
     assert torch.allclose(batched, out, atol=ATOL)
+    # the experts' potential: the same network rows, r_w only at x_0 (no decode before the end)
+    calls.clear()
+    experts = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, particles=3,
+                  prompt=["a cat", "a dog"], output_type="latent", potential="experts", **extra)
+    assert torch.isfinite(experts).all() and len(calls) == 1
+    assert pipe.last_smc.network_evaluations == 3 * 3 * STEPS and pipe.last_smc.reward_evaluations == 3
 
 
 @pytest.mark.parametrize("which", ["sd3", "flux"])

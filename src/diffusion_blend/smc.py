@@ -17,7 +17,19 @@ with a look-ahead potential ``h_k``: ``r_w`` of the Tweedie estimate ``x0_hat(x_
 (``potential="tweedie"``, FK steering's choice) or 0 (``potential="none"``); the initial weight is
 ``exp(lambda h_0(x_T) / alpha)`` and ``h_K = r_w(x_0)`` exactly, so the product telescopes to the exact importance
 weight ``dP* / dQ`` (up to a constant) for ANY choice of ``h``; ``h`` only decides when the weights become
-informative. Groups whose effective sample size falls below ``ess_threshold * N`` are resampled (systematic
+informative. ``potential="experts"`` (blend proposal only) takes the potential from the experts themselves: an
+expert trained with KL weight ``alpha`` on ``r_i`` has ``log q_i / p_pre (x_{k+1} | x_k) = V_i(x_{k+1}) - V_i(x_k)``
+with ``V_i = log E_pre[exp(r_i / alpha) | x]`` (its soft value), so the blend's own value estimate
+``sum_i c_i V_i`` (``c_i = lambda w_i``) has the increments ``sum_i c_i log q_i / p_pre``, known from the means
+already computed. As a path function ``H_k = sum_{j<k} sum_i c_i log q_i / p_pre (x_{j+1} | x_j)``, ``H_K =
+lambda r_w(x_0) / alpha``, the step weight becomes, for Gaussian steps of one std ``s_k`` and ``d_i = mu_i - mu_pre``,
+
+    G_k = exp(-(sum_i c_i |d_i|^2 - |sum_i c_i d_i|^2) / (2 s_k^2))
+
+a function of ``x_k`` alone: the per-step Jensen gap of the blend (paper Lemma 1-2), zero where the experts agree;
+it needs no reward evaluation before ``x_0`` and no decoding, and the final weight
+``exp(lambda r_w / alpha - H_{K-1}) p_pre / q (last step)`` closes the telescope, so the output is exact for any
+experts (docs/method.md, "SMC: the experts' potential"). Groups whose effective sample size falls below ``ess_threshold * N`` are resampled (systematic
 resampling, per output sample), and the output is one particle per group drawn by the final weights.
 
 The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
@@ -62,7 +74,7 @@ from .sampling import (
 )
 
 PROPOSALS = ("blend", "base")
-POTENTIALS = ("tweedie", "none")
+POTENTIALS = ("tweedie", "none", "experts")
 Reward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -154,6 +166,9 @@ def check_options(particles: int, proposal: Any, potential: str, ess_threshold: 
         raise DiffusionBlendError(f"unknown SMC proposal {proposal!r}; choose 'blend' (ours) or 'base' (FK steering)")
     if potential not in POTENTIALS:
         raise DiffusionBlendError(f"unknown SMC potential {potential!r}; choose from {', '.join(POTENTIALS)}")
+    if potential == "experts" and proposal != "blend":
+        raise DiffusionBlendError("potential 'experts' takes its values from the blended experts: it needs "
+                                  "proposal='blend'")
     if not (isinstance(ess_threshold, int | float) and 0.0 <= ess_threshold <= 1.0):
         raise DiffusionBlendError(f"ess_threshold must be in [0, 1] (a fraction of N), got {ess_threshold!r}")
     if isinstance(potential_every, bool) or not isinstance(potential_every, int) or potential_every < 1:
@@ -246,8 +261,10 @@ def smc_sample(
     rows = n * batch
     groups = torch.arange(batch, device=x.device)
     log_weights = torch.zeros(n, batch, dtype=torch.float64, device=x.device)
-    potential_prev = torch.zeros(rows, dtype=torch.float64, device=x.device)  # h_{-1} = 0: initial weight e^{s h_0}
+    # the potential in log-weight units (lambda h / alpha, or H of the experts' potential); 0 before x_T
+    potential_prev = torch.zeros(rows, dtype=torch.float64, device=x.device)
     pending = torch.zeros(rows, dtype=torch.float64, device=x.device)  # log p_pre / q of the last transition
+    pending_value = torch.zeros(rows, dtype=torch.float64, device=x.device)  # sum_i c_i log q_i / p_pre of it
     resampled = torch.zeros(batch, dtype=torch.long)
     ess_history, network_rows, reward_rows = [], 0, 0
 
@@ -269,10 +286,13 @@ def smc_sample(
             out_q = proposal(model_input, t, **cond)
         increment = pending
         if potential == "tweedie" and k % potential_every == 0:
-            value = _check_values(reward(tweedie_x0(scheduler, out_q, t, x)), rows).to(x.device)
+            value = scale * _check_values(reward(tweedie_x0(scheduler, out_q, t, x)), rows).to(x.device)
             reward_rows += rows
-            increment = increment + scale * (value - potential_prev)
+            increment = increment + value - potential_prev
             potential_prev = value
+        elif potential == "experts":
+            increment = increment + pending_value
+            potential_prev = potential_prev + pending_value
         log_weights = log_weights + increment.view(n, batch)
         ess = effective_sample_size(log_weights)
         ess_history.append(ess.cpu())
@@ -282,18 +302,28 @@ def smc_sample(
             ancestors = torch.where(needed.unsqueeze(0), systematic_resample(log_weights, generator).to(x.device),
                                     identity)
             x, out_q, out_pre, potential_prev = (gather(v, ancestors) for v in (x, out_q, out_pre, potential_prev))
+            if potential == "experts":
+                predictions = [gather(prediction, ancestors) for prediction in predictions]
             log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(log_weights), log_weights)
             resampled += needed.cpu().long()
         mean_q, std = model_transition(scheduler, out_q, t, x, eta)
         mean_pre, _ = model_transition(scheduler, out_pre, t, x, eta)
+        x_prev = x
         noise = randn_tensor(x.shape, generator=noise_generator, device=x.device, dtype=mean_q.dtype)
         x = (mean_q + std * noise).to(state_dtype)
         x64, std64 = x.to(torch.float64), std.to(torch.float64)
-        pending = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64) - gaussian_log_prob(
-            x64, mean_q.to(torch.float64), std64)
+        log_prob_pre = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64)
+        pending = log_prob_pre - gaussian_log_prob(x64, mean_q.to(torch.float64), std64)
+        if potential == "experts":
+            pending_value = torch.zeros_like(pending)
+            for index, coefficient in enumerate(blend_coefficients):
+                if members[index] is not BASE:
+                    mean_i, _ = model_transition(scheduler, predictions[index], t, x_prev, eta)
+                    pending_value += coefficient * (
+                        gaussian_log_prob(x64, mean_i.to(torch.float64), std64) - log_prob_pre)
     final = _check_values(reward(x), rows).to(x.device)
     reward_rows += rows
-    log_weights = log_weights + (pending + scale * (final - potential_prev)).view(n, batch)
+    log_weights = log_weights + (pending + scale * final - potential_prev).view(n, batch)
     final_ess = effective_sample_size(log_weights)
     ess_history.append(final_ess.cpu())
     probabilities = torch.softmax(log_weights, dim=0).T.cpu()  # (B, N)

@@ -85,8 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells)")
     parser.add_argument("--particles", type=int, default=8, help="SMC particles per sample (methods smc, fk)")
     parser.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
-    parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none"),
-                        help="look-ahead potential h_k: r_w of the Tweedie estimate x0_hat(x_k), or 0")
+    parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none", "experts"),
+                        help="SMC's potential: r_w of the Tweedie estimate x0_hat(x_k), 0, or the experts' own value "
+                             "increments (no reward before x_0; fk then uses tweedie)")
     parser.add_argument("--smc-potential-every", type=int, default=1, help="evaluate the potential every k steps")
     parser.add_argument("--smc-ess-threshold", type=float, default=0.5,
                         help="resample a sample's particles when their ESS < threshold x N (0: never; 1: always)")
