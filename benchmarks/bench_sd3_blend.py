@@ -25,7 +25,6 @@ Python/torch runtime), CUDA peak is ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -33,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import command_line, emit_result, worker_result, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sd_blend import _add_adapters, _merged_copies, _rss_bytes  # noqa: E402
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         result = run_variant(args.worker[0], int(args.worker[1]), args.steps, args.warmup, args.device, args.dtype,
                              args.seed)
-        print("RESULT " + json.dumps(result))
+        emit_result(result)
         return 0
 
     ms = [int(v) for v in args.adapters.split(",")]
@@ -211,14 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {variant} (m={m}) ...", flush=True)
         started = time.perf_counter()
         proc = subprocess.run([*base_cmd, "--worker", variant, str(m)], capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = worker_result(proc)
+        if row is None:
             if variant == "copies":  # killed for memory: report, do not abort the others
                 skipped.append({"variant": variant, "m": m, "failed_exit_code": proc.returncode})
                 continue
             raise SystemExit(f"variant {variant} (m={m}) failed with exit code {proc.returncode}")
-        row = json.loads(lines[-1][len("RESULT "):])
         row["wall_seconds"] = time.perf_counter() - started
         results.append(row)
         print(f"  {row['seconds_per_step']:.1f} s/step, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         row["time_ratio"] = row["seconds_per_step"] / single["seconds_per_step"]
         row["peak_memory_ratio"] = row["peak_memory_bytes"] / single["peak_memory_bytes"]
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     import torch
 
     meta = {"command": command, "device": args.device, "dtype": args.dtype, "timed_steps": args.steps,
@@ -250,12 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{meta['latents']}; weights {meta['weights_gib']:.2f} GiB. Memory: {meta['memory_method']}.",
                           "", *table, ""])
     print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"sd3_blend_{args.device.split(':')[0]}_{args.dtype}"
-    for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=2)), (".md", markdown)):
-        tmp = args.out / (stem + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / (stem + suffix))
+    write_results(args.out, f"sd3_blend_{args.device.split(':')[0]}_{args.dtype}", meta, results, markdown)
     return 0
 
 

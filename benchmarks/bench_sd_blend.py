@@ -32,7 +32,6 @@ time over that forward's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -41,6 +40,8 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+from _common import command_line, emit_result, worker_result, write_results
 
 SD15_UNET_CONFIG = dict(
     sample_size=64,
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         result = run_variant(args.worker[0], int(args.worker[1]), steps, args.warmup, args.device, args.dtype,
                              args.seed)
-        print("RESULT " + json.dumps(result))
+        emit_result(result)
         return 0
 
     ms = [int(v) for v in args.adapters.split(",")]
@@ -291,17 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         load = os.getloadavg()[0]
         print(f"running {variant} (m={m}, load average {load:.2f}) ...", flush=True)
         proc = subprocess.run([*base_cmd, "--worker", variant, str(m)], capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = worker_result(proc)
+        if row is None:
             raise SystemExit(f"variant {variant} (m={m}) failed with exit code {proc.returncode}")
-        results.append({**json.loads(lines[-1][len("RESULT "):]), "load_average_before": load})
+        results.append({**row, "load_average_before": load})
 
     single = results[0]
     for row in results:
         row["time_ratio"] = row["seconds_per_step"] / single["seconds_per_step"]
         row["peak_memory_ratio"] = row["peak_memory_bytes"] / single["peak_memory_bytes"]
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     import torch
 
     meta = {
@@ -328,13 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         f"steps after {args.warmup} warm-up, {meta['latents']}. Memory: {meta['memory_method']}.", "", *table, "",
     ])
     print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"sd_blend_{args.device.split(':')[0]}_{args.dtype}"
-    for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=2)), (".md", markdown)):
-        tmp = args.out / (stem + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / (stem + suffix))
-    print(f"wrote {args.out / (stem + '.json')} and {stem}.md")
+    write_results(args.out, f"sd_blend_{args.device.split(':')[0]}_{args.dtype}", meta, results, markdown)
     return 0
 
 

@@ -16,7 +16,6 @@ as JSON and Markdown with the ratios to ``base``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -25,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import command_line, emit_result, worker_result, write_results
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "rgg", "smc")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         result = run_method(args.worker, args.device, args.resolution, args.steps, args.samples, args.seed)
-        print("RESULT " + json.dumps(result), flush=True)
+        emit_result(result)
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
@@ -111,16 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         print(f"running {method} ...", flush=True)
         proc = subprocess.run([*base_cmd, "--worker", method], capture_output=True, text=True, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = worker_result(proc)
+        if row is None:
             print(f"bench_sd_evaluate: error: method {method} failed (exit {proc.returncode})", file=sys.stderr)
             return 1
-        results[method] = json.loads(lines[-1][len("RESULT "):])
+        results[method] = row
         row = results[method]
         print(f"  {row['seconds_per_sample']:.1f} s / sample, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB",
               flush=True)
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     base = results.get("base")
     table = ["| method | NFE / sample | reward evals / sample | s / sample | x base | peak memory (GiB) | x base | "
              "peak before the cell (GiB) |", "|" + " --- |" * 8]
@@ -144,13 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.threads} threads; one method per process. Memory: {meta['memory_method']}.", "",
                           *table, ""])
     print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"sd_evaluate_{args.device.split(':')[0]}_{args.resolution}"
-    for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=2)), (".md", markdown)):
-        tmp = args.out / (stem + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / (stem + suffix))
-    print(f"wrote {args.out / (stem + '.json')} and {stem}.md")
+    write_results(args.out, f"sd_evaluate_{args.device.split(':')[0]}_{args.resolution}", meta, results, markdown)
     return 0
 
 

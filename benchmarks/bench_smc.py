@@ -29,7 +29,6 @@ steps divided by the steps (the first step includes warm-up).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -37,6 +36,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import command_line, emit_result, worker_result, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sd3_blend as sd3  # noqa: E402
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         result = run_variant(args.family, int(args.worker[0]), args.worker[1] == "1", args.steps, args.device,
                              args.dtype, args.seed, args.latent, args.prompt_tokens)
-        print("RESULT " + json.dumps(result))
+        emit_result(result)
         return 0
 
     jobs = [(1, True)] + [(int(n), False) for n in args.particles.split(",") if n]
@@ -140,11 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         proc = subprocess.run([*base_cmd, "--worker", str(particles), "1" if base_only else "0"], capture_output=True,
                               text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = worker_result(proc)
+        if row is None:
             raise SystemExit(f"variant N={particles} failed with exit code {proc.returncode}")
-        row = json.loads(lines[-1][len("RESULT "):])
         row["wall_seconds"] = time.perf_counter() - started
         results.append(row)
         print(f"  {row['seconds_per_step']:.1f} s/step, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in results:
         row["time_ratio"] = row["seconds_per_step"] / single["seconds_per_step"]
         row["peak_memory_ratio"] = row["peak_memory_bytes"] / single["peak_memory_bytes"]
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     import torch
 
     if args.family == "sd3":
@@ -174,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"m = {EXPERTS} experts; {network}. Memory: {meta['memory_method']}.",
                           "", *table, ""])
     print(markdown)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"smc_{args.family}_{args.device.split(':')[0]}_{args.dtype}"
-    for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=2)), (".md", markdown)):
-        tmp = args.out / (stem + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / (stem + suffix))
+    write_results(args.out, f"smc_{args.family}_{args.device.split(':')[0]}_{args.dtype}", meta, results, markdown)
     return 0
 
 

@@ -108,7 +108,8 @@ def plot(out: Path) -> None:
 def table() -> str:
     """The README / docs/evaluation.md table from the three weights' results."""
     rows = {w: json.loads(results_path(w).read_text()) for w in WEIGHTS}
-    names = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "fk": "FK steering (same N)", "fk-equal": "FK steering (3N: equal NFE)"}
+    names = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "fk": "FK steering (same N)",
+             "fk-equal": "FK steering (3N: equal NFE)"}
     keys = list(dict.fromkeys((r["method"], r["particles"], r.get("potential") or "tweedie") for r in rows[WEIGHTS[0]]))
     order = ["mpa", "ls", "smc", "fk", "fk-equal"]
     keys.sort(key=lambda k: (order.index(k[0]), k[2] if k[0] == "smc" else "", k[1] or 0))

@@ -29,8 +29,9 @@ lambda r_w(x_0) / alpha``, the step weight becomes, for Gaussian steps of one st
 a function of ``x_k`` alone: the per-step Jensen gap of the blend (paper Lemma 1-2), zero where the experts agree;
 it needs no reward evaluation before ``x_0`` and no decoding, and the final weight
 ``exp(lambda r_w / alpha - H_{K-1}) p_pre / q (last step)`` closes the telescope, so the output is exact for any
-experts (docs/method.md, "SMC: the experts' potential"). Groups whose effective sample size falls below ``ess_threshold * N`` are resampled (systematic
-resampling, per output sample), and the output is one particle per group drawn by the final weights.
+experts (docs/method.md, "The experts' potential"). Groups whose effective sample size falls below
+``ess_threshold * N`` are resampled (systematic resampling, per output sample), and the output is one particle per
+group drawn by the final weights.
 
 The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
 batched :meth:`~diffusion_blend.denoisers.DenoiserFamily.predict_all` (one more member, still one forward).
