@@ -19,8 +19,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from peft import LoraConfig
-from tiny_sd import _text_config, make_tokenizer
+from tiny_sd import _text_config, make_tokenizer, perturbed_lora, save_diffusers_lora
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -95,29 +94,9 @@ def tiny_flux_pipeline(folder: Path, seed: int = 0) -> FluxPipeline:
     )
 
 
-def perturbed_transformer_lora(transformer: torch.nn.Module, name: str, seed: int, scale: float = 0.3,
-                               rank: int = 4) -> None:
-    """Add a rank-``rank`` LoRA on the attention projections with random, non-zero ``lora_A`` and ``lora_B``."""
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=TRANSFORMER_PROJECTIONS, init_lora_weights="gaussian"),
-        adapter_name=name,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param_name, param in transformer.named_parameters():
-            if f"lora_B.{name}." in param_name or f"lora_A.{name}." in param_name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
-
-
-def save_transformer_lora(pipe_class, transformer: torch.nn.Module, name: str, path: Path) -> Path:
-    """Save adapter ``name`` of ``transformer`` as a diffusers LoRA file (``save_lora_weights``)."""
-    from peft.utils import get_peft_model_state_dict
-
-    layers = get_peft_model_state_dict(transformer, adapter_name=name)
-    path = Path(path)
-    pipe_class.save_lora_weights(path.parent, transformer_lora_layers=layers, weight_name=path.name,
-                                 safe_serialization=True)
-    return path
+def perturbed_transformer_lora(transformer: torch.nn.Module, name: str, seed: int) -> None:
+    """A random, non-zero LoRA on the projections diffusers' SD3/FLUX LoRA scripts train."""
+    perturbed_lora(transformer, name, seed, target_modules=TRANSFORMER_PROJECTIONS)
 
 
 def write_transformer_adapters(pipe_class, base_folder: Path, out: Path, names_and_seeds: dict[str, int]) -> dict[str, Path]:
@@ -127,5 +106,6 @@ def write_transformer_adapters(pipe_class, base_folder: Path, out: Path, names_a
     files = {}
     for name, seed in names_and_seeds.items():
         perturbed_transformer_lora(transformer, name, seed)
-        files[name] = save_transformer_lora(pipe_class, transformer, name, Path(out) / f"{name}.safetensors")
+        files[name] = save_diffusers_lora(pipe_class, transformer, name, Path(out) / f"{name}.safetensors",
+                                          component="transformer")
     return files

@@ -150,11 +150,14 @@ def save_pipeline(pipe, folder: Path) -> Path:
     return folder
 
 
-def perturbed_lora(unet: torch.nn.Module, name: str, seed: int, scale: float = 0.3, rank: int = 4) -> None:
-    """Add a rank-``rank`` LoRA on all attention projections with random, non-zero ``lora_A`` and ``lora_B``."""
+def perturbed_lora(unet: torch.nn.Module, name: str, seed: int, scale: float = 0.3, rank: int = 4,
+                   target_modules: list[str] | None = None) -> None:
+    """Add a rank-``rank`` LoRA on ``target_modules`` (default: all attention projections of a UNet) with random,
+    non-zero ``lora_A`` and ``lora_B`` (the default init would make every adapter equal the base)."""
     with quiet_third_party():  # peft's notice on a second adapter
         unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=rank, target_modules=ATTENTION_PROJECTIONS, init_lora_weights="gaussian"),
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules or ATTENTION_PROJECTIONS,
+                       init_lora_weights="gaussian"),
             adapter_name=name,
         )
     generator = torch.Generator().manual_seed(seed)
@@ -164,13 +167,15 @@ def perturbed_lora(unet: torch.nn.Module, name: str, seed: int, scale: float = 0
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def save_diffusers_lora(pipe_class, unet: torch.nn.Module, name: str, path: Path) -> Path:
-    """Save adapter ``name`` of ``unet`` as a diffusers LoRA file (``save_lora_weights``)."""
+def save_diffusers_lora(pipe_class, unet: torch.nn.Module, name: str, path: Path, component: str = "unet") -> Path:
+    """Save adapter ``name`` of ``unet`` (or of a ``component="transformer"``) as a diffusers LoRA file
+    (``save_lora_weights``)."""
     from peft.utils import get_peft_model_state_dict
 
     layers = get_peft_model_state_dict(unet, adapter_name=name)
     path = Path(path)
-    pipe_class.save_lora_weights(path.parent, unet_lora_layers=layers, weight_name=path.name, safe_serialization=True)
+    pipe_class.save_lora_weights(path.parent, **{f"{component}_lora_layers": layers}, weight_name=path.name,
+                                 safe_serialization=True)
     return path
 
 
