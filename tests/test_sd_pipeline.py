@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -359,7 +359,7 @@ def test_load_adapter_refuses_text_encoder_lora_and_duplicates(sd_files, tmp_pat
 def test_eta_with_a_scheduler_that_ignores_it_is_refused(sd_files):
     """SD 1.5 ships PNDM: stock diffusers gives the same image at eta 0 and 1 (eta silently dropped), so a blended
     call with eta != 0 on it is an error naming the fix; DDIM honours eta (the images differ)."""
-    from diffusers import DDIMScheduler, PNDMScheduler
+    from diffusers import PNDMScheduler
 
     root, files = sd_files
     pipe = BlendStableDiffusionPipeline.from_pretrained(root / "base")
@@ -445,3 +445,41 @@ def test_smc_particles_report_cost_and_refuse_bad_input(sd_pipe):
         run(sd_pipe, preference=preference, method="smc", reward=_mean_red, alpha=0.05, eta=0.0)
     with pytest.raises(DiffusionBlendError, match="needs a preference"):
         run(sd_pipe, method="smc", reward=_mean_red, alpha=0.05)
+
+
+def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_path, capsys):
+    """``--method smc``: the saved images are the pipeline's own SMC images (same seed, same r_w = 0.3 brightness +
+    0.7 saturation from ``--reward``, same alpha); settings.json records N, the costs (3 members x N x steps rows) and
+    one final ESS per image. SMC without a known alpha, or --reward without smc, is one line and exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_blend.rewards import get_reward
+
+    rewards = ["--reward", "aesthetic=brightness", "--reward", "align=saturation"]
+    assert cli(sd_files, tmp_path / "smc", "--method", "smc", "--particles", "2", "--alpha", "0.5", *rewards) == 0
+    settings = json.loads((tmp_path / "smc" / "settings.json").read_text())
+    assert settings["method"] == "smc" and settings["particles"] == 2 and settings["smc_alpha"] == 0.5
+    assert settings["rewards"] == {"aesthetic": "brightness", "align": "saturation"}
+    assert settings["network_evaluations_per_image"] == 3 * 2 * 3 and len(settings["final_ess"]) == 2
+    brightness, saturation = get_reward("brightness"), get_reward("saturation")
+
+    def r_w(images, prompts):
+        return 0.3 * brightness(images, prompts).double() + 0.7 * saturation(images, prompts).double()
+
+    root, files = sd_files
+    pipe = BlendStableDiffusionPipeline.from_pretrained(root / "base")  # as the CLI builds it
+    pipe.load_adapters(files)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(["a cat"] * 2, preference=Preference({"aesthetic": 0.3, "align": 0.7}), method="smc",
+                       reward=r_w, alpha=0.5, particles=2, generator=7, num_inference_steps=3, guidance_scale=7.5,
+                       eta=1.0, output_type="np").images
+    saved = np.stack([np.asarray(Image.open(tmp_path / "smc" / name)) for name in settings["images"]])
+    assert np.abs(saved.astype(int) - (expected * 255).round().astype(int)).max() <= 1
+    capsys.readouterr()
+    assert cli(sd_files, tmp_path / "no-alpha", "--method", "smc", *rewards) == 2
+    assert cli(sd_files, tmp_path / "not-smc", *rewards) == 2
+    assert cli(sd_files, tmp_path / "bad-n", "--method", "smc", "--particles", "0", "--alpha", "1", *rewards) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and "alpha" in errors[0] and "--reward" in errors[1] and "particles" in errors[2]

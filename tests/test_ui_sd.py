@@ -33,9 +33,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def metadata_for(unet, reward):
-    return AdapterMetadata(rewards={reward: 1.0}, alpha=1.0, base_fingerprint=base_fingerprint(unet, unet_architecture(unet)),
-                           rank=4, lora_alpha=4.0, target_modules=ATTENTION_PROJECTIONS)
+def metadata_for(unet, reward, alpha=1.0, weight=1.0):
+    return AdapterMetadata(rewards={reward: weight}, alpha=alpha,
+                           base_fingerprint=base_fingerprint(unet, unet_architecture(unet)), rank=4, lora_alpha=4.0,
+                           target_modules=ATTENTION_PROJECTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,11 @@ def files(tmp_path_factory):
     export_diffusers_lora(unet, "small", root / "small.safetensors", metadata_for(unet, "jpeg_compressibility"))
     perturbed_lora(unet, "big", seed=2)
     save_diffusers_lora(StableDiffusionPipeline, unet, "big", root / "big.safetensors")
+    perturbed_lora(unet, "busy", seed=4)  # an expert of jpeg_incompressibility, effective alpha 2 / 2 = 1
+    export_diffusers_lora(unet, "busy", root / "busy.safetensors",
+                          metadata_for(unet, "jpeg_incompressibility", alpha=2.0, weight=2.0))
+    export_diffusers_lora(unet, "busy", root / "busy-alpha3.safetensors",
+                          metadata_for(unet, "jpeg_incompressibility", alpha=3.0))
     other = tiny_sd_pipeline(root / "other", seed=1).unet  # another base of the same architecture
     perturbed_lora(other, "alien", seed=3)
     export_diffusers_lora(other, "alien", root / "alien.safetensors", metadata_for(other, "jpeg_compressibility"))
@@ -118,6 +124,35 @@ def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio)
     assert invalid[3] == "⚠️ Invalid input: weight: small must be between -1 and 2, got 5.0"
     assert all(isinstance(output, dict) for output in invalid[:3])  # gr.update(): the result on show stays
     assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "", 1)[3] == "⚠️ Invalid input: enter a prompt"
+
+
+def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, files):
+    """Both experts carry metadata (effective alphas 1 and 2/2): the studio offers SMC; N = 2 particles per image cost
+    3 members (2 experts + the base) x 2 x steps rows per image; SMC needs DB-MPA; a foreign LoRA (no alpha) or
+    experts of different alphas leave the studio without SMC, and the app says so in its status line."""
+    kwargs = dict(num_images=IMAGES, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
+    smc_studio = stable_diffusion_studio(
+        files / "base", {"small": files / "small.safetensors", "busy": files / "busy.safetensors"}, **kwargs)
+    assert smc_studio.supports_smc and smc_studio.alpha == pytest.approx(1.0)
+    preference = Preference({"small": 0.5, "busy": 0.5})
+    plain = smc_studio.generate(preference, "mpa", 3, "a cat")
+    result = smc_studio.generate(preference, "mpa", 3, "a cat", particles=2)
+    stats = smc_studio.pipe.last_smc
+    assert result.images.shape == plain.images.shape and set(result.scores) == {"small", "busy"}
+    assert stats.network_evaluations == 3 * 2 * STEPS and stats.final_ess.shape == (IMAGES,)
+    again = smc_studio.generate(preference, "mpa", 3, "a cat", particles=2)
+    assert (again.images == result.images).all()  # same seed, same SMC draws
+    with pytest.raises(DiffusionBlendError, match="DB-MPA"):
+        smc_studio.generate(preference, "ls", 3, "a cat", particles=2)
+    generate = next(fn.fn for fn in build_app(smc_studio).fns.values()
+                    if getattr(fn.fn, "__name__", "") == "generate")
+    assert "with SMC, 2 particles" in generate(0.5, 0.5, 1.0, MPA_LABEL, 3, "a cat", 2)[3]
+    assert not studio.supports_smc  # 'big' is a foreign LoRA: no alpha
+    generate = next(fn.fn for fn in build_app(studio).fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2)[3]
+    mixed = stable_diffusion_studio(
+        files / "base", {"small": files / "small.safetensors", "busy": files / "busy-alpha3.safetensors"}, **kwargs)
+    assert not mixed.supports_smc
 
 
 def test_adapter_problems_are_one_line_errors(files):

@@ -9,6 +9,13 @@ Image ``k`` uses seed ``--seed + k`` (paired noise across preferences, as in the
 The pipeline class comes from the base folder's ``model_index.json`` (or ``--pipeline``); flow-matching bases
 (SD3, FLUX) sample with the Flow-GRPO SDE (``--scheduler sde``, noise level ``--eta``, default 0.7), which
 DB-MPA-LS needs; ``--scheduler pipeline`` keeps the base's Euler ODE (DB-MPA only).
+
+``--method smc --particles N`` corrects the blend toward the exact target ``p_pre exp(lambda r_w / alpha)`` with
+sequential Monte Carlo (``diffusion_blend.smc``: the blend as proposal, ``N`` particles per image, docs/method.md).
+It scores particles with ``r_w = sum_i w_i r_i``: each expert's reward comes from our metadata in its file or
+``--reward NAME=REWARD``, and ``alpha`` from the metadata or ``--alpha``. SMC draws all images from one generator
+seeded with ``--seed`` (no per-image seeds); settings.json adds the particles, network and reward evaluations per
+image and each image's final effective sample size.
 """
 
 from __future__ import annotations
@@ -45,8 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="KL weight alpha the experts were fine-tuned with, for files without our metadata "
                         "(foreign LoRAs, e.g. Flow-GRPO's: docs/flow-models.md); recorded in settings.json")
-    parser.add_argument("--method", choices=("mpa", "ls"), default="mpa",
-                        help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS)")
+    parser.add_argument("--method", choices=("mpa", "ls", "smc"), default="mpa",
+                        help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS); smc: "
+                        "sequential Monte Carlo with the blend as proposal, toward the exact target (--particles)")
+    parser.add_argument("--particles", type=int, default=4, help="smc: particles per image (default 4)")
+    parser.add_argument("--smc-potential", choices=("tweedie", "none", "experts"), default="tweedie",
+                        help="smc: potential: r_w of the Tweedie estimate (default), 0, or the experts' value "
+                        "increments (no reward before the end)")
+    parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
+                        help="smc: the basis reward of an expert without our metadata (repeat per expert)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
@@ -76,16 +90,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _parse_adapters(items: list[str]) -> dict[str, str]:
-    adapters: dict[str, str] = {}
+def _parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
+    pairs: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name.strip() or not path.strip():
-            raise DiffusionBlendError(f"cannot parse --adapter {item!r}: expected NAME=PATH")
-        if name.strip() in adapters:
-            raise DiffusionBlendError(f"adapter {name.strip()!r} given twice")
-        adapters[name.strip()] = path.strip()
-    return adapters
+            raise DiffusionBlendError(f"cannot parse {flag} {item!r}: expected NAME={value}")
+        if name.strip() in pairs:
+            raise DiffusionBlendError(f"{flag} {name.strip()!r} given twice")
+        pairs[name.strip()] = path.strip()
+    return pairs
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -146,12 +160,23 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     device, dtype = resolve_device(args.device, args.dtype)
     refuse_existing_results(args.out, RESULT_FILES, args.overwrite)
-    adapters = _parse_adapters(args.adapter)
+    adapters = _parse_pairs(args.adapter)
+    reward_names = _parse_pairs(args.reward, "--reward", "REWARD")
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
     alphas = expert_alphas(adapters, args.alpha)
     if args.method == "ls":
         coefficients.probabilities()  # negative coefficients fail before any loading
+    if args.method == "smc":
+        from ..rewards import get_reward
+        from ..smc import check_options
+
+        check_options(args.particles, "blend", args.smc_potential, 0.5, 1, 1.0)
+        rewards = {}  # the experts' rewards, built before the base is loaded: an unknown name fails early
+        for name, reward in reward_names.items():
+            rewards[reward] = get_reward(reward)
+    elif reward_names:
+        raise DiffusionBlendError("--reward is for --method smc (it scores the particles)")
     kind = pipeline_kind(args.base, "sdxl" if args.sdxl and args.pipeline == "auto" else args.pipeline)
     sdxl, flow = kind == "sdxl", kind in FLOW_KINDS
     scheduler = args.scheduler or ("sde" if flow else "ddim")
@@ -185,9 +210,34 @@ def run(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps, guidance_scale=guidance_scale, generator=generators,
         height=args.height, width=args.width, **({} if flow else {"eta": eta}),
     )
-    switch = torch.Generator().manual_seed(args.seed) if args.method == "ls" else None
-    images = pipe(preference=preference, method=args.method, switch_generator=switch, routing=args.routing,
-                  **call).images
+    smc_settings = {}
+    if args.method == "smc":
+        from ..pipelines.experts import adapter_rewards, experts_alpha
+
+        reward_of = adapter_rewards(pipe, adapters, reward_names)
+        alpha = experts_alpha(adapters, reward_of, args.alpha)
+        if alpha is None:
+            raise DiffusionBlendError("--method smc needs the experts' common KL weight alpha (its target is "
+                                      "p_pre exp(lambda r_w / alpha)): give --alpha for files without our metadata; "
+                                      f"experts of different alphas cannot be corrected together ({alphas})")
+        for reward in reward_of.values():
+            rewards.setdefault(reward, get_reward(reward))
+
+        def weighted_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            return sum(w * rewards[reward_of[n]](images, prompts).double() for n, w in preference.weights.items() if w)
+
+        call["generator"] = args.seed
+        images = pipe(preference=preference, method="smc", reward=weighted_reward, alpha=alpha,
+                      particles=args.particles, potential=args.smc_potential, routing=args.routing, **call).images
+        stats = pipe.last_smc
+        smc_settings = {"particles": args.particles, "smc_potential": args.smc_potential, "smc_alpha": alpha,
+                        "rewards": reward_of, "network_evaluations_per_image": stats.network_evaluations,
+                        "reward_evaluations_per_image": stats.reward_evaluations,
+                        "final_ess": stats.final_ess.tolist()}
+    else:
+        switch = torch.Generator().manual_seed(args.seed) if args.method == "ls" else None
+        images = pipe(preference=preference, method=args.method, switch_generator=switch, routing=args.routing,
+                      **call).images
 
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
@@ -203,13 +253,16 @@ def run(args: argparse.Namespace) -> int:
         "kl_scale": preference.kl_scale, "method": args.method, "alpha": alphas,
         "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "guidance_scale": guidance_scale, "eta": eta, "seeds": [args.seed + k for k in range(len(files))],
+        "guidance_scale": guidance_scale, "eta": eta,
+        "seeds": [args.seed] if args.method == "smc" else [args.seed + k for k in range(len(files))],
         "height": args.height, "width": args.width, "device": device, "dtype": dtype,
-        "scheduler": type(pipe.scheduler).__name__, f"{pipe.blend_component}_calls": pipe.last_blend.calls,
-        f"{pipe.blend_component}_forwards": pipe.last_blend.forwards,
-        "routing": args.routing, "routing_used": pipe.last_blend.routing_used, "images": files,
+        "scheduler": type(pipe.scheduler).__name__, "routing": args.routing, "images": files, **smc_settings,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     }
+    if args.method != "smc":
+        settings.update({f"{pipe.blend_component}_calls": pipe.last_blend.calls,
+                         f"{pipe.blend_component}_forwards": pipe.last_blend.forwards,
+                         "routing_used": pipe.last_blend.routing_used})
     tmp = args.out / "settings.json.tmp"
     tmp.write_text(json.dumps(rounded(settings), indent=2))
     os.replace(tmp, args.out / "settings.json")

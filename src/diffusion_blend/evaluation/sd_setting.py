@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import DiffusionBlendError
+from ..pipelines.experts import expert_alpha
 from ..preference import Preference
 from .sweep import Setting
 
@@ -64,19 +65,6 @@ def _file_digest(source: str | os.PathLike) -> str:
         digest.update(file.name.encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def expert_alpha(name: str, metadata: Any) -> float:
-    """The effective KL weight of an expert for its basis reward ``name``: ``alpha / v`` (module docstring)."""
-    rewards = dict(metadata.rewards)
-    if set(rewards) != {name}:
-        trained = " + ".join(f"{w:g} {r}" for r, w in rewards.items())
-        raise DiffusionBlendError(f"adapter {name!r} was fine-tuned on r = {trained}; the expert of reward {name!r} "
-                                  f"must be fine-tuned on {name!r} alone (name each --adapter after its reward)")
-    weight = float(rewards[name])
-    if not weight > 0:
-        raise DiffusionBlendError(f"adapter {name!r} was fine-tuned on {weight:g} x {name}: not an expert for it")
-    return float(metadata.alpha) / weight
 
 
 def parse_morl(items: Sequence[str], reward_names: Sequence[str]) -> list[tuple[dict[str, float], str]]:

@@ -11,17 +11,9 @@ from ..digits.data import IMAGE_SHAPE, to_image_space
 from ..digits.model import digits_forward, digits_scheduler
 from ..digits.train import load_default_digits_model
 from ..errors import DiffusionBlendError
+from ..pipelines.experts import basis_reward_name
 from ..rewards import get_reward
 from .studio import LoraStudio
-
-
-def basis_reward_name(metadata_rewards: Mapping[str, float], path: str | os.PathLike) -> str:
-    """The single basis reward an adapter was fine-tuned on (blending needs one expert per basis reward)."""
-    if len(metadata_rewards) != 1:
-        raise DiffusionBlendError(
-            f"adapter {path} was trained on a reward mix {dict(metadata_rewards)}; the UI blends basis-reward experts"
-        )
-    return next(iter(metadata_rewards))
 
 
 def digits_studio(

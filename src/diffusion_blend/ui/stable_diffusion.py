@@ -8,6 +8,12 @@ each adapter's basis reward. An adapter's reward comes from an explicit mapping 
 else from our metadata in the LoRA file's header (written by ``dblend finetune --target sd``); when that
 metadata is present its base fingerprint must match the loaded UNet (checked when the base is loaded in
 float32, the dtype adapters are trained and fingerprinted in).
+
+SMC on the blend (the UI's particles control, ``generate(..., particles=N)``; ``diffusion_blend.smc`` through the
+pipeline's ``method="smc"``) needs the experts' KL weight ``alpha`` for its target ``p_pre exp(lambda r_w / alpha)``:
+it is read from every adapter's metadata (the effective ``alpha / v`` of an expert fine-tuned on ``v x`` its reward,
+as ``dblend evaluate --setting sd`` reads it); when an adapter has no metadata or the experts' alphas differ, the
+studio has no SMC (the control then refuses with one line).
 """
 
 from __future__ import annotations
@@ -19,49 +25,13 @@ from typing import Any
 
 import torch
 
-from ..adapters import base_fingerprint
-from ..errors import AdapterMismatchError, DiffusionBlendError
+from ..errors import DiffusionBlendError
 from ..evaluation.stats import mean_and_standard_error
 from ..pipelines import BlendStableDiffusionPipeline
-from ..pipelines.finetune import read_diffusers_lora_metadata, unet_architecture
+from ..pipelines.experts import adapter_rewards, experts_alpha
 from ..preference import Preference
 from ..rewards import get_reward
-from .digits import basis_reward_name
 from .studio import Generation, RewardFn, image_grid
-
-
-def adapter_rewards(
-    pipe: Any, adapters: Mapping[str, str | os.PathLike], reward_names: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The basis reward name of each adapter: ``reward_names[name]`` if given, else the file's metadata.
-
-    Files with our metadata must have been trained on this UNet (fingerprint check, one-line
-    :class:`AdapterMismatchError` otherwise); a foreign LoRA without metadata needs an explicit reward name.
-    """
-    reward_names = dict(reward_names or {})
-    unknown = sorted(set(reward_names) - set(adapters))
-    if unknown:
-        raise DiffusionBlendError(f"--reward names adapter(s) {', '.join(unknown)} that are not loaded "
-                                  f"(adapters: {', '.join(adapters)})")
-    fingerprint = None
-    chosen = {}
-    for name, path in adapters.items():
-        metadata = read_diffusers_lora_metadata(path)
-        if metadata is not None and pipe.blend_model.dtype == torch.float32:  # trained (and fingerprinted) in float32
-            if fingerprint is None:
-                fingerprint = base_fingerprint(pipe.blend_model, unet_architecture(pipe.blend_model))
-            if metadata.base_fingerprint != fingerprint:
-                raise AdapterMismatchError(
-                    f"adapter {name!r} ({path}) was fine-tuned on another base model (fingerprint "
-                    f"{metadata.base_fingerprint[:12]}..., this base is {fingerprint[:12]}...)")
-        if name in reward_names:
-            chosen[name] = reward_names[name]
-        elif metadata is not None:
-            chosen[name] = basis_reward_name(metadata.rewards, path)
-        else:
-            raise DiffusionBlendError(f"adapter {name!r} ({path}) carries no reward metadata; "
-                                      f"say which reward it serves with --reward {name}=REWARD")
-    return chosen
 
 
 class StableDiffusionStudio:
@@ -80,6 +50,7 @@ class StableDiffusionStudio:
         eta: float = 1.0,
         resolution: int | None = None,
         description: str = "",
+        alpha: float | None = None,
     ):
         missing = sorted(set(rewards) - set(pipe.adapter_names))
         if missing:
@@ -97,24 +68,40 @@ class StableDiffusionStudio:
         self.guidance_scale = float(guidance_scale)
         self.eta = float(eta)
         self.resolution = resolution
+        self.alpha = alpha  # the experts' common KL weight (SMC's target); None: no SMC
         self.description = description or (
             f"Stable Diffusion base with experts {', '.join(self.reward_names)}; {num_images} images per prompt, "
             f"DDIM eta={eta:g}, {num_inference_steps} steps, guidance {guidance_scale:g}; same seed = same noise.")
 
+    @property
+    def supports_smc(self) -> bool:
+        return self.alpha is not None
+
     @torch.no_grad()
-    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None) -> Generation:
-        """Images for ``prompt`` under ``preference`` (paper eq. for DB-MPA / DB-MPA-LS) and each reward's mean."""
+    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
+                 particles: int = 1) -> Generation:
+        """Images for ``prompt`` under ``preference`` (paper eq. for DB-MPA / DB-MPA-LS) and each reward's mean;
+        ``particles > 1``: SMC on the blend (DB-MPA proposal, Tweedie potential) with that many particles per image."""
         if not prompt or not prompt.strip():
             raise DiffusionBlendError("enter a prompt")
         start = time.perf_counter()
         device = self.pipe.blend_model.device
         eta = {"eta": self.eta} if self.pipe.blend_component == "unet" else {}  # flow: the SDE scheduler's level
-        output = self.pipe(
-            prompt.strip(), num_images_per_prompt=self.num_images, num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution, **eta,
-            generator=torch.Generator(device).manual_seed(int(seed)), output_type="pt",
-            preference=preference, method=method,
-        )
+        common = dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                      height=self.resolution, width=self.resolution, output_type="pt", preference=preference, **eta)
+        if particles > 1:
+            if method != "mpa" or not self.supports_smc:
+                raise DiffusionBlendError("SMC particles > 1 need method DB-MPA (its proposal) and the experts' alpha "
+                                          "(from their metadata)")
+
+            def r_w(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+                return sum(w * self.rewards[n](images, prompts).double() for n, w in preference.weights.items() if w)
+
+            output = self.pipe([prompt.strip()] * self.num_images, method="smc", reward=r_w, alpha=self.alpha,
+                               particles=int(particles), generator=int(seed), **common)
+        else:
+            output = self.pipe(prompt.strip(), num_images_per_prompt=self.num_images, method=method,
+                               generator=torch.Generator(device).manual_seed(int(seed)), **common)
         images = output.images.float().cpu()
         prompts = [prompt.strip()] * images.shape[0]
         stats = {name: mean_and_standard_error(fn(images, prompts).detach()) for name, fn in self.rewards.items()}
@@ -157,6 +144,7 @@ def stable_diffusion_studio(
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
     pipe = load_blend_pipeline(base, kind, dtype=dtype, **extra)
     chosen = adapter_rewards(pipe, adapters, reward_names)
+    alpha = experts_alpha(adapters, chosen)
     options = dict(reward_options or {})
     rewards = {name: get_reward(reward, **dict(options.get(reward, {}))) for name, reward in chosen.items()}
     pipe.load_adapters(adapters)
@@ -167,4 +155,5 @@ def stable_diffusion_studio(
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     return StableDiffusionStudio(pipe, rewards, num_images=num_images, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, eta=eta, resolution=resolution)
+                                 guidance_scale=guidance_scale, eta=eta, resolution=resolution, alpha=alpha)
+
