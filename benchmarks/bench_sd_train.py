@@ -1,9 +1,11 @@
-"""Peak memory and seconds of ONE fine-tuning iteration on the real Stable Diffusion 1.5 UNet architecture.
+"""Peak memory and seconds of ONE fine-tuning iteration on the real Stable Diffusion 1.5 (or SDXL) UNet architecture.
 
 The UNet is ``UNet2DConditionModel`` built from the SD 1.5 config (``bench_sd_blend.SD15_UNET_CONFIG``) on the
 meta device and filled with random weights directly in the run's dtype (no download, no float32 copy); the VAE
 is small but has SD's latent interface (4 latent channels, 8x downsampling, scaling factor 0.18215) and the text
-encoder is a 1-layer CLIP text model of SD 1.5's width (768, 77 tokens), as docs/environment notes describe. The
+encoder is a 1-layer CLIP text model of SD 1.5's width (768, 77 tokens), as docs/environment notes describe.
+``--family sdxl``: the SDXL 1.0 base UNet (``SDXL_UNET_CONFIG``, 2.6 B parameters, ``text_time`` added conditioning),
+two 1-layer text encoders of SDXL's widths (768; 1280 with a 1280 projection) and scaling factor 0.13025. The
 iteration is the library's own trainer (``training.dpok.finetune`` on ``pipelines.finetune.sd_finetune_target``):
 CFG 7.5, DDIM eta 1, rank-4 LoRA on the attention projections, reward ``brightness`` (differentiable, weight-free).
 
@@ -22,13 +24,13 @@ allocator's statistic is used instead).
 
     python benchmarks/bench_sd_train.py                                   # the bars' configurations, CPU, 256 px
     python benchmarks/bench_sd_train.py --configs score_b1,score_b2,score_b4,score_b8
+    python benchmarks/bench_sd_train.py --family sdxl --configs score_b1,score_b2,pathwise_s1_ckpt,pathwise_s4_ckpt
     python benchmarks/bench_sd_train.py --device cuda --resolution 512    # the GPU check (not run yet)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -36,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import command_line, emit_result, worker_result, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,6 +64,9 @@ RATIOS = [
     ("score_b8", "score_b1", "peak memory, batch 8 / batch 1 (minibatch 1)", 1.15),
     ("pathwise_s16_ckpt", "pathwise_s4_ckpt", "peak memory, pathwise + checkpointing, 16 / 4 steps", 1.15),
     ("score_b1_bf16", "score_b1", "peak memory, bfloat16 / float32", 0.6),
+    ("score_b2", "score_b1", "peak memory, batch 2 / batch 1 (minibatch 1)", None),
+    ("pathwise_s8_ckpt", "pathwise_s4_ckpt", "peak memory, pathwise + checkpointing, 8 / 4 steps", None),
+    ("pathwise_s4_ckpt", "pathwise_s1_ckpt", "peak memory, pathwise + checkpointing, 4 / 1 steps", None),
     ("pathwise_s1_ckpt", "pathwise_s1", "peak memory, pathwise 1 step, checkpointing on / off", None),
     ("score_b1_ckpt", "score_b1", "peak memory, score update, block checkpointing on / off", None),
 ]
@@ -71,11 +78,38 @@ TIME_RATIOS = [
 ]
 
 
-def build_pipeline(dtype_name: str, seed: int):
-    """SD 1.5 UNet (random, built in ``dtype``), small SD-interface VAE, 1-layer 768-wide CLIP text encoder."""
+# SDXL 1.0 base UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json): 2.6 B parameters
+SDXL_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
+    norm_num_groups=32,
+)
+
+
+def build_pipeline(dtype_name: str, seed: int, family: str = "sd15"):
+    """SD 1.5 or SDXL UNet (random, built in ``dtype``), a small VAE with SD's latent interface, and 1-layer CLIP
+    text encoders of the real widths (SD 1.5: 768; SDXL: 768 and 1280 with a 1280 projection)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     sys.path.insert(0, str(HERE))
     from bench_sd_blend import SD15_UNET_CONFIG
@@ -85,7 +119,7 @@ def build_pipeline(dtype_name: str, seed: int):
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if family == "sdxl" else SD15_UNET_CONFIG))
     for param in unet.parameters():  # still on meta: re-typing costs nothing (diffusers' .to(dtype) would warn)
         param.data = param.data.to(dtype)
     unet = unet.to_empty(device="cpu")  # the only allocation: the weights, directly in dtype
@@ -108,20 +142,30 @@ def build_pipeline(dtype_name: str, seed: int):
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64),
                         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                        layers_per_block=1, norm_num_groups=32, scaling_factor=0.18215)
-    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
-                                                num_attention_heads=12, max_position_embeddings=77,
-                                                vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+                        layers_per_block=1, norm_num_groups=32,
+                        scaling_factor=0.13025 if family == "sdxl" else 0.18215)
+
+    def text_config(width: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=1,
+                              num_attention_heads=width // 64, max_position_embeddings=77, vocab_size=1000,
+                              bos_token_id=0, eos_token_id=2, pad_token_id=1, **extra)
+
+    text_encoder = CLIPTextModel(text_config(768))
     tokenizer = make_tokenizer(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_sd_train_tokenizer_{os.getpid()}")
     tokenizer.model_max_length = 77
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(
+            unet=unet.eval(), vae=vae, text_encoder=text_encoder,
+            text_encoder_2=CLIPTextModelWithProjection(text_config(1280, projection_dim=1280)), tokenizer=tokenizer,
+            tokenizer_2=tokenizer, scheduler=scheduler)
     return StableDiffusionPipeline(unet=unet.eval(), vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def run_config(name: str, device: str, resolution: int, seed: int) -> dict:
+def run_config(name: str, device: str, resolution: int, seed: int, family: str = "sd15") -> dict:
     import torch
     from accelerate import Accelerator
 
@@ -132,7 +176,7 @@ def run_config(name: str, device: str, resolution: int, seed: int) -> dict:
 
     estimator, batch, minibatch, steps, dtype, checkpointing = CONFIGS[name]
     cuda = device.startswith("cuda")
-    pipe = build_pipeline(dtype, seed)
+    pipe = build_pipeline(dtype, seed, family)
     target = sd_finetune_target(pipe, ["a photograph of a cat", "a red house by the sea"],
                                 {"brightness": get_reward("brightness")}, guidance_scale=7.5, resolution=resolution)
     config = DPOKConfig(reward_weights={"brightness": 1.0}, alpha=0.1, iterations=1, batch_size=batch,
@@ -163,6 +207,8 @@ def run_config(name: str, device: str, resolution: int, seed: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"),
+                        help="UNet architecture: SD 1.5 (default) or SDXL 1.0 base")
     parser.add_argument("--resolution", type=int, default=256, help="pixels (default 256)")
     parser.add_argument("--configs", default=DEFAULT, help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--seed", type=int, default=0)
@@ -183,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(run_config(args.worker, args.device, args.resolution, args.seed)), flush=True)
+        row = run_config(args.worker, args.device, args.resolution, args.seed, args.family)
+        emit_result(row)
         return 0
 
     names = [name.strip() for name in args.configs.split(",") if name.strip()]
@@ -197,23 +244,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.malloc_mmap_threshold and not args.device.startswith("cuda"):
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    base_cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--resolution",
+    base_cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--family", args.family,
+                "--resolution",
                 str(args.resolution), "--seed", str(args.seed), "--threads", str(args.threads)]
     results: dict[str, dict] = {}
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"running {name} ...", flush=True)
         proc = subprocess.run([*base_cmd, "--worker", name], capture_output=True, text=True, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = worker_result(proc)
+        if row is None:
             print(f"bench_sd_train: error: configuration {name} failed (exit {proc.returncode})", file=sys.stderr)
             return 1
-        results[name] = json.loads(lines[-1][len("RESULT "):])
+        results[name] = row
         row = results[name]
         print(f"  {row['seconds']:.1f} s, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
 
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = command_line(__file__, argv)
     table = ["| config | estimator | batch | minibatch | steps | dtype | checkpointing | s / iteration | "
              "peak memory (GiB) | peak before training (GiB) |", "|" + " --- |" * 10]
     for row in results.values():
@@ -233,22 +280,19 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append(f"| {what} | {value:.2f}x | - |")
     import torch
 
-    meta = {"command": command, "device": args.device, "resolution": args.resolution, "threads": args.threads,
+    meta = {"command": command, "family": args.family, "device": args.device, "resolution": args.resolution,
+            "threads": args.threads,
             "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)"),
             "memory_method": next(iter(results.values()))["memory_method"] if results else None}
     markdown = "\n".join([f"Command: `{command}`", "",
-                          f"Device {args.device}, {args.resolution} px, {args.threads} threads, one iteration per "
+                          f"UNet {args.family}, device {args.device}, {args.resolution} px, {args.threads} threads, "
+                          "one iteration per "
                           f"configuration in its own process. Memory: {meta['memory_method']}; glibc "
                           f"MALLOC_MMAP_THRESHOLD_: {meta['malloc_mmap_threshold']}.", "", *table, "",
                           *ratios, ""])
     print(markdown)
-    stem = f"sd_train_{args.device.split(':')[0]}_{args.resolution}"
-    for suffix, text in ((".json", json.dumps({"meta": meta, "results": results}, indent=2)), (".md", markdown)):
-        tmp = args.out / (stem + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out / (stem + suffix))
-    print(f"wrote {args.out / (stem + '.json')} and {stem}.md")
+    write_results(args.out, f"{'sdxl' if args.family == 'sdxl' else 'sd'}_train_{args.device.split(':')[0]}_{args.resolution}", meta, results, markdown)
     return 0
 
 

@@ -171,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         from ..rewards import get_reward
         from ..smc import check_options
 
-        check_options(args.particles, "blend", args.smc_potential, 0.5, 1, 1.0)
+        check_options(args.particles, "blend", args.smc_potential, ess_threshold=0.5, potential_every=1,
+                      alpha=1.0)  # alpha is checked once known (metadata or --alpha)
         rewards = {}  # the experts' rewards, built before the base is loaded: an unknown name fails early
         for name, reward in reward_names.items():
             rewards[reward] = get_reward(reward)
