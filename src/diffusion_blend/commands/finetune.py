@@ -116,9 +116,10 @@ TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
     "sdxl": dict(batch_size=8, minibatch_size=1, updates_per_batch=1, num_inference_steps=50, eta=1.0,
                  learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
                  gradient_checkpointing=True),
-    # SD3 / 3.5 and FLUX: starting points after Flow-GRPO's SD3.5 recipe as we recall it (10 SDE steps at noise
-    # level 0.7, LoRA rank 32 / alpha 64, learning rate 3e-4; not re-checked against its config files) with the SD
-    # memory defaults
+    # SD3 / 3.5 and FLUX: Flow-GRPO's SD3.5-M recipe (yifan123/flow_grpo: config/base.py noise_level 0.7 and
+    # learning_rate 3e-4; config/grpo.py's *_sd3 configs sample.num_steps 10 for training, 40 for evaluation;
+    # scripts/train_sd3.py LoraConfig r=32, lora_alpha=64 on the 8 attention projections), with the SD memory
+    # defaults. Flow-GRPO's KL weight (train.beta 0.01-0.04) is a loss coefficient, not our alpha.
     "sd3": dict(batch_size=8, minibatch_size=2, updates_per_batch=1, num_inference_steps=10, eta=0.7,
                 learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, iterations=100, checkpoint_every=5,
                 gradient_checkpointing=True),
