@@ -267,6 +267,13 @@ def test_cli_sample_detects_the_flow_pipeline_and_writes_images_and_settings(whi
     assert len(images) == 2 and all(image.size == (16, 16) for image in images)
     assert flow_cli(files, tmp_path / "ls", "--method", "ls") == 0
     assert json.loads((tmp_path / "ls" / "settings.json").read_text())["transformer_calls"] == 3
+    # SMC on the flow SDE: 3 members (2 experts + the base, c_0 = -0.2 is active anyway) x 2 particles x 3 steps
+    smc = ["--kl-scale", "1.2", "--method", "smc", "--particles", "2", "--alpha", "0.5", "--reward", "a=brightness",
+           "--reward", "b=saturation"]
+    assert flow_cli(files, tmp_path / "smc", *smc) == 0
+    settings = json.loads((tmp_path / "smc" / "settings.json").read_text())
+    assert settings["network_evaluations_per_image"] == 3 * 2 * 3 and len(settings["final_ess"]) == 2
+    assert len(settings["images"]) == 2
 
 
 def test_cli_flow_refusals_are_one_line(sd3_files, tmp_path, capsys):
