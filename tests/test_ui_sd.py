@@ -173,12 +173,19 @@ def test_ui_command_builds_the_sd_studio_and_exits_2_on_bad_input(files, capsys)
                                       f"small={files / 'small.safetensors'}", "--steps", "1", "--num-images", "1",
                                       "--adapter-dir", str(files)])
     built = sd_studio(args)
-    assert built.reward_names == ("small",) and built.text_conditioned
+    assert built.reward_names == ("small",) and built.text_conditioned and built.alpha == 1.0  # from metadata
+    foreign = ["ui", "--sd-base", str(files / "base"), "--adapter", f"small={files / 'small.safetensors'}",
+               "--adapter", f"big={files / 'big.safetensors'}", "--reward", "big=jpeg_incompressibility", "--steps", "1",
+               "--num-images", "1"]
+    assert not sd_studio(build_parser().parse_args(foreign)).supports_smc  # 'big' has no metadata: alpha unknown
+    assert sd_studio(build_parser().parse_args([*foreign, "--alpha", "1.0"])).alpha == 1.0  # --alpha fills it in
+    assert not sd_studio(build_parser().parse_args([*foreign, "--alpha", "2.0"])).supports_smc  # 1.0 vs 2.0 differ
     for argv in (["ui", "--sd-base", str(files / "base")],
                  ["ui", "--sd-base", str(files / "base"), "--adapter", f"big={files / 'big.safetensors'}",
                   "--reward", "big=no_such_reward"],
                  ["ui", "--sd-base", str(files / "base"), "--adapter", f"small={files / 'small.safetensors'}",
-                  "--adapter-dir", str(files / "elsewhere")]):
+                  "--adapter-dir", str(files / "elsewhere")],
+                 [*foreign, "--alpha", "-1"], ["ui", "--alpha", "1.0"]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("dblend: error: ") and not any("Traceback" in line for line in err)

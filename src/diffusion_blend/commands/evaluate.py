@@ -101,13 +101,13 @@ SD_ONLY = ("base", "prompts", "rewards")
 def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
     from ..devices import resolve_device
     from ..evaluation.sd_setting import parse_morl, sd_setting
-    from .sample import _parse_pairs
+    from .sample import parse_pairs
 
     for flag in SD_ONLY:
         if not getattr(args, flag):
             raise DiffusionBlendError(f"--setting sd needs --{flag}")
     reward_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    adapters = _parse_pairs(args.adapter)
+    adapters = parse_pairs(args.adapter)
     morl = parse_morl(args.morl, reward_names)
     if methods is None:
         from ..rewards import get_reward

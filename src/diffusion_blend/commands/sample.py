@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
+def parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
+    """``NAME=VALUE`` arguments (``--adapter``, ``--reward``) as a dict; malformed or repeated names: one line."""
     pairs: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     device, dtype = resolve_device(args.device, args.dtype)
     refuse_existing_results(args.out, RESULT_FILES, args.overwrite)
-    adapters = _parse_pairs(args.adapter)
-    reward_names = _parse_pairs(args.reward, "--reward", "REWARD")
+    adapters = parse_pairs(args.adapter)
+    reward_names = parse_pairs(args.reward, "--reward", "REWARD")
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
     alphas = expert_alphas(adapters, args.alpha)

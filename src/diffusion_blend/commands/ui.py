@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .sample import parse_pairs
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -30,26 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
                         help="sd: the registry reward that scores adapter NAME (default: from the adapter's metadata)")
     parser.add_argument("--reward-options", help='sd: JSON per-reward factory options, e.g. {"aesthetic": {...}}')
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="sd: the KL weight the experts were fine-tuned with, for files without our metadata "
+                        "(foreign LoRAs); SMC particles need it")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance scale")
     parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the base's)")
     parser.add_argument("--device", default="auto", help="sd: torch device: auto (cuda if available, else cpu), cpu, cuda")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                         help="sd: weights dtype; auto: float16 on cuda, float32 on cpu")
     parser.set_defaults(func=run)
-
-
-def parse_adapter_args(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
-    from ..errors import DiffusionBlendError
-
-    adapters = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise DiffusionBlendError(f"{flag} expects NAME={value}, got {item!r}")
-        if name in adapters:
-            raise DiffusionBlendError(f"{flag}: {name!r} given twice")
-        adapters[name] = path
-    return adapters
 
 
 def sd_studio(args: argparse.Namespace):
@@ -64,7 +55,7 @@ def sd_studio(args: argparse.Namespace):
     from ..ui.stable_diffusion import stable_diffusion_studio
 
     device, dtype = resolve_device(args.device, args.dtype)
-    adapters = parse_adapter_args(args.adapter)
+    adapters = parse_pairs(args.adapter)
     if not adapters:
         raise DiffusionBlendError("--sd-base needs the experts to blend: --adapter NAME=PATH (one per basis reward)")
     print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
@@ -75,9 +66,10 @@ def sd_studio(args: argparse.Namespace):
     except json.JSONDecodeError as err:
         raise DiffusionBlendError(f"--reward-options is not valid JSON ({err})") from None
     return stable_diffusion_studio(
-        args.sd_base, adapters, reward_names=parse_adapter_args(args.reward, flag="--reward", value="REWARD"),
+        args.sd_base, adapters, reward_names=parse_pairs(args.reward, "--reward", "REWARD"),
         reward_options=options, num_images=args.num_images, num_inference_steps=args.steps or 50,
         guidance_scale=args.guidance_scale, resolution=args.resolution, device=device, dtype=getattr(torch, dtype),
+        alpha=args.alpha,
     )
 
 
@@ -87,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise DiffusionBlendError(f"--port must be in 1..65535, got {args.port}")
+    if args.alpha is not None and args.sd_base is None:
+        raise DiffusionBlendError("--alpha is for --sd-base (the digits experts carry their alpha)")
     if args.sd_base is not None:  # the device is checked before gradio and the model load
         from ..devices import resolve_device
 
@@ -101,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     demo_dir = Path(args.demo_dir)
     roots = args.adapter_dir or [demo_dir / "adapters"]
-    adapters = parse_adapter_args(args.adapter)
+    adapters = parse_pairs(args.adapter)
     if not adapters:
         adapters = adapters_in(demo_dir / "adapters")
         if not adapters:

@@ -12,12 +12,13 @@ float32, the dtype adapters are trained and fingerprinted in).
 SMC on the blend (the UI's particles control, ``generate(..., particles=N)``; ``diffusion_blend.smc`` through the
 pipeline's ``method="smc"``) needs the experts' KL weight ``alpha`` for its target ``p_pre exp(lambda r_w / alpha)``:
 it is read from every adapter's metadata (the effective ``alpha / v`` of an expert fine-tuned on ``v x`` its reward,
-as ``dblend evaluate --setting sd`` reads it); when an adapter has no metadata or the experts' alphas differ, the
-studio has no SMC (the control then refuses with one line).
+as ``dblend evaluate --setting sd`` reads it), or for files without it from ``alpha`` (``dblend ui --alpha``); when
+one is unknown or the experts' alphas differ, the studio has no SMC (the control then refuses with one line).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -123,6 +124,7 @@ def stable_diffusion_studio(
     resolution: int | None = None,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    alpha: float | None = None,
 ) -> StableDiffusionStudio:
     """Load the base, every adapter, and each adapter's basis reward.
 
@@ -144,7 +146,9 @@ def stable_diffusion_studio(
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
     pipe = load_blend_pipeline(base, kind, dtype=dtype, **extra)
     chosen = adapter_rewards(pipe, adapters, reward_names)
-    alpha = experts_alpha(adapters, chosen)
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise DiffusionBlendError(f"--alpha must be a finite number > 0, got {alpha}")
+    alpha = experts_alpha(adapters, chosen, alpha)  # ``alpha``: for adapters without our metadata
     options = dict(reward_options or {})
     rewards = {name: get_reward(reward, **dict(options.get(reward, {}))) for name, reward in chosen.items()}
     pipe.load_adapters(adapters)
