@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_sd_evaluate: error: method {method} failed (exit {proc.returncode})", file=sys.stderr)
             return 1
         results[method] = row
-        row = results[method]
         print(f"  {row['seconds_per_sample']:.1f} s / sample, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB",
               flush=True)
     command = command_line(__file__, argv)

@@ -87,13 +87,12 @@ def plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffusion_blend.studies.smc_study import format_oracle_fraction_axis
+    from diffusion_blend.studies.smc_study import STYLES, format_oracle_fraction_axis
 
     rows = [row for w in WEIGHTS for row in json.loads(results_path(w).read_text())]
-    styles = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}
     fig, axes = plt.subplots(1, len(WEIGHTS), figsize=(15, 4))
     for ax, w in zip(axes, WEIGHTS):
-        for method, style in styles.items():
+        for method, style in STYLES.items():
             for potential in sorted({r.get("potential") or "tweedie" for r in rows if r["method"] == method}):
                 points = sorted((r for r in rows if r["method"] == method and r["w"] == w
                                  and (r.get("potential") or "tweedie") == potential), key=lambda r: r["nfe"])

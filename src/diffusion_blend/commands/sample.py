@@ -214,10 +214,9 @@ def run(args: argparse.Namespace) -> int:
     )
     smc_settings = {}
     if args.method == "smc":
-        from ..pipelines.experts import adapter_rewards, experts_alpha
+        from ..pipelines.experts import expert_rewards_and_alpha
 
-        reward_of = adapter_rewards(pipe, adapters, reward_names)
-        alpha = experts_alpha(adapters, reward_of, args.alpha)
+        reward_of, alpha = expert_rewards_and_alpha(pipe, adapters, reward_names, args.alpha)
         if alpha is None:
             raise DiffusionBlendError("--method smc needs the experts' common KL weight alpha (its target is "
                                       "p_pre exp(lambda r_w / alpha)): give --alpha for files without our metadata; "

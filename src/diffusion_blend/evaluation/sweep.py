@@ -346,12 +346,12 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
             return weighted_reward_scores(setting.rewards, preference, setting.decode(x),
                                           None if prompts is None else list(prompts) * particles)
 
-        # FK steering proposes from the base: it has no experts to take a potential from (Tweedie, its own choice)
-        fk_potential = "tweedie" if config.smc_potential == "experts" else config.smc_potential
+        # FK steering proposes from the base: no experts to take a potential from, so Tweedie (its own choice)
+        fk_without_experts = method == "fk" and config.smc_potential == "experts"
         out = smc_sample(
             counting, preference, scheduler, reward=potential, alpha=setting.alpha, particles=particles,
             proposal="blend" if method == "smc" else "base",
-            potential=config.smc_potential if method == "smc" else fk_potential,
+            potential="tweedie" if fk_without_experts else config.smc_potential,
             ess_threshold=config.smc_ess_threshold, potential_every=config.smc_potential_every, **common,
         )
         samples = out.samples

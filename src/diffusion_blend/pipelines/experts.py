@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..adapters import base_fingerprint
-from ..errors import AdapterMismatchError, DiffusionBlendError
+from ..errors import AdapterMismatchError, DiffusionBlendError, positive_number
 from .finetune import read_diffusers_lora_metadata, unet_architecture
 
 
@@ -41,21 +41,28 @@ def expert_alpha(name: str, metadata: Any) -> float:
     return float(metadata.alpha) / weight
 
 
-def adapter_rewards(
-    pipe: Any, adapters: Mapping[str, str | os.PathLike], reward_names: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """The basis reward name of each adapter: ``reward_names[name]`` if given, else the file's metadata.
+def expert_rewards_and_alpha(
+    pipe: Any, adapters: Mapping[str, str | os.PathLike], reward_names: Mapping[str, str] | None = None,
+    default_alpha: float | None = None,
+) -> tuple[dict[str, str], float | None]:
+    """Each adapter's basis reward name and the experts' common effective ``alpha``, from one read of each file.
 
-    Files with our metadata must have been trained on this UNet (fingerprint check, one-line
-    :class:`AdapterMismatchError` otherwise); a foreign LoRA without metadata needs an explicit reward name.
+    The reward is ``reward_names[name]`` if given, else the file's metadata; a foreign LoRA without metadata needs
+    an explicit reward name. Files with our metadata must have been trained on this UNet (fingerprint check, one-line
+    :class:`AdapterMismatchError` otherwise). The alpha is each file's effective ``alpha / v``, ``default_alpha``
+    for files without metadata; None when one is unknown, an expert was fine-tuned on a reward mix, or they differ
+    (then SMC has no target).
     """
     reward_names = dict(reward_names or {})
     unknown = sorted(set(reward_names) - set(adapters))
     if unknown:
         raise DiffusionBlendError(f"--reward names adapter(s) {', '.join(unknown)} that are not loaded "
                                   f"(adapters: {', '.join(adapters)})")
+    if default_alpha is not None:
+        default_alpha = positive_number(default_alpha, "--alpha")
     fingerprint = None
-    chosen = {}
+    chosen: dict[str, str] = {}
+    alphas: list[float | None] = []
     for name, path in adapters.items():
         metadata = read_diffusers_lora_metadata(path)
         if metadata is not None and pipe.blend_model.dtype == torch.float32:  # trained (and fingerprinted) in float32
@@ -72,23 +79,14 @@ def adapter_rewards(
         else:
             raise DiffusionBlendError(f"adapter {name!r} ({path}) carries no reward metadata; "
                                       f"say which reward it serves with --reward {name}=REWARD")
-    return chosen
-
-
-def experts_alpha(adapters: Mapping[str, str | os.PathLike], reward_of: Mapping[str, str],
-                  default: float | None = None) -> float | None:
-    """The experts' common effective KL weight: from each file's metadata, else ``default`` (foreign LoRAs); None
-    when one is unknown or they differ (then SMC has no target)."""
-    alphas = []
-    for name, path in adapters.items():
-        metadata = read_diffusers_lora_metadata(path)
         if metadata is None:
-            if default is None:
-                return None
-            alphas.append(float(default))
+            alphas.append(default_alpha)
             continue
         try:
-            alphas.append(expert_alpha(reward_of[name], metadata))
+            alphas.append(expert_alpha(chosen[name], metadata))
         except DiffusionBlendError:  # fine-tuned on a mix of rewards: not one reward's expert
-            return None
-    return alphas[0] if all(math.isclose(a, alphas[0], rel_tol=1e-6) for a in alphas) else None
+            alphas.append(None)
+    common = alphas[0] if alphas else None
+    if common is None or any(a is None or not math.isclose(a, common, rel_tol=1e-6) for a in alphas):
+        return chosen, None
+    return chosen, common

@@ -31,6 +31,7 @@ from ..errors import DiffusionBlendError
 from ..evaluation.sweep import Setting, SweepConfig, run_sweep
 from ..preference import BASE, Preference
 
+STYLES = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}  # matplotlib format per method
 LABELS = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "smc": "SMC on blend", "fk": "FK steering (same N)",
           "fk-equal": "FK steering (equal NFE)"}
 
@@ -122,9 +123,8 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, config: SMCStudy
         lines.append(f"| {LABELS[method]} | {particles or '-'} | " + " | ".join(cells) + " |")
     (out / "smc_study.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, len(config.weights), figsize=(5 * len(config.weights), 4), squeeze=False)
-    styles = {"mpa": "o", "ls": "s", "smc": "o-", "fk": "^--", "fk-equal": "v:"}
     for ax, w in zip(axes[0], config.weights):
-        for method, style in styles.items():
+        for method, style in STYLES.items():
             points = sorted((r for r in rows if r["method"] == method and abs(r["w"] - w) < 1e-9),
                             key=lambda r: r["network_evaluations_per_sample"])
             if points:

@@ -18,7 +18,6 @@ one is unknown or the experts' alphas differ, the studio has no SMC (the control
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ import torch
 from ..errors import DiffusionBlendError
 from ..evaluation.stats import mean_and_standard_error
 from ..pipelines import BlendStableDiffusionPipeline
-from ..pipelines.experts import adapter_rewards, experts_alpha
+from ..pipelines.experts import expert_rewards_and_alpha
 from ..preference import Preference
 from ..rewards import get_reward
 from .studio import Generation, RewardFn, image_grid
@@ -145,10 +144,7 @@ def stable_diffusion_studio(
                                   "SD3/3.5 and FLUX")
     extra = {"safety_checker": None, "requires_safety_checker": False} if kind == "sd" else {}
     pipe = load_blend_pipeline(base, kind, dtype=dtype, **extra)
-    chosen = adapter_rewards(pipe, adapters, reward_names)
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise DiffusionBlendError(f"--alpha must be a finite number > 0, got {alpha}")
-    alpha = experts_alpha(adapters, chosen, alpha)  # ``alpha``: for adapters without our metadata
+    chosen, alpha = expert_rewards_and_alpha(pipe, adapters, reward_names, alpha)  # ``alpha``: foreign files
     options = dict(reward_options or {})
     rewards = {name: get_reward(reward, **dict(options.get(reward, {}))) for name, reward in chosen.items()}
     pipe.load_adapters(adapters)
