@@ -15,12 +15,12 @@ subprocess's peak resident set size (``ru_maxrss``: Python/torch runtime + weigh
 
 On CPU the workers run with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``, default 128 KiB;
 ``--malloc-mmap-threshold 0`` keeps glibc's dynamic default). With the dynamic default, freeing a large block raises
-the threshold, later activations of up to 32 MiB come from the heap, and the heap keeps what it was given: the
-resident peak then grows with the number of alloc/free cycles rather than with the live tensors. Measured on a
-reduced-width SD UNet (channels 64-256, 256 px, pathwise, step checkpointing): 4 / 16 steps 1.10 / 1.70 GiB with the
-dynamic threshold, 0.98 / 1.02 GiB with it fixed (benchmarks/README.md). torch's CPU allocator has no
-``max_memory_allocated``; a fixed threshold makes the resident peak follow the live tensors (on CUDA the caching
-allocator's statistic is used instead).
+the threshold, later activations of up to 32 MiB come from the heap, and the heap keeps what it was given, so the
+resident peak can grow with the number of alloc/free cycles rather than with the live tensors. On a reduced-width SD
+UNet (``--family sd15-narrow``: channels 64-256, 256 px, pathwise, step checkpointing, 1 thread), 16 / 4 steps peak
+at 1.54x with the dynamic threshold and 1.05x with it fixed (commands: benchmarks/README.md). torch's CPU allocator
+has no ``max_memory_allocated``; with the threshold fixed the resident peak tracks the live tensors more closely (on
+CUDA the caching allocator's statistic is used instead).
 
     python benchmarks/bench_sd_train.py                                   # the bars' configurations, CPU, 256 px
     python benchmarks/bench_sd_train.py --configs score_b1,score_b2,score_b4,score_b8
@@ -98,6 +98,20 @@ SDXL_UNET_CONFIG = dict(
 )
 
 
+# --family -> results file stem; sd15-narrow is SD 1.5's layout at channels 64-256 (the allocator diagnosis: minutes,
+# not hours, per pathwise run)
+FAMILY_STEMS = {"sd15": "sd", "sdxl": "sdxl", "sd15-narrow": "sd-narrow"}
+
+
+def unet_config(family: str) -> dict:
+    sys.path.insert(0, str(HERE))
+    from bench_sd_blend import SD15_UNET_CONFIG
+
+    if family == "sdxl":
+        return SDXL_UNET_CONFIG
+    return {**SD15_UNET_CONFIG, **({"block_out_channels": (64, 128, 256, 256)} if family == "sd15-narrow" else {})}
+
+
 def build_pipeline(dtype_name: str, seed: int, family: str = "sd15"):
     """SD 1.5 or SDXL UNet (random, built in ``dtype``), a small VAE with SD's latent interface, and 1-layer CLIP
     text encoders of the real widths (SD 1.5: 768; SDXL: 768 and 1280 with a 1280 projection)."""
@@ -111,15 +125,12 @@ def build_pipeline(dtype_name: str, seed: int, family: str = "sd15"):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    sys.path.insert(0, str(HERE))
-    from bench_sd_blend import SD15_UNET_CONFIG
-
     from diffusion_blend.tiny import make_tokenizer  # offline byte-level CLIP tokenizer
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**(SDXL_UNET_CONFIG if family == "sdxl" else SD15_UNET_CONFIG))
+        unet = UNet2DConditionModel(**unet_config(family))
     for param in unet.parameters():  # still on meta: re-typing costs nothing (diffusers' .to(dtype) would warn)
         param.data = param.data.to(dtype)
     unet = unet.to_empty(device="cpu")  # the only allocation: the weights, directly in dtype
@@ -207,8 +218,9 @@ def run_config(name: str, device: str, resolution: int, seed: int, family: str =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--family", default="sd15", choices=("sd15", "sdxl"),
-                        help="UNet architecture: SD 1.5 (default) or SDXL 1.0 base")
+    parser.add_argument("--family", default="sd15", choices=tuple(FAMILY_STEMS),
+                        help="UNet architecture: SD 1.5 (default), SDXL 1.0 base, or SD 1.5's layout at channels "
+                             "64-256 (sd15-narrow)")
     parser.add_argument("--resolution", type=int, default=256, help="pixels (default 256)")
     parser.add_argument("--configs", default=DEFAULT, help=f"comma-separated, from {', '.join(CONFIGS)}")
     parser.add_argument("--seed", type=int, default=0)
@@ -245,10 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.malloc_mmap_threshold and not args.device.startswith("cuda"):
         env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     base_cmd = [sys.executable, str(Path(__file__).resolve()), "--device", args.device, "--family", args.family,
-                "--resolution",
-                str(args.resolution), "--seed", str(args.seed), "--threads", str(args.threads)]
+                "--resolution", str(args.resolution), "--seed", str(args.seed), "--threads", str(args.threads)]
     results: dict[str, dict] = {}
-    args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         print(f"running {name} ...", flush=True)
         proc = subprocess.run([*base_cmd, "--worker", name], capture_output=True, text=True, env=env)
@@ -257,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_sd_train: error: configuration {name} failed (exit {proc.returncode})", file=sys.stderr)
             return 1
         results[name] = row
-        row = results[name]
         print(f"  {row['seconds']:.1f} s, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB", flush=True)
 
     command = command_line(__file__, argv)
@@ -281,18 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     meta = {"command": command, "family": args.family, "device": args.device, "resolution": args.resolution,
-            "threads": args.threads,
-            "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
             "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_", "glibc default (dynamic)"),
             "memory_method": next(iter(results.values()))["memory_method"] if results else None}
     markdown = "\n".join([f"Command: `{command}`", "",
                           f"UNet {args.family}, device {args.device}, {args.resolution} px, {args.threads} threads, "
-                          "one iteration per "
-                          f"configuration in its own process. Memory: {meta['memory_method']}; glibc "
+                          f"one iteration per configuration in its own process. Memory: {meta['memory_method']}; glibc "
                           f"MALLOC_MMAP_THRESHOLD_: {meta['malloc_mmap_threshold']}.", "", *table, "",
                           *ratios, ""])
     print(markdown)
-    write_results(args.out, f"{'sdxl' if args.family == 'sdxl' else 'sd'}_train_{args.device.split(':')[0]}_{args.resolution}", meta, results, markdown)
+    stem = f"{FAMILY_STEMS[args.family]}_train_{args.device.split(':')[0]}_{args.resolution}"
+    write_results(args.out, stem, meta, results, markdown)
     return 0
 
 
