@@ -5,10 +5,12 @@ One weight per run (1 thread, about a minute at 128 samples on a quiet core), ex
 
     PYTHONPATH=src python benchmarks/smc_digits.py 0.2 --samples 128   # then 0.5 and 0.8
     PYTHONPATH=src python benchmarks/smc_digits.py 0.8 --samples 128 --potentials tweedie,experts,none --particles 4,8
+    PYTHONPATH=src python benchmarks/smc_digits.py 0.8 --samples 512 --tilts 1,2,3   # over-tilted proposals too
     PYTHONPATH=src python benchmarks/smc_digits.py plot                # docs/images/smc_oracle_fraction.png
     PYTHONPATH=src python benchmarks/smc_digits.py table               # the README's markdown table
 
-Rows: DB-MPA, DB-MPA-LS, then for each N SMC on the blend (each potential), FK steering with N particles and FK
+Rows: DB-MPA, DB-MPA-LS, then for each N SMC on the blend (each potential and proposal tilt: the proposal blends at
+KL scale tilt x lambda, the target keeps lambda), FK steering with N particles and FK
 steering with 3N particles (equal network evaluations: the blend costs 2 experts + the base per particle and step).
 The oracle's gain and the base's mean r_w come from the demo report (IS over its 20,000 base samples).
 """
@@ -29,7 +31,8 @@ def results_path(w: float) -> Path:
     return RUNS / f"smc-digits-w{w}.json"
 
 
-def measure(w: float, samples: int, particles: list[int], potentials: list[str]) -> list[dict]:
+def measure(w: float, samples: int, particles: list[int], potentials: list[str], tilts: list[float],
+            seed: int = 11) -> list[dict]:
     import torch
 
     from diffusion_blend.demo.adapters import ensure_demo_adapters
@@ -58,27 +61,38 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str])
 
     rows = []
 
-    def record(method, n, out_samples, nfe, potential=None, ess=None, reward_evaluations=None):
+    def record(method, n, out_samples, nfe, potential=None, ess=None, reward_evaluations=None, tilt=None):
         mean, se = mean_and_standard_error(r_w(out_samples))
-        rows.append(dict(method=method, w=w, particles=n, potential=potential, fraction=(mean - base_rw) / gain,
-                         se=se / gain, nfe=nfe, ess=ess, reward_evaluations=reward_evaluations))
+        rows.append(dict(method=method, w=w, particles=n, potential=potential, tilt=tilt,
+                         fraction=(mean - base_rw) / gain, se=se / gain, nfe=nfe, ess=ess,
+                         reward_evaluations=reward_evaluations))
         print(rows[-1], flush=True)
 
     shape = (samples, *IMAGE_SHAPE)
-    common = dict(generator=11, shape=shape, num_inference_steps=10, progress=False)
+    common = dict(generator=seed, shape=shape, num_inference_steps=10, progress=False)
     record("mpa", None, sample(BlendedDenoiser(models.family, preference), digits_scheduler("ddim"), **common).samples,
            20)
     record("ls", None, sample(SwitchingDenoiser(models.family, preference, 12), digits_scheduler("ddim"),
                               **common).samples, 10)
-    runs = [("smc", "blend", 1, potential) for potential in potentials] + [("fk", "base", 1, "tweedie"),
-                                                                             ("fk-equal", "base", 3, "tweedie")]
+    runs = [("smc", "blend", 1, potential, tilt) for potential in potentials for tilt in tilts]
+    runs += [("fk", "base", 1, "tweedie", None), ("fk-equal", "base", 3, "tweedie", None)]
     for n in particles:
-        for method, proposal, factor, potential in runs:
+        for method, proposal, factor, potential, tilt in runs:
             out = smc_sample(models.family, preference, digits_scheduler("ddim"), reward=r_w, alpha=demo.alpha,
-                             particles=factor * n, proposal=proposal, potential=potential, **common)
+                             particles=factor * n, proposal=proposal, potential=potential, proposal_tilt=tilt or 1.0,
+                             **common)
             record(method, n, out.samples, out.network_evaluations, potential, float(out.final_ess.mean()),
-                   out.reward_evaluations)
+                   out.reward_evaluations, tilt)
     return rows
+
+
+def variant_of(row: dict) -> tuple[str, float]:
+    """(potential, proposal tilt) of a result row (rows from before the tilt option: tilt 1)."""
+    return row.get("potential") or "tweedie", float(row.get("tilt") or 1.0)
+
+
+def smc_suffix(potential: str, tilt: float) -> str:
+    return f", {potential} potential" + ("" if tilt == 1.0 else f", tilt {tilt:g}")
 
 
 def plot(out: Path) -> None:
@@ -93,10 +107,10 @@ def plot(out: Path) -> None:
     fig, axes = plt.subplots(1, len(WEIGHTS), figsize=(15, 4))
     for ax, w in zip(axes, WEIGHTS):
         for method, style in STYLES.items():
-            for potential in sorted({r.get("potential") or "tweedie" for r in rows if r["method"] == method}):
+            for variant in sorted({variant_of(r) for r in rows if r["method"] == method}):
                 points = sorted((r for r in rows if r["method"] == method and r["w"] == w
-                                 and (r.get("potential") or "tweedie") == potential), key=lambda r: r["nfe"])
-                label = LABELS[method] + (f", {potential} potential" if method == "smc" else "")
+                                 and variant_of(r) == variant), key=lambda r: r["nfe"])
+                label = LABELS[method] + (smc_suffix(*variant) if method == "smc" else "")
                 ax.errorbar([p["nfe"] for p in points], [p["fraction"] for p in points],
                             yerr=[p["se"] for p in points], fmt=style, label=label, capsize=2, ms=5)
         format_oracle_fraction_axis(ax, f"digits (ink vs digit_prob_3), w = {w:g}")
@@ -109,17 +123,17 @@ def table() -> str:
     rows = {w: json.loads(results_path(w).read_text()) for w in WEIGHTS}
     names = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "fk": "FK steering (same N)",
              "fk-equal": "FK steering (3N: equal NFE)"}
-    keys = list(dict.fromkeys((r["method"], r["particles"], r.get("potential") or "tweedie") for r in rows[WEIGHTS[0]]))
+    keys = list(dict.fromkeys((r["method"], r["particles"], variant_of(r)) for r in rows[WEIGHTS[0]]))
     order = ["mpa", "ls", "smc", "fk", "fk-equal"]
-    keys.sort(key=lambda k: (order.index(k[0]), k[2] if k[0] == "smc" else "", k[1] or 0))
+    keys.sort(key=lambda k: (order.index(k[0]), k[2] if k[0] == "smc" else ("", 0.0), k[1] or 0))
     lines = ["| method | particles | NFE / sample | reward evaluations / sample | "
              + " | ".join(f"w = {w:g}" for w in WEIGHTS) + " | mean final ESS (w = 0.5) |",
              "| --- " * (5 + len(WEIGHTS)) + "|"]
-    for method, n, potential in keys:
-        found = {w: next(r for r in rows[w] if (r["method"], r["particles"], r.get("potential") or "tweedie")
-                         == (method, n, potential)) for w in WEIGHTS}
+    for method, n, variant in keys:
+        found = {w: next(r for r in rows[w] if (r["method"], r["particles"], variant_of(r)) == (method, n, variant))
+                 for w in WEIGHTS}
         first = found[WEIGHTS[0]]
-        name = f"SMC on blend, {potential} potential" if method == "smc" else names[method]
+        name = "SMC on blend" + smc_suffix(*variant) if method == "smc" else names[method]
         shown_n = "-" if n is None else str(3 * n if method == "fk-equal" else n)
         rewards = first.get("reward_evaluations")
         ess = found[0.5]["ess"]
@@ -135,6 +149,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="output samples per point (default 128)")
     parser.add_argument("--particles", default="2,4,8,16", help="N values (default 2,4,8,16)")
     parser.add_argument("--potentials", default="tweedie", help="SMC potentials, comma-separated (default tweedie)")
+    parser.add_argument("--seed", type=int, default=11, help="generator seed of every point (default 11)")
+    parser.add_argument("--tilts", default="1", help="SMC proposal tilts, comma-separated (default 1: the blend)")
     args = parser.parse_args()
     if args.what == "plot":
         plot(Path("docs/images/smc_oracle_fraction.png"))
@@ -143,7 +159,8 @@ def main() -> None:
         print(table())
         return
     w = float(args.what)
-    rows = measure(w, args.samples, [int(n) for n in args.particles.split(",")], args.potentials.split(","))
+    rows = measure(w, args.samples, [int(n) for n in args.particles.split(",")], args.potentials.split(","),
+                   [float(t) for t in args.tilts.split(",")], args.seed)
     results_path(w).write_text(json.dumps(rows, indent=1))
 
 

@@ -19,6 +19,7 @@ from diffusion_blend.sampling import (
     make_scheduler,
     model_transition,
     sample,
+    score_estimate,
     to_epsilon,
     transition_distribution,
 )
@@ -167,3 +168,16 @@ def test_sde_scheduler_config_round_trip_and_refusals(tmp_path):
         FlowMatchSDEScheduler(stochastic_sampling=True)
     with pytest.raises(DiffusionBlendError, match="eta"):
         flow_transition(again, torch.zeros(1, 2), again.timesteps[0], torch.zeros(1, 2), float("nan"))
+
+
+def test_score_estimate_of_the_exact_velocity_is_the_exact_score():
+    """``x_s ~ N((1 - s) m, (1 - s)^2 S + s^2 I)`` has the score ``-C_s^-1 (x - (1 - s) m)``; the exact velocity of
+    the same data must give it back through the rectified-flow relation."""
+    scheduler = FlowMatchSDEScheduler()
+    scheduler.set_timesteps(10)
+    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in scheduler.timesteps:
+        s = float(t) / 1000
+        cov_s = (1 - s) ** 2 * COV + s**2 * torch.eye(2, dtype=torch.float64)
+        score = -torch.linalg.solve(cov_s, (x - (1 - s) * MEAN).T).T
+        torch.testing.assert_close(score_estimate(scheduler, gaussian_velocity(x, t), t, x), score)

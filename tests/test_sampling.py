@@ -9,6 +9,7 @@ from diffusion_blend.sampling import (
     gaussian_log_prob,
     make_scheduler,
     sample,
+    score_estimate,
     to_epsilon,
     transition_distribution,
 )
@@ -102,6 +103,24 @@ def test_v_prediction_is_converted_to_epsilon():
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
     v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
     torch.testing.assert_close(to_epsilon(scheduler, v, 700, x_t), eps)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_score_estimate_is_the_exact_score_of_gaussian_data(prediction_type):
+    """``x_0 ~ N(m, S)``: ``x_t ~ N(sqrt(abar) m, abar S + (1 - abar) I)`` has the score ``-C^-1 (x - sqrt(abar) m)``;
+    the exact prediction of each type (eps, v, x0 from the posterior) must give it back."""
+    scheduler = make_scheduler("ddim", prediction_type=prediction_type)
+    mean = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    cov = torch.tensor([[2.0, 0.8], [0.8, 0.5]], dtype=torch.float64)
+    x_t = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in (999, 600, 150, 3):
+        abar = scheduler.alphas_cumprod[t].double()
+        cov_t = abar * cov + (1 - abar) * torch.eye(2, dtype=torch.float64)
+        score = -torch.linalg.solve(cov_t, (x_t - abar.sqrt() * mean).T).T
+        eps = -(1 - abar).sqrt() * score
+        x0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        output = {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}
+        torch.testing.assert_close(score_estimate(scheduler, output[prediction_type], t, x_t), score)
 
 
 def test_bad_inputs():

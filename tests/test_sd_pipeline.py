@@ -450,7 +450,8 @@ def test_smc_particles_report_cost_and_refuse_bad_input(sd_pipe):
 def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_path, capsys):
     """``--method smc``: the saved images are the pipeline's own SMC images (same seed, same r_w = 0.3 brightness +
     0.7 saturation from ``--reward``, same alpha); settings.json records N, the costs (3 members x N x steps rows) and
-    one final ESS per image. SMC without a known alpha, or --reward without smc, is one line and exit 2."""
+    one final ESS per image; ``--smc-proposal twisted`` reaches the pipeline's twisted SMC. SMC without a known
+    alpha, or --reward without smc, is one line and exit 2."""
     import numpy as np
     from PIL import Image
 
@@ -472,11 +473,19 @@ def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_p
     pipe.load_adapters(files)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(["a cat"] * 2, preference=Preference({"aesthetic": 0.3, "align": 0.7}), method="smc",
-                       reward=r_w, alpha=0.5, particles=2, generator=7, num_inference_steps=3, guidance_scale=7.5,
-                       eta=1.0, output_type="np").images
-    saved = np.stack([np.asarray(Image.open(tmp_path / "smc" / name)) for name in settings["images"]])
-    assert np.abs(saved.astype(int) - (expected * 255).round().astype(int)).max() <= 1
+    assert cli(sd_files, tmp_path / "twisted", "--method", "smc", "--particles", "2", "--alpha", "0.5", *rewards,
+               "--smc-proposal", "twisted") == 0
+    assert json.loads((tmp_path / "twisted" / "settings.json").read_text())["smc_proposal"] == "twisted"
+    assert settings["smc_proposal"] == "blend" and settings["smc_proposal_tilt"] == 1.0
+    images = {}
+    for proposal, run_dir in (("blend", "smc"), ("twisted", "twisted")):
+        expected = pipe(["a cat"] * 2, preference=Preference({"aesthetic": 0.3, "align": 0.7}), method="smc",
+                        reward=r_w, alpha=0.5, particles=2, generator=7, num_inference_steps=3, guidance_scale=7.5,
+                        eta=1.0, output_type="np", proposal=proposal).images
+        saved = np.stack([np.asarray(Image.open(tmp_path / run_dir / name)) for name in settings["images"]])
+        assert np.abs(saved.astype(int) - (expected * 255).round().astype(int)).max() <= 1, proposal
+        images[proposal] = saved
+    assert not np.array_equal(images["blend"], images["twisted"])
     capsys.readouterr()
     assert cli(sd_files, tmp_path / "no-alpha", "--method", "smc", *rewards) == 2
     assert cli(sd_files, tmp_path / "not-smc", *rewards) == 2

@@ -45,12 +45,14 @@ def test_mixture_velocity_is_the_exact_gaussian_velocity() -> None:
                                    rtol=1e-10, atol=1e-10)
 
 
-def test_smc_on_the_flow_sde_converges_to_the_exact_tilted_target() -> None:
+@pytest.mark.parametrize("proposal", ["blend", "twisted"])
+def test_smc_on_the_flow_sde_converges_to_the_exact_tilted_target(proposal) -> None:
     """As N grows the output's mean and variance approach p_pre exp(lambda r_w / alpha) (closed form), sampling the
     flow SDE (noise level 1, 50 steps) with exact mixture velocities for the base and the ideal experts.
 
     Tolerance at N = 64 (400 outputs): |mean error| < 0.15 and |variance error| < 0.2 (target variance 0.92; seeds
-    0-3 measured <= 0.06 and <= 0.08). N = 1 is the blend alone, whose Jensen gap here is ~0.9 in the mean.
+    0-3 measured <= 0.06 and <= 0.08 with the blend, 0.06 / 0.01 twisted at seed 0). N = 1 is the proposal alone,
+    ~0.9 (blend: its Jensen gap) or ~0.7 (twisted) off in the mean.
     """
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, sde())
@@ -59,10 +61,11 @@ def test_smc_on_the_flow_sde_converges_to_the_exact_tilted_target() -> None:
     errors = {}
     for n in (1, 8, 64):
         out = smc_sample(family, PREFERENCE, sde(), reward=reward, alpha=ALPHA, generator=0, particles=n,
-                         shape=(400, 1), num_inference_steps=50, eta=LEVEL, progress=False, dtype=F64)
+                         proposal=proposal, shape=(400, 1), num_inference_steps=50, eta=LEVEL, progress=False,
+                         dtype=F64)
         samples = out.samples.flatten()
         errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
-    assert errors[1][0] > 0.7  # the blend's Jensen gap is real here
+    assert errors[1][0] > 0.6  # the proposal alone misses the target by far here
     assert errors[64][0] < errors[8][0] < errors[1][0]
     assert errors[64][0] < 0.15 and errors[64][1] < 0.2, errors
 

@@ -89,6 +89,19 @@ def tweedie_x0(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Te
     return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
 
+def score_estimate(scheduler: Any, model_output: torch.Tensor, t: Any, x_t: torch.Tensor) -> torch.Tensor:
+    """The score ``grad log p_t(x_t)`` a model output implies (affine in the output).
+
+    Variance-preserving schedulers: ``-eps / sqrt(1 - abar_t)`` (paper section 2.8); flow-matching schedulers: the
+    rectified-flow score ``-(x_s + (1 - s) v) / s`` (as in :func:`flow_transition`)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        sigma = scheduler.sigmas[_flow_step_index(scheduler, t)].to(x_t.device, x_t.dtype)
+        return -(x_t + (1 - sigma) * model_output) / sigma
+    eps = to_epsilon(scheduler, model_output, t, x_t)
+    abar = scheduler.alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
+    return -eps / (1 - abar).sqrt()
+
+
 def _previous_alpha_cumprod(scheduler: Any, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     alphas_cumprod = scheduler.alphas_cumprod
     if isinstance(scheduler, DDIMScheduler):

@@ -85,6 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells)")
     parser.add_argument("--particles", type=int, default=8, help="SMC particles per sample (methods smc, fk)")
     parser.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
+    parser.add_argument("--smc-proposal", choices=("blend", "twisted"), default=None,
+                        help="SMC's proposal: the blend's step, or the base's step moved by its variance times the "
+                             "blend's score deviation (for continuous-time experts); default: the setting's (gmm: "
+                             "twisted, its experts are exact scores; sd: blend)")
+    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0,
+                        help="SMC's proposal blends at KL scale tilt x lambda, the target keeps lambda (default 1)")
     parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none", "experts"),
                         help="SMC's potential: r_w of the Tweedie estimate x0_hat(x_k), 0, or the experts' own value "
                              "increments (no reward before x_0; fk then uses tweedie)")
@@ -170,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         oracle_samples=args.oracle_samples,
         particles=args.particles,
         fk_particles=args.fk_particles,
+        smc_proposal=args.smc_proposal,
+        smc_proposal_tilt=args.smc_proposal_tilt,
         smc_potential=args.smc_potential,
         smc_potential_every=args.smc_potential_every,
         smc_ess_threshold=args.smc_ess_threshold,

@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS); smc: "
                         "sequential Monte Carlo with the blend as proposal, toward the exact target (--particles)")
     parser.add_argument("--particles", type=int, default=4, help="smc: particles per image (default 4)")
+    parser.add_argument("--smc-proposal", choices=("blend", "twisted"), default="blend",
+                        help="smc: proposal: the blend's step (default; experts trained on this sampler's chain), or "
+                        "the base's step moved by its variance times the blend's score deviation (experts used at "
+                        "another step count than they were trained at)")
+    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0,
+                        help="smc: the proposal blends at KL scale tilt x lambda (the target keeps lambda): > 1 where "
+                        "DB-MPA falls short of the preference, < 1 where it overshoots (default 1)")
     parser.add_argument("--smc-potential", choices=("tweedie", "none", "experts"), default="tweedie",
                         help="smc: potential: r_w of the Tweedie estimate (default), 0, or the experts' value "
                         "increments (no reward before the end)")
@@ -172,8 +179,9 @@ def run(args: argparse.Namespace) -> int:
         from ..rewards import get_reward
         from ..smc import check_options
 
-        check_options(args.particles, "blend", args.smc_potential, ess_threshold=0.5, potential_every=1,
-                      alpha=1.0)  # alpha is checked once known (metadata or --alpha)
+        # alpha is checked once known (metadata or --alpha)
+        check_options(args.particles, args.smc_proposal, args.smc_potential, ess_threshold=0.5, potential_every=1,
+                      alpha=1.0, proposal_tilt=args.smc_proposal_tilt)
         rewards = {}  # the experts' rewards, built before the base is loaded: an unknown name fails early
         for name, reward in reward_names.items():
             rewards[reward] = get_reward(reward)
@@ -229,9 +237,12 @@ def run(args: argparse.Namespace) -> int:
 
         call["generator"] = args.seed
         images = pipe(preference=preference, method="smc", reward=weighted_reward, alpha=alpha,
-                      particles=args.particles, potential=args.smc_potential, routing=args.routing, **call).images
+                      particles=args.particles, proposal=args.smc_proposal, potential=args.smc_potential,
+                      proposal_tilt=args.smc_proposal_tilt, routing=args.routing, **call).images
         stats = pipe.last_smc
-        smc_settings = {"particles": args.particles, "smc_potential": args.smc_potential, "smc_alpha": alpha,
+        smc_settings = {"particles": args.particles, "smc_proposal": args.smc_proposal,
+                        "smc_proposal_tilt": args.smc_proposal_tilt,
+                        "smc_potential": args.smc_potential, "smc_alpha": alpha,
                         "rewards": reward_of, "network_evaluations_per_image": stats.network_evaluations,
                         "reward_evaluations_per_image": stats.reward_evaluations,
                         "final_ess": stats.final_ess.tolist()}

@@ -49,12 +49,12 @@ from ..baselines.guidance import guided_sample
 from ..baselines.morl import preference_key
 from ..baselines.rewarded_soup import rewarded_soup_denoiser
 from ..denoisers import BlendedDenoiser, Denoiser, DenoiserFamily, Member, SwitchingDenoiser
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, positive_number
 from ..files import give_user_mode
 from ..lora import LoraFamily
 from ..preference import BASE, Preference
 from ..sampling import sample
-from ..smc import smc_sample
+from ..smc import BLENDED, smc_sample
 from .oracle import importance_weighted_oracle
 from .pareto import common_reference_point, hypervolume, pareto_front
 from .stats import mean_and_standard_error
@@ -91,7 +91,9 @@ class Setting:
     ``base`` cells, self-normalised per prompt (:func:`oracle_record_from_base`; no extra sampling, no cells of
     its own) instead of drawing ``oracle_samples`` base samples. ``preview_images``: how many decoded samples of
     every cell are written as one small PNG strip (``images/<method>/<key>.png``, the HTML report's image grid;
-    0 for non-image settings). ``device``: where latents are drawn and the networks run.
+    0 for non-image settings). ``device``: where latents are drawn and the networks run. ``smc_proposal``: the SMC
+    proposal the setting's experts suit when the sweep does not choose one (:mod:`~diffusion_blend.smc`: ``"blend"``
+    for experts trained on the sampler's own chain, ``"twisted"`` for continuous-time experts such as exact scores).
     """
 
     name: str
@@ -112,6 +114,7 @@ class Setting:
     oracle_from_base: bool = False
     preview_images: int = 0
     device: str = "cpu"
+    smc_proposal: str = "blend"
 
     def supports(self, method: str) -> str | None:
         """``None`` if ``method`` can run on this setting, else the reason it cannot."""
@@ -145,6 +148,8 @@ class SweepConfig:
     oracle_seed: int = 12345
     particles: int = 8
     fk_particles: int | None = None  # None: as many as ``particles``
+    smc_proposal: str | None = None  # None: the setting's (Setting.smc_proposal)
+    smc_proposal_tilt: float = 1.0
     smc_potential: str = "tweedie"
     smc_potential_every: int = 1
     smc_ess_threshold: float = 0.5
@@ -161,11 +166,15 @@ class SweepConfig:
             raise DiffusionBlendError(f"particles must be >= 1, got {self.particles} (smc) and {self.fk_particles} (fk)")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise DiffusionBlendError(f"batch_size must be >= 1, got {self.batch_size}")
+        positive_number(self.smc_proposal_tilt, "smc_proposal_tilt")
+        if self.smc_proposal not in (None, *BLENDED):
+            raise DiffusionBlendError(f"smc_proposal must be one of {', '.join(BLENDED)}, got {self.smc_proposal!r}")
 
     def hyperparameters(self) -> dict[str, Any]:
         skip = {"methods", "preferences", "seeds"}
         if not {"smc", "fk"} & set(self.methods):  # SMC settings do not touch other methods' cells (cache stays valid)
-            skip |= {"particles", "fk_particles", "smc_potential", "smc_potential_every", "smc_ess_threshold"}
+            skip |= {"particles", "fk_particles", "smc_proposal", "smc_proposal_tilt", "smc_potential",
+                     "smc_potential_every", "smc_ess_threshold"}
         if self.batch_size is None or int(self.batch_size) >= int(self.samples_per_seed):  # one chunk: seed as is
             skip.add("batch_size")
         return {k: v for k, v in asdict(self).items() if k not in skip}
@@ -192,6 +201,11 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def smc_proposal(setting: Setting, config: SweepConfig) -> str:
+    """The proposal of the sweep's ``smc`` cells: the sweep's choice, else the setting's."""
+    return config.smc_proposal or setting.smc_proposal
+
+
 def fingerprint(setting: Setting, config: SweepConfig) -> str:
     payload = {
         "setting": setting.name,
@@ -204,6 +218,8 @@ def fingerprint(setting: Setting, config: SweepConfig) -> str:
         "prompts": list(setting.prompts or []),
         "hyper": config.hyperparameters(),
     }
+    if "smc_proposal" in payload["hyper"]:
+        payload["hyper"]["smc_proposal"] = smc_proposal(setting, config)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -350,9 +366,10 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
         fk_without_experts = method == "fk" and config.smc_potential == "experts"
         out = smc_sample(
             counting, preference, scheduler, reward=potential, alpha=setting.alpha, particles=particles,
-            proposal="blend" if method == "smc" else "base",
+            proposal=smc_proposal(setting, config) if method == "smc" else "base",
             potential="tweedie" if fk_without_experts else config.smc_potential,
-            ess_threshold=config.smc_ess_threshold, potential_every=config.smc_potential_every, **common,
+            ess_threshold=config.smc_ess_threshold, potential_every=config.smc_potential_every,
+            proposal_tilt=config.smc_proposal_tilt if method == "smc" else 1.0, **common,
         )
         samples = out.samples
         extra["reward_evaluations"] = out.reward_evaluations * len(active_rewards(setting.rewards, preference))
@@ -666,7 +683,8 @@ def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
     Rewards (differentiable quadratic forms): ``right(x) = x_1``, ``corner(x) = -|x - (-2, 2)|^2 / 2``. The
     importance-weighted oracle reweights exact mixture draws, so it estimates the exact target. The MORL
     oracle is the exact tilted target ``p_pre exp(lambda r_w / alpha)``: what an ideal fine-tune on ``r_w`` at KL
-    weight ``alpha / lambda`` would reach.
+    weight ``alpha / lambda`` would reach. The experts are exact continuous-time tilts, so SMC proposes with the
+    twisted step (:mod:`~diffusion_blend.smc`; docs/evaluation.md measures both proposals).
     """
     from ..sampling import make_scheduler
     from ..studies.gmm_study import study_testbed
@@ -693,6 +711,7 @@ def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
         num_inference_steps=num_inference_steps,
         morl_denoiser=morl,
         draw_base_samples=lambda n, generator: base.sample(n, generator).float(),
+        smc_proposal="twisted",
         options={"num_inference_steps": num_inference_steps, "alpha": alpha, "ddim": "steps_offset=1,final_alpha=abar_0"},
     )
 

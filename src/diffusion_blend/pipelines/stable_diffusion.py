@@ -25,9 +25,9 @@ Samplers (checked at every blended call, one-line :class:`~diffusion_blend.error
   with an ``sde-*`` algorithm type; deterministic samplers (DDIM ``eta = 0``, PNDM, Euler, Heun, LMS, UniPC,
   ODE DPM-Solver) are refused.
 
-``method="smc"`` (beyond the paper, :mod:`diffusion_blend.smc`) runs N particles per image with the blend as proposal,
-reweighted to the exact target ``p_pre exp(lambda r_w / alpha)``; it needs its own loop (the stock loop has one chain),
-shared by every pipeline (:meth:`BlendPipelineMixin._smc_call`), and one small hook per pipeline
+``method="smc"`` (beyond the paper, :mod:`diffusion_blend.smc`) runs N particles per image with the blend (or its
+twisted step, ``proposal="twisted"``; ``proposal_tilt``) as proposal, reweighted to the exact target
+``p_pre exp(lambda r_w / alpha)``; it needs its own loop (the stock loop has one chain), shared by every pipeline (:meth:`BlendPipelineMixin._smc_call`), and one small hook per pipeline
 (``_smc_setup`` -> :class:`SMCSetup`: stock prompt encoding as a conditioning dict, the guided forward, the particles'
 initial latents from ``prepare_latents``, sampler settings, output class). SD 1.x/2.x and SDXL (pooled text embeds and
 time ids in both CFG branches) here; SD3 and FLUX in :mod:`.flow`:
@@ -218,6 +218,7 @@ class BlendPipelineMixin:
         potential: str = "tweedie",
         ess_threshold: float = 0.5,
         potential_every: int = 1,
+        proposal_tilt: float = 1.0,
         num_inference_steps: int = 50,
         guidance_scale: float | None = None,
         eta: float | None = None,
@@ -233,7 +234,7 @@ class BlendPipelineMixin:
         (prompt encoding, guided forward, initial latents, sampler settings, output class) come from
         :meth:`_smc_setup`. ``reward(images in [0, 1], prompts) -> r_w`` per image; ``options``: the hook's own
         arguments (``max_sequence_length`` for SD3 / FLUX)."""
-        check_options(particles, proposal, potential, ess_threshold, potential_every, alpha)
+        check_options(particles, proposal, potential, ess_threshold, potential_every, alpha, proposal_tilt)
         if not callable(reward):
             raise DiffusionBlendError("method 'smc' needs reward=, a callable (images in [0, 1], prompts) -> r_w")
         if not adapter_names(self.blend_model):
@@ -266,7 +267,8 @@ class BlendPipelineMixin:
 
         out = smc_sample(
             family, preference, self.scheduler, reward=r_w, alpha=alpha, particles=particles, proposal=proposal,
-            potential=potential, ess_threshold=ess_threshold, potential_every=potential_every, generator=generator,
+            potential=potential, ess_threshold=ess_threshold, potential_every=potential_every,
+            proposal_tilt=proposal_tilt, generator=generator,
             particle_latents=setup.latents, num_inference_steps=num_inference_steps, eta=setup.eta, cond=setup.cond,
             noise_generator=setup.noise_generator, timestep_kwargs=setup.timestep_kwargs,
             progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), device=device,
