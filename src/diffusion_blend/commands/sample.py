@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from ..devices import DTYPE_CHOICES, ROUTINGS
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, positive_number
 from ..files import give_user_mode, refuse_existing_results, rounded
 from ..preference import Preference
 
@@ -128,8 +128,8 @@ def expert_alphas(adapters: dict[str, str], alpha: float | None) -> dict[str, fl
     fine-tuned with the same ``alpha``; experts that disagree are refused (one line)."""
     from ..pipelines.finetune import DIFFUSERS_LORA_NAME, read_diffusers_lora_metadata
 
-    if alpha is not None and not (alpha > 0 and alpha < float("inf")):
-        raise DiffusionBlendError(f"--alpha must be a finite number > 0, got {alpha}")
+    if alpha is not None:
+        alpha = positive_number(alpha, "--alpha")
     alphas: dict[str, float | None] = {}
     for name, source in adapters.items():
         path = Path(source)

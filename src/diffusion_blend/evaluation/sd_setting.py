@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DiffusionBlendError
+from ..errors import DiffusionBlendError, positive_number
 from ..pipelines.experts import expert_alpha
 from ..preference import Preference
 from .sweep import Setting
@@ -163,8 +163,8 @@ def sd_setting(
     guidance_scale = check_guidance_scale(guidance_scale)
     if dtype not in DTYPES:
         raise DiffusionBlendError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if alpha is not None and not (alpha > 0 and math.isfinite(alpha)):
-        raise DiffusionBlendError(f"--alpha must be a finite number > 0, got {alpha}")
+    if alpha is not None:
+        alpha = positive_number(alpha, "--alpha")
     prompts = read_prompts(prompts_file)
     if set(adapters) != set(reward_names):
         raise DiffusionBlendError(
