@@ -113,17 +113,17 @@ def test_same_seed_same_images_and_the_preference_moves_them(studio):
 def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio):
     app = build_app(studio)
     generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1)  # particles last
+    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0)  # particles, tilt last
     assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
     assert "| small |" in scores and "| big |" in scores and "standard error" in scores
     assert status.startswith("Result for weights small 1, big 0, KL scale 1, DB-MPA, seed 5")
     mark_stale = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "mark_stale")
-    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", 1, shown).startswith("**Stale**")
-    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, shown) == status  # back to the shown settings
-    invalid = generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1)  # a value typed outside the slider's range
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", 1, 1.0, shown).startswith("**Stale**")
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0, shown) == status  # back to the shown settings
+    invalid = generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0)  # a value typed outside the slider's range
     assert invalid[3] == "⚠️ Invalid input: weight: small must be between -1 and 2, got 5.0"
     assert all(isinstance(output, dict) for output in invalid[:3])  # gr.update(): the result on show stays
-    assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "", 1)[3] == "⚠️ Invalid input: enter a prompt"
+    assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "", 1, 1.0)[3] == "⚠️ Invalid input: enter a prompt"
 
 
 def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, files):
@@ -146,10 +146,12 @@ def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, file
         smc_studio.generate(preference, "ls", 3, "a cat", particles=2)
     generate = next(fn.fn for fn in build_app(smc_studio).fns.values()
                     if getattr(fn.fn, "__name__", "") == "generate")
-    assert "with SMC, 2 particles" in generate(0.5, 0.5, 1.0, MPA_LABEL, 3, "a cat", 2)[3]
+    assert "with SMC, 2 particles" in generate(0.5, 0.5, 1.0, MPA_LABEL, 3, "a cat", 2, 1.0)[3]
+    tilted = smc_studio.generate(preference, "mpa", 3, "a cat", particles=2, proposal_tilt=2.0)
+    assert not (tilted.images == result.images).all()  # the proposal tilt reaches the pipeline's SMC
     assert not studio.supports_smc  # 'big' is a foreign LoRA: no alpha
     generate = next(fn.fn for fn in build_app(studio).fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2)[3]
+    assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2, 1.0)[3]
     mixed = stable_diffusion_studio(
         files / "base", {"small": files / "small.safetensors", "busy": files / "busy-alpha3.safetensors"}, **kwargs)
     assert not mixed.supports_smc

@@ -33,7 +33,7 @@ from .studio import Studio  # noqa: E402
 
 METHODS = {"DB-MPA (blend every step)": "mpa", "DB-MPA-LS (one model per step)": "ls"}
 MPA_LABEL, LS_LABEL = list(METHODS)
-WEIGHT_RANGE, KL_RANGE, PARTICLE_RANGE = (-1.0, 2.0), (0.0, 3.0), (1, 32)
+WEIGHT_RANGE, KL_RANGE, PARTICLE_RANGE, TILT_RANGE = (-1.0, 2.0), (0.0, 3.0), (1, 32), (0.25, 4.0)
 STALE = "**Stale**: the controls changed since this result was generated; press Generate for the new settings."
 
 
@@ -136,6 +136,10 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                                            visible=getattr(studio, "supports_smc", False),
                                            info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, reweighted to "
                                                 "the exact target (N x (experts + 1) network evaluations per image)")
+                tilt = checked_slider(*TILT_RANGE, value=1.0, step=0.25, label="SMC proposal tilt",
+                                      elem_id="proposal-tilt", visible=getattr(studio, "supports_smc", False),
+                                      info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 where "
+                                           "DB-MPA falls short of the preference, < 1 where it overshoots")
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                 prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -154,7 +158,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
             return method_state(list(values[:-1]), values[-1], names)
 
         def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None, str, dict]:
-            *weights, kl_scale, method_label, seed_value, prompt_text, particle_count = values
+            *weights, kl_scale, method_label, seed_value, prompt_text, particle_count, tilt_value = values
             try:
                 check_ranges(weights, kl_scale, names)
                 if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
@@ -168,7 +172,11 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                         or not PARTICLE_RANGE[0] <= int(particle_count) <= PARTICLE_RANGE[1]):
                     raise DiffusionBlendError(f"SMC particles must be a whole number from {PARTICLE_RANGE[0]} to "
                                               f"{PARTICLE_RANGE[1]}, got {particle_count}")
-                smc = {"particles": int(particle_count)} if int(particle_count) > 1 else {}
+                if tilt_value is None or not TILT_RANGE[0] <= tilt_value <= TILT_RANGE[1]:
+                    raise DiffusionBlendError(f"SMC proposal tilt must be between {TILT_RANGE[0]:g} and "
+                                              f"{TILT_RANGE[1]:g}, got {tilt_value}")
+                smc = ({"particles": int(particle_count), "proposal_tilt": float(tilt_value)}
+                       if int(particle_count) > 1 else {})
                 if smc and not getattr(studio, "supports_smc", False):
                     raise DiffusionBlendError("SMC particles are not available for this model (set particles to 1)")
                 result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None,
@@ -179,6 +187,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                 return gr.update(), gr.update(), gr.update(), f"⚠️ Invalid input: {err}", gr.update()
             weights_text = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
             smc_text = f" with SMC, {int(particle_count)} particles" if smc else ""
+            smc_text += f", proposal tilt {tilt_value:g}" if smc and tilt_value != 1 else ""
             shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}"
                      f"{smc_text}, seed {int(seed_value)}.")
             return (result.images, format_scores(result.scores, result.seconds, result.standard_errors),
@@ -197,7 +206,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                 return gr.update()
             return last["shown"] if list(current) == last["values"] else STALE
 
-        controls = [*weight_sliders, kl_slider, method, seed, prompt, particles]
+        controls = [*weight_sliders, kl_slider, method, seed, prompt, particles, tilt]
         outputs = [image, scores_md, pareto, status, last_settings]
         for control in [*weight_sliders, kl_slider]:
             control.change(update_method, [*weight_sliders, kl_slider], [method, method_note])

@@ -79,9 +79,10 @@ class StableDiffusionStudio:
 
     @torch.no_grad()
     def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
-                 particles: int = 1) -> Generation:
+                 particles: int = 1, proposal_tilt: float = 1.0) -> Generation:
         """Images for ``prompt`` under ``preference`` (paper eq. for DB-MPA / DB-MPA-LS) and each reward's mean;
-        ``particles > 1``: SMC on the blend (DB-MPA proposal, Tweedie potential) with that many particles per image."""
+        ``particles > 1``: SMC on the blend (DB-MPA proposal at ``proposal_tilt x lambda``, Tweedie potential) with
+        that many particles per image."""
         if not prompt or not prompt.strip():
             raise DiffusionBlendError("enter a prompt")
         start = time.perf_counter()
@@ -98,7 +99,8 @@ class StableDiffusionStudio:
                 return sum(w * self.rewards[n](images, prompts).double() for n, w in preference.weights.items() if w)
 
             output = self.pipe([prompt.strip()] * self.num_images, method="smc", reward=r_w, alpha=self.alpha,
-                               particles=int(particles), generator=int(seed), **common)
+                               particles=int(particles), proposal_tilt=float(proposal_tilt), generator=int(seed),
+                               **common)
         else:
             output = self.pipe(prompt.strip(), num_images_per_prompt=self.num_images, method=method,
                                generator=torch.Generator(device).manual_seed(int(seed)), **common)

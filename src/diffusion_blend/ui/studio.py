@@ -41,7 +41,8 @@ class Studio(Protocol):
     description: str
 
     def generate(self, preference: Preference, method: str, seed: int, prompt: str | None) -> Generation:
-        """Samples for ``preference``; a studio with ``supports_smc`` also takes ``particles=N`` (SMC on the blend)."""
+        """Samples for ``preference``; a studio with ``supports_smc`` also takes ``particles=N`` and
+        ``proposal_tilt`` (SMC on the blend)."""
 
 
 def image_grid(images: torch.Tensor, columns: int | None = None, cell: int = 64) -> np.ndarray:
@@ -104,8 +105,9 @@ class LoraStudio:
 
     @torch.no_grad()
     def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
-                 particles: int = 1) -> Generation:
-        """``particles > 1``: SMC on the blend (``diffusion_blend.smc``; DB-MPA proposal) instead of plain sampling."""
+                 particles: int = 1, proposal_tilt: float = 1.0) -> Generation:
+        """``particles > 1``: SMC on the blend (``diffusion_blend.smc``; DB-MPA proposal at ``proposal_tilt x
+        lambda``) instead of plain sampling."""
         start = time.perf_counter()
         if particles > 1:
             if method != "mpa" or not self.supports_smc:
@@ -117,6 +119,7 @@ class LoraStudio:
 
             samples = smc_sample(
                 self.family, preference, self.scheduler, reward=r_w, alpha=self.alpha, particles=int(particles),
+                proposal_tilt=float(proposal_tilt),
                 generator=seed, shape=(self.num_images, *self.sample_shape),
                 num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
             ).samples
