@@ -354,12 +354,13 @@ def test_smc_study_writes_rows_and_plot(tmp_path) -> None:
     from diffusion_blend.studies.smc_study import SMCStudyConfig, gmm_inputs, run_smc_study
 
     config = SMCStudyConfig(weights=(0.5,), particles=(2,), seeds=(0,), samples_per_seed=4)
-    setting, preferences, gains, first = gmm_inputs(config, steps=3, alpha=1.0)
-    rows = run_smc_study(setting, preferences, gains, first, tmp_path, config, progress=False)
+    setting, preferences, base_reward, gains, first = gmm_inputs(config, steps=3, alpha=1.0)
+    rows = run_smc_study(setting, preferences, base_reward, gains, first, tmp_path, config, progress=False)
     by_method = {row["method"]: row for row in rows}
     assert set(by_method) == {"mpa", "ls", "smc", "fk", "fk-equal"}
     assert by_method["smc"]["network_evaluations_per_sample"] == by_method["fk-equal"]["network_evaluations_per_sample"]
     assert by_method["fk-equal"]["particles"] == 6 and by_method["smc"]["particles"] == 2
-    for row in rows:
+    for row in rows:  # gains from the closed-form base, like the oracle's
+        assert row["gain"] == pytest.approx(row["weighted_reward"] - base_reward[0.5])
         assert row["oracle_fraction"] == pytest.approx(row["gain"] / row["oracle_gain"])
     assert all((tmp_path / name).exists() for name in ("smc_study.csv", "smc_study.md", "oracle_fraction.png"))

@@ -44,6 +44,7 @@ class SMCStudyConfig:
     samples_per_seed: int = 256
     equal_nfe: bool = True
     potential: str = "tweedie"
+    proposal_tilt: float = 1.0
 
 
 def members_per_particle(setting: Setting, preference: Preference) -> int:
@@ -52,13 +53,19 @@ def members_per_particle(setting: Setting, preference: Preference) -> int:
     return len(active) + (BASE not in active)
 
 
-def run_smc_study(setting: Setting, preferences: Sequence[Preference], oracle_gain: Mapping[float, float],
-                  first_reward: str, out_dir: str | Path, config: SMCStudyConfig, progress: bool = True) -> list[dict]:
-    """One row per (method, w, N) with the gain in ``r_w``, its oracle fraction, NFE, reward evaluations and ESS."""
+def run_smc_study(setting: Setting, preferences: Sequence[Preference], base_reward: Mapping[float, float],
+                  oracle_gain: Mapping[float, float], first_reward: str, out_dir: str | Path, config: SMCStudyConfig,
+                  progress: bool = True) -> list[dict]:
+    """One row per (method, w, N) with the gain in ``r_w``, its oracle fraction, NFE, reward evaluations and ESS.
+
+    Gains are measured from ``base_reward[w]``, the same base ``r_w`` the oracle's gain is measured from (the
+    Gaussian mixture's closed form; on digits the demo's base samples), not from the sweep's own base cells: the
+    mixture's 20-step base chain has an ``r_w`` up to 0.3 away from the closed form, which would mix two baselines
+    into one ratio."""
     out = Path(out_dir)
     rows: list[dict[str, Any]] = []
     common = dict(preferences=list(preferences), seeds=list(config.seeds), samples_per_seed=config.samples_per_seed,
-                  oracle_samples=2, smc_potential=config.potential)
+                  oracle_samples=2, smc_potential=config.potential, smc_proposal_tilt=config.proposal_tilt)
     done_blends = False
     for n in config.particles:
         methods = ("base", "smc", "fk") if done_blends else ("base", "mpa", "ls", "smc", "fk")
@@ -79,8 +86,8 @@ def run_smc_study(setting: Setting, preferences: Sequence[Preference], oracle_ga
                     "method": method, "label": LABELS[method], "w": w,
                     "particles": row.get("particles"), "smc_particles": n if method != "mpa" and method != "ls" else None,
                     "weighted_reward": row["weighted_reward"], "se_weighted_reward": row["se_weighted_reward"],
-                    "gain": row["gain_weighted_reward"], "oracle_gain": oracle_gain[w],
-                    "oracle_fraction": row["gain_weighted_reward"] / oracle_gain[w],
+                    "gain": row["weighted_reward"] - base_reward[w], "oracle_gain": oracle_gain[w],
+                    "oracle_fraction": (row["weighted_reward"] - base_reward[w]) / oracle_gain[w],
                     "oracle_fraction_se": row["se_weighted_reward"] / abs(oracle_gain[w]),
                     "network_evaluations_per_sample": row["network_evaluations_per_sample"],
                     "reward_evaluations_per_sample": row.get("reward_evaluations_per_sample"),
@@ -159,32 +166,33 @@ def digits_inputs(demo_dir: str, config: SMCStudyConfig, progress: bool):
     setting = digits_setting(models, demo)
     base = base_rewards(models, demo, progress)
     first = demo.rewards[0]
-    preferences, gains = [], {}
+    preferences, base_reward, gains = [], {}, {}
     for w in config.weights:
         preference = Preference(demo.weights(w), 1.0)
         oracle = importance_weighted_oracle(base, preference, demo.alpha)
-        gains[float(w)] = sum(v * (oracle.expected_rewards[n] - float(base[n].mean())) for n, v in
-                              preference.weights.items())
+        base_reward[float(w)] = sum(v * float(base[n].mean()) for n, v in preference.weights.items())
+        gains[float(w)] = sum(v * oracle.expected_rewards[n] for n, v in preference.weights.items()) - base_reward[w]
         preferences.append(preference)
-    return setting, preferences, gains, first
+    return setting, preferences, base_reward, gains, first
 
 
 def gmm_inputs(config: SMCStudyConfig, steps: int, alpha: float):
-    """The GMM setting (ideal experts) and the closed-form gain of the exact target at each w."""
+    """The GMM setting (ideal experts), the closed-form base ``r_w`` and gain of the exact target at each w."""
     from ..evaluation.sweep import gmm_setting
     from ..studies.gmm_study import RIGHT, study_testbed
     from ..testbeds.gmm import combined_reward, tilted_target
 
     base, rewards = study_testbed()
     setting = gmm_setting(num_inference_steps=steps, alpha=alpha)
-    preferences, gains = [], {}
+    preferences, base_reward, gains = [], {}, {}
     other = [name for name in rewards if name != RIGHT][0]
     for w in config.weights:
         preference = Preference({RIGHT: float(w), other: 1.0 - float(w)}, 1.0)
         rw = combined_reward(rewards, preference)
-        gains[float(w)] = tilted_target(base, rewards, preference, alpha).expectation(rw) - base.expectation(rw)
+        base_reward[float(w)] = base.expectation(rw)
+        gains[float(w)] = tilted_target(base, rewards, preference, alpha).expectation(rw) - base_reward[float(w)]
         preferences.append(preference)
-    return setting, preferences, gains, RIGHT
+    return setting, preferences, base_reward, gains, RIGHT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -199,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="gmm only: sampler steps")
     parser.add_argument("--alpha", type=float, default=1.0, help="gmm only: the experts' KL weight")
     parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none", "experts"))
+    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0, help="SMC's proposal blends at tilt x lambda")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -207,14 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             weights=tuple(float(v) for v in (args.weights or default_weights).split(",")),
             particles=tuple(int(v) for v in args.particles.split(",")),
             seeds=tuple(int(v) for v in args.seeds.split(",")), samples_per_seed=args.samples_per_seed,
-            potential=args.smc_potential)
+            potential=args.smc_potential, proposal_tilt=args.smc_proposal_tilt)
         progress = not args.no_progress
         started = time.perf_counter()
         if args.setting == "digits":
-            setting, preferences, gains, first = digits_inputs(args.demo_dir, config, progress)
+            inputs = digits_inputs(args.demo_dir, config, progress)
         else:
-            setting, preferences, gains, first = gmm_inputs(config, args.steps, args.alpha)
-        run_smc_study(setting, preferences, gains, first, args.out, config, progress=progress)
+            inputs = gmm_inputs(config, args.steps, args.alpha)
+        run_smc_study(*inputs, args.out, config, progress=progress)
     except (DiffusionBlendError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
