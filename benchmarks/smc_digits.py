@@ -11,7 +11,8 @@ One weight per run (1 thread, about a minute at 128 samples on a quiet core), ex
 
 Rows: DB-MPA, DB-MPA-LS, then for each N SMC on the blend (each potential and proposal tilt: the proposal blends at
 KL scale tilt x lambda, the target keeps lambda), FK steering with N particles and FK
-steering with 3N particles (equal network evaluations: the blend costs 2 experts + the base per particle and step).
+steering with as many particles as give SMC's network evaluations (3N: the blend costs 2 experts + the base per
+particle and step).
 The oracle's gain and the base's mean r_w come from the demo report (IS over its 20,000 base samples).
 """
 
@@ -45,6 +46,7 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str],
     from diffusion_blend.preference import Preference
     from diffusion_blend.sampling import sample
     from diffusion_blend.smc import smc_sample
+    from diffusion_blend.studies.smc_study import members_per_particle
 
     torch.set_num_threads(1)
     demo = DemoConfig()
@@ -75,7 +77,8 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str],
     record("ls", None, sample(SwitchingDenoiser(models.family, preference, 12), digits_scheduler("ddim"),
                               **common).samples, 10)
     runs = [("smc", "blend", 1, potential, tilt) for potential in potentials for tilt in tilts]
-    runs += [("fk", "base", 1, "tweedie", None), ("fk-equal", "base", 3, "tweedie", None)]
+    equal = members_per_particle(models.family, preference)  # FK's particles per SMC particle at equal NFE
+    runs += [("fk", "base", 1, "tweedie", None), ("fk-equal", "base", equal, "tweedie", None)]
     for n in particles:
         for method, proposal, factor, potential, tilt in runs:
             out = smc_sample(models.family, preference, digits_scheduler("ddim"), reward=r_w, alpha=demo.alpha,
@@ -134,7 +137,10 @@ def table() -> str:
                  for w in WEIGHTS}
         first = found[WEIGHTS[0]]
         name = "SMC on blend" + smc_suffix(*variant) if method == "smc" else names[method]
-        shown_n = "-" if n is None else str(3 * n if method == "fk-equal" else n)
+        if method == "fk-equal":  # FK has one member per particle: its particles are its NFE over FK-at-N's per particle
+            same_n = next(r for r in rows[WEIGHTS[0]] if r["method"] == "fk" and r["particles"] == n)
+            n = round(first["nfe"] / same_n["nfe"] * n)
+        shown_n = "-" if n is None else str(n)
         rewards = first.get("reward_evaluations")
         ess = found[0.5]["ess"]
         lines.append(f"| {name} | {shown_n} | {first['nfe']:g} | {'-' if rewards is None else f'{rewards:g}'} | "

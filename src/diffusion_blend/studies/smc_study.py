@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..denoisers import DenoiserFamily
 from ..errors import DiffusionBlendError
 from ..evaluation.sweep import Setting, SweepConfig, run_sweep
 from ..preference import BASE, Preference
@@ -47,9 +48,9 @@ class SMCStudyConfig:
     proposal_tilt: float = 1.0
 
 
-def members_per_particle(setting: Setting, preference: Preference) -> int:
+def members_per_particle(family: DenoiserFamily, preference: Preference) -> int:
     """Members SMC evaluates per particle and step: the blend's active members plus the base if it is not one."""
-    active = [m for m, _ in preference.coefficients(setting.family.expert_names).active()]
+    active = [m for m, _ in preference.coefficients(family.expert_names).active()]
     return len(active) + (BASE not in active)
 
 
@@ -72,7 +73,7 @@ def run_smc_study(setting: Setting, preferences: Sequence[Preference], base_rewa
         result = run_sweep(setting, SweepConfig(methods=methods, particles=n, **common), out / f"n{n}", progress=progress)
         sweeps = [("", result)]
         if config.equal_nfe:
-            members = members_per_particle(setting, preferences[0])
+            members = members_per_particle(setting.family, preferences[0])
             equal = run_sweep(setting, SweepConfig(methods=("base", "fk"), particles=n, fk_particles=members * n,
                                                    **common), out / f"fk-equal-n{n}", progress=progress)
             sweeps.append(("-equal", equal))
