@@ -27,9 +27,8 @@ lambda r_w(x_0) / alpha``, the step weight becomes, for Gaussian steps of one st
 
     G_k = exp(-(sum_i c_i |d_i|^2 - |sum_i c_i d_i|^2) / (2 s_k^2))
 
-a function of ``x_k`` alone (blend proposal, tilt 1): the per-step Jensen gap of the blend (paper Lemma 1-2), zero where the
-experts agree;
-it needs no reward evaluation before ``x_0`` and no decoding, and the final weight
+a function of ``x_k`` alone (blend proposal, tilt 1): the per-step Jensen gap of the blend (paper Lemma 1-2), zero
+where the experts agree; it needs no reward evaluation before ``x_0`` and no decoding, and the final weight
 ``exp(lambda r_w / alpha - H_{K-1}) p_pre / q (last step)`` closes the telescope, so the output is exact for any
 experts (docs/method.md, "The experts' potential"). Groups whose effective sample size falls below
 ``ess_threshold * N`` are resampled (systematic resampling, per output sample), and the output is one particle per
@@ -38,8 +37,8 @@ group drawn by the final weights.
 The twisted proposal (twisted SMC, Wu et al. 2023) moves the base's step by its variance times the blend's score
 deviation, ``mu_q = mu_pre + s_k^2 (score_q(x_k) - score_pre(x_k))`` (:func:`~diffusion_blend.sampling.score_estimate`):
 for the tilted chain ``p_pre(x' | x) exp(V(x') - V(x))`` with Gaussian steps this is the optimal step to first order in
-``s_k^2`` when the experts' score deviations are ``grad V``. Experts that are continuous-time tilts (exact scores, or
-experts sampled on a coarser chain than they were trained on) move the mean by ``b_k sqrt(1 - abar_k) grad V`` instead
+``s_k^2`` when the experts' score deviations are ``grad V``. Experts that are continuous-time tilts (exact scores;
+plausibly also experts sampled far from the step count they were trained at, not measured) move the mean by ``b_k sqrt(1 - abar_k) grad V`` instead
 (``b_k``: the step's coefficient on the noise prediction), which at 20 DDIM steps is several times ``s_k^2 grad V``; the
 Gaussian-mixture testbed's exact experts are such, and there the twisted proposal raises the path weights' ESS from
 6-26 % to 52-77 % (docs/evaluation.md). Experts trained on the sampler's own chain (the exact-KL trainer, Flow-GRPO at

@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--particles", type=int, default=4, help="smc: particles per image (default 4)")
     parser.add_argument("--smc-proposal", choices=("blend", "twisted"), default="blend",
                         help="smc: proposal: the blend's step (default; experts trained on this sampler's chain), or "
-                        "the base's step moved by its variance times the blend's score deviation (experts used at "
-                        "another step count than they were trained at)")
+                        "the base's step moved by its variance times the blend's score deviation (twisted SMC, for "
+                        "experts whose steps are continuous-time tilts; docs/method.md)")
     parser.add_argument("--smc-proposal-tilt", type=float, default=1.0,
                         help="smc: the proposal blends at KL scale tilt x lambda (the target keeps lambda): > 1 where "
                         "DB-MPA falls short of the preference, < 1 where it overshoots (default 1)")
