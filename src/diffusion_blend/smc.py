@@ -38,11 +38,12 @@ The twisted proposal (twisted SMC, Wu et al. 2023) moves the base's step by its 
 deviation, ``mu_q = mu_pre + s_k^2 (score_q(x_k) - score_pre(x_k))`` (:func:`~diffusion_blend.sampling.score_estimate`):
 for the tilted chain ``p_pre(x' | x) exp(V(x') - V(x))`` with Gaussian steps this is the optimal step to first order in
 ``s_k^2`` when the experts' score deviations are ``grad V``. Experts that are continuous-time tilts (exact scores;
-plausibly also experts sampled far from the step count they were trained at, not measured) move the mean by ``b_k sqrt(1 - abar_k) grad V`` instead
-(``b_k``: the step's coefficient on the noise prediction), which at 20 DDIM steps is several times ``s_k^2 grad V``; the
-Gaussian-mixture testbed's exact experts are such, and there the twisted proposal raises the path weights' ESS from
-6-26 % to 52-77 % (docs/evaluation.md). Experts trained on the sampler's own chain (the exact-KL trainer, Flow-GRPO at
-its own step count) already move the mean by the chain's tilt: the blend proposal is theirs.
+plausibly also experts sampled far from the step count they were trained at, not measured) move the mean by
+``b_k sqrt(1 - abar_k) grad V`` instead (``b_k``: the step's coefficient on the noise prediction), which at 20 DDIM
+steps is several times ``s_k^2 grad V``; the Gaussian-mixture testbed's exact experts are such, and there the twisted
+proposal raises the path weights' ESS from 6-26 % to 52-77 % (docs/evaluation.md). Experts trained on the sampler's own
+chain (the exact-KL trainer; Flow-GRPO at its own step count, by its objective) already move the mean by the chain's
+tilt: the blend proposal is theirs (on the digits experts twisted is worse: docs/evaluation.md).
 
 ``proposal_tilt = t`` blends the proposal at KL scale ``t lambda`` while the target keeps ``lambda`` (any proposal
 leaves the weights exact): ``t > 1`` where the blend falls short of the target (the demo's digits experts at w = 0.8:
