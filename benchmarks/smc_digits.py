@@ -155,6 +155,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128, help="output samples per point (default 128)")
     parser.add_argument("--particles", default="2,4,8,16", help="N values (default 2,4,8,16)")
     parser.add_argument("--potentials", default="tweedie", help="SMC potentials, comma-separated (default tweedie)")
+    parser.add_argument("--out", default=None, help="results file of a weight run (default runs/smc-digits-wW.json, "
+                        "what plot and table read)")
     parser.add_argument("--seed", type=int, default=11, help="generator seed of every point (default 11)")
     parser.add_argument("--tilts", default="1", help="SMC proposal tilts, comma-separated (default 1: the blend)")
     args = parser.parse_args()
@@ -167,7 +169,7 @@ def main() -> None:
     w = float(args.what)
     rows = measure(w, args.samples, [int(n) for n in args.particles.split(",")], args.potentials.split(","),
                    [float(t) for t in args.tilts.split(",")], args.seed)
-    results_path(w).write_text(json.dumps(rows, indent=1))
+    Path(args.out or results_path(w)).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":  # the experts train in a spawned process pool when missing or stale
