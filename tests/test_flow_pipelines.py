@@ -274,6 +274,12 @@ def test_cli_sample_detects_the_flow_pipeline_and_writes_images_and_settings(whi
     settings = json.loads((tmp_path / "smc" / "settings.json").read_text())
     assert settings["network_evaluations_per_image"] == 3 * 2 * 3 and len(settings["final_ess"]) == 2
     assert len(settings["images"]) == 2
+    # the twisted proposal on the flow SDE: same cost, other particles (its step uses the rectified-flow score)
+    assert flow_cli(files, tmp_path / "twisted", *smc, "--smc-proposal", "twisted") == 0
+    twisted = json.loads((tmp_path / "twisted" / "settings.json").read_text())
+    assert twisted["network_evaluations_per_image"] == 3 * 2 * 3 and twisted["smc_proposal"] == "twisted"
+    pixels = [np.asarray(Image.open(tmp_path / run / name)) for run in ("smc", "twisted") for name in settings["images"]]
+    assert any(not np.array_equal(a, b) for a, b in zip(pixels[:2], pixels[2:]))
 
 
 def test_cli_flow_refusals_are_one_line(sd3_files, tmp_path, capsys):
