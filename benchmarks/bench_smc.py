@@ -24,6 +24,9 @@ steps divided by the steps (the first step includes warm-up).
     python benchmarks/bench_smc.py --family sd15 --dtype float32     # SD 1.5 UNet, CPU, float32
     python benchmarks/bench_smc.py --num-layers 1                    # smoke run of the script (SD3)
     python benchmarks/bench_smc.py --device cuda --particles 1,2,4,8 --steps 10   # not run: no GPU lent
+    python benchmarks/bench_smc.py --family sd15 --dtype float32 --particles 2 --proposal twisted  # twisted proposal
+
+``--proposal twisted`` / ``--proposal-tilt t`` apply to the ``smc_N`` variants (docs/method.md).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ EXPERTS = 2
 
 
 def run_variant(family_name: str, particles: int, base_only: bool, steps: int, device: str, dtype_name: str,
-                seed: int, latent: int, prompt_tokens: int) -> dict:
+                seed: int, latent: int, prompt_tokens: int, proposal: str = "blend", tilt: float = 1.0) -> dict:
     import torch
     from diffusers import DDIMScheduler
 
@@ -89,7 +92,8 @@ def run_variant(family_name: str, particles: int, base_only: bool, steps: int, d
     start = time.perf_counter()
     out = smc_sample(family, Preference({name: 1.0 / EXPERTS for name in names}), scheduler,
                      reward=lambda x: x.float().mean((1, 2, 3)), alpha=0.1, generator=seed, particles=particles,
-                     proposal="base" if base_only else "blend", shape=shape, num_inference_steps=steps,
+                     proposal="base" if base_only else proposal, proposal_tilt=1.0 if base_only else tilt,
+                     shape=shape, num_inference_steps=steps,
                      eta=eta, cond=cond, progress=False, device=device, dtype=dtype)
     if cuda:
         torch.cuda.synchronize()
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="sampler steps per variant (default 2)")
     parser.add_argument("--particles", default="1,2", help="comma-separated N values (default 1,2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--proposal", default="blend", choices=("blend", "twisted"), help="the smc_N variants' proposal")
+    parser.add_argument("--proposal-tilt", type=float, default=1.0, help="the smc_N variants' proposal tilt")
     parser.add_argument("--latent", type=int, default=sd3.LATENT, help=f"latent side (default {sd3.LATENT})")
     parser.add_argument("--prompt-tokens", type=int, default=sd3.PROMPT_TOKENS)
     parser.add_argument("--num-layers", type=int, default=24, help="joint blocks (24 = SD3-Medium; fewer: smoke run)")
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--device cuda: no CUDA device is available here")
     if args.worker:
         result = run_variant(args.family, int(args.worker[0]), args.worker[1] == "1", args.steps, args.device,
-                             args.dtype, args.seed, args.latent, args.prompt_tokens)
+                             args.dtype, args.seed, args.latent, args.prompt_tokens, args.proposal, args.proposal_tilt)
         emit_result(result)
         return 0
 
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     base_cmd = [sys.executable, str(Path(__file__).resolve()), "--family", args.family, "--device", args.device,
                 "--dtype", args.dtype,
                 "--steps", str(args.steps), "--seed", str(args.seed), "--num-layers", str(args.num_layers),
-                "--latent", str(args.latent), "--prompt-tokens", str(args.prompt_tokens)]
+                "--latent", str(args.latent), "--prompt-tokens", str(args.prompt_tokens), "--proposal", args.proposal,
+                "--proposal-tilt", str(args.proposal_tilt)]
     results = []
     for particles, base_only in jobs:
         print(f"running {'single' if base_only else f'smc_{particles}'} ...", flush=True)
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         network, latents = "SD 1.5 UNet architecture, random weights", "4x64x64 per particle, CFG, 77 prompt tokens"
     meta = {"command": command, "device": args.device, "dtype": args.dtype, "steps": args.steps, "network": network,
-            "experts": EXPERTS, "latents": latents,
+            "experts": EXPERTS, "latents": latents, "proposal": args.proposal, "proposal_tilt": args.proposal_tilt,
             "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
             "threads": os.environ.get("OMP_NUM_THREADS", "2"), "memory_method": single["memory_method"]}
     table = ["| variant | guided rows / step | s/step | time ratio | peak memory (GiB) | memory ratio |",
@@ -170,10 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{row['time_ratio']:.2f}x | {row['peak_memory_bytes'] / 2**30:.2f} | {row['peak_memory_ratio']:.2f}x |")
     markdown = "\n".join([f"Command: `{command}`", "",
                           f"Device {args.device}, {args.dtype}, {args.steps} steps per variant, {meta['latents']}, "
-                          f"m = {EXPERTS} experts; {network}. Memory: {meta['memory_method']}.",
+                          f"m = {EXPERTS} experts, {args.proposal} proposal (tilt {args.proposal_tilt:g}); {network}. "
+                          f"Memory: {meta['memory_method']}.",
                           "", *table, ""])
     print(markdown)
-    write_results(args.out, f"smc_{args.family}_{args.device.split(':')[0]}_{args.dtype}", meta, results, markdown)
+    suffix = "" if (args.proposal, args.proposal_tilt) == ("blend", 1.0) else f"_{args.proposal}_t{args.proposal_tilt:g}"
+    write_results(args.out, f"smc_{args.family}_{args.device.split(':')[0]}_{args.dtype}{suffix}", meta, results,
+                  markdown)
     return 0
 
 
