@@ -345,10 +345,13 @@ def smc_sample(
                 predictions = [gather(prediction, ancestors) for prediction in predictions]
             log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(log_weights), log_weights)
             resampled += needed.cpu().long()
-        mean_q, std = model_transition(scheduler, out_q, t, x, eta)
-        mean_pre, _ = model_transition(scheduler, out_pre, t, x, eta)
+        mean_pre, std = model_transition(scheduler, out_pre, t, x, eta)
         if proposal == "twisted":
             mean_q = twisted_mean(scheduler, out_q, out_pre, t, x, mean_pre, std)
+        elif out_q is out_pre:  # FK steering: the proposal is the base
+            mean_q = mean_pre
+        else:
+            mean_q, _ = model_transition(scheduler, out_q, t, x, eta)
         x_prev = x
         noise = randn_tensor(x.shape, generator=noise_generator, device=x.device, dtype=mean_q.dtype)
         x = (mean_q + std * noise).to(state_dtype)

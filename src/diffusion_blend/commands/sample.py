@@ -182,9 +182,8 @@ def run(args: argparse.Namespace) -> int:
         # alpha is checked once known (metadata or --alpha)
         check_options(args.particles, args.smc_proposal, args.smc_potential, ess_threshold=0.5, potential_every=1,
                       alpha=1.0, proposal_tilt=args.smc_proposal_tilt)
-        rewards = {}  # the experts' rewards, built before the base is loaded: an unknown name fails early
-        for name, reward in reward_names.items():
-            rewards[reward] = get_reward(reward)
+        # the experts' rewards, built before the base is loaded: an unknown name fails early
+        rewards = {reward: get_reward(reward) for reward in set(reward_names.values())}
     elif reward_names:
         raise DiffusionBlendError("--reward is for --method smc (it scores the particles)")
     kind = pipeline_kind(args.base, "sdxl" if args.sdxl and args.pipeline == "auto" else args.pipeline)
@@ -222,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
     )
     smc_settings = {}
     if args.method == "smc":
+        from ..baselines.code import weighted_reward_scores
         from ..pipelines.experts import expert_rewards_and_alpha
 
         reward_of, alpha = expert_rewards_and_alpha(pipe, adapters, reward_names, args.alpha)
@@ -229,11 +229,12 @@ def run(args: argparse.Namespace) -> int:
             raise DiffusionBlendError("--method smc needs the experts' common KL weight alpha (its target is "
                                       "p_pre exp(lambda r_w / alpha)): give --alpha for files without our metadata; "
                                       f"experts of different alphas cannot be corrected together ({alphas})")
-        for reward in reward_of.values():
-            rewards.setdefault(reward, get_reward(reward))
+        for reward in set(reward_of.values()) - set(rewards):  # rewards named by the files' metadata
+            rewards[reward] = get_reward(reward)
+        expert_rewards = {name: rewards[reward] for name, reward in reward_of.items()}
 
         def weighted_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-            return sum(w * rewards[reward_of[n]](images, prompts).double() for n, w in preference.weights.items() if w)
+            return weighted_reward_scores(expert_rewards, preference, images, prompts)
 
         call["generator"] = args.seed
         images = pipe(preference=preference, method="smc", reward=weighted_reward, alpha=alpha,

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..baselines.code import weighted_reward_scores
 from ..errors import DiffusionBlendError
 from ..evaluation.stats import mean_and_standard_error
 from ..pipelines import BlendStableDiffusionPipeline
@@ -96,7 +97,7 @@ class StableDiffusionStudio:
                                           "(from their metadata)")
 
             def r_w(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-                return sum(w * self.rewards[n](images, prompts).double() for n, w in preference.weights.items() if w)
+                return weighted_reward_scores(self.rewards, preference, images, prompts)
 
             output = self.pipe([prompt.strip()] * self.num_images, method="smc", reward=r_w, alpha=self.alpha,
                                particles=int(particles), proposal_tilt=float(proposal_tilt), generator=int(seed),
@@ -158,4 +159,3 @@ def stable_diffusion_studio(
     pipe = pipe.to(device)
     return StableDiffusionStudio(pipe, rewards, num_images=num_images, num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale, eta=eta, resolution=resolution, alpha=alpha)
-
