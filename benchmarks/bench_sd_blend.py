@@ -9,7 +9,7 @@ steps (eta = 1) at 64x64 latents with classifier-free guidance (CFG batch 2), ba
   (what a user gets without this library; the bar the library's routing must not lose to);
 - ``mpa_peft_mixed``: DB-MPA as the library did before routing existed: ONE forward of all m adapters x both CFG
   rows through peft's mixed-adapter batch (``adapter_names``, each layer masking rows by index);
-- ``mpa_batched`` / ``mpa_sequential_routed`` / ``mpa_auto``: DB-MPA through the library (``UNetBlend``) with
+- ``mpa_batched`` / ``mpa_sequential_routed`` / ``mpa_auto``: DB-MPA through the library (``DenoiserBlend``) with
   ``routing="batched"`` (one forward, contiguous blocks, our LoRA forward), ``"sequential"`` (one forward per
   member) and ``"auto"`` (the default: sequential on CPU, batched on CUDA when it fits);
 - ``reference_copies``: the reference code's approach: m full UNet copies, each with its LoRA merged;
@@ -131,7 +131,7 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
 
     from diffusion_blend.denoisers import SwitchingDenoiser
     from diffusion_blend.lora import LoraFamily, active_adapter, mixed_adapter_batch
-    from diffusion_blend.pipelines.unet_blend import UNetBlend
+    from diffusion_blend.pipelines.blend import DenoiserBlend
     from diffusion_blend.preference import Preference, blend_predictions
 
     dtype = getattr(torch, dtype_name)
@@ -158,7 +158,7 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
     if variant == "single":
         predict = lambda x, t: call(unet, x, t)  # noqa: E731
     elif variant in ROUTED:
-        blend = UNetBlend(unet, preference, "mpa", routing=ROUTED[variant])
+        blend = DenoiserBlend(unet, preference, "mpa", routing=ROUTED[variant])
         family = blend.family
         predict = lambda x, t: blend(x, t, encoder_hidden_states=embeddings, return_dict=False)[0]  # noqa: E731
     elif variant == "mpa_sequential":

@@ -36,12 +36,11 @@ def run_method(method: str, device: str, resolution: int, steps: int, samples: i
     from diffusers import StableDiffusionPipeline
 
     sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from bench_sd_train import build_pipeline
-    from tiny_sd import perturbed_lora, save_diffusers_lora
 
     from diffusion_blend.evaluation.sd_setting import sd_setting
     from diffusion_blend.evaluation.sweep import Cell, SweepConfig, run_cell
+    from diffusion_blend.pipelines.tiny import perturbed_lora, save_diffusers_lora
     from diffusion_blend.preference import Preference
 
     pipe = build_pipeline("float32", seed)

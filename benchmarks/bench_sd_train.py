@@ -125,7 +125,9 @@ def build_pipeline(dtype_name: str, seed: int, family: str = "sd15"):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffusion_blend.tiny import make_tokenizer  # offline byte-level CLIP tokenizer
+    from diffusion_blend.pipelines.tiny import (
+        make_tokenizer,  # offline byte-level CLIP tokenizer
+    )
 
     dtype = getattr(torch, dtype_name)
     generator = torch.Generator().manual_seed(seed)
@@ -180,7 +182,7 @@ def run_config(name: str, device: str, resolution: int, seed: int, family: str =
     import torch
     from accelerate import Accelerator
 
-    from diffusion_blend.pipelines.finetune import sd_finetune_target
+    from diffusion_blend.pipelines.sd_target import sd_finetune_target
     from diffusion_blend.rewards import get_reward
     from diffusion_blend.training.config import DPOKConfig
     from diffusion_blend.training.dpok import finetune

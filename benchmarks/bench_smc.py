@@ -3,12 +3,12 @@
 ``--family sd3`` (default): the transformer, its random weights (meta device, no download, bfloat16 by default) and
 the rank-4 LoRA adapters are ``bench_sd3_blend.py``'s; every variant runs :func:`diffusion_blend.smc.smc_sample`
 through the same :class:`~diffusion_blend.lora.LoraFamily` and guided SD3 forward
-(:func:`~diffusion_blend.pipelines.flow_finetune.transformer_forward`, both CFG branches in one call, guidance 7) as
+(:func:`~diffusion_blend.pipelines.flow_target.transformer_forward`, both CFG branches in one call, guidance 7) as
 ``BlendStableDiffusion3Pipeline(method="smc")`` does, with the flow SDE
 (:class:`~diffusion_blend.sampling.FlowMatchSDEScheduler`, noise level 0.7), small latents (default 16 x 8 x 8: 16
 image tokens), 16 prompt tokens, one prompt. ``--family sd15``: ``bench_sd_blend.py``'s SD 1.5 UNet (random weights,
 rank-4 LoRA on the attention projections), the guided UNet forward of ``BlendStableDiffusionPipeline(method="smc")``
-(:func:`~diffusion_blend.pipelines.finetune.guided_forward`, guidance 7.5), DDIM eta = 1 with SD's settings, 4 x 64 x 64
+(:func:`~diffusion_blend.pipelines.sd_target.guided_forward`, guidance 7.5), DDIM eta = 1 with SD's settings, 4 x 64 x 64
 latents, 77 prompt tokens. Variants:
 
 - ``single``: ``proposal="base"``, one particle: the base model's own sampler (one guided forward per step; ratio 1);
@@ -42,6 +42,8 @@ from pathlib import Path
 
 from _common import command_line, emit_result, worker_result, write_results
 
+from diffusion_blend.smc import SMCOptions
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_sd3_blend as sd3  # noqa: E402
 import bench_sd_blend as sd15  # noqa: E402
@@ -56,8 +58,10 @@ def run_variant(family_name: str, particles: int, base_only: bool, steps: int, d
     from diffusers import DDIMScheduler
 
     from diffusion_blend.lora import LoraFamily
-    from diffusion_blend.pipelines.finetune import guided_forward
-    from diffusion_blend.pipelines.flow_finetune import transformer_forward
+    from diffusion_blend.pipelines.conditioning import (
+        guided_forward,
+        transformer_forward,
+    )
     from diffusion_blend.preference import Preference
     from diffusion_blend.sampling import FlowMatchSDEScheduler
     from diffusion_blend.smc import smc_sample
@@ -91,8 +95,8 @@ def run_variant(family_name: str, particles: int, base_only: bool, steps: int, d
     setup_bytes = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     start = time.perf_counter()
     out = smc_sample(family, Preference({name: 1.0 / EXPERTS for name in names}), scheduler,
-                     reward=lambda x: x.float().mean((1, 2, 3)), alpha=0.1, generator=seed, particles=particles,
-                     proposal="base" if base_only else proposal, proposal_tilt=1.0 if base_only else tilt,
+                     reward=lambda x: x.float().mean((1, 2, 3)), alpha=0.1, generator=seed, options=SMCOptions(particles=particles, proposal="base" if base_only else proposal, proposal_tilt=1.0 if base_only else tilt), 
+                     
                      shape=shape, num_inference_steps=steps,
                      eta=eta, cond=cond, progress=False, device=device, dtype=dtype)
     if cuda:

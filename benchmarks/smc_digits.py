@@ -22,6 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
+from diffusion_blend.smc import SMCOptions
+
 RUNS = Path("runs")
 WEIGHTS = (0.2, 0.5, 0.8)
 LABELS = {"mpa": "DB-MPA", "ls": "DB-MPA-LS", "smc": "SMC on blend (N=2,4,8,16)", "fk": "FK steering (same N)",
@@ -36,17 +38,17 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str],
             seed: int = 11) -> list[dict]:
     import torch
 
-    from diffusion_blend.demo.adapters import ensure_demo_adapters
-    from diffusion_blend.demo.config import DemoConfig
-    from diffusion_blend.demo.pipeline import load_demo_models
     from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser
-    from diffusion_blend.digits.data import IMAGE_SHAPE, to_image_space
-    from diffusion_blend.digits.model import digits_scheduler
+    from diffusion_blend.evaluation.smc_study import members_per_particle
     from diffusion_blend.evaluation.stats import mean_and_standard_error
     from diffusion_blend.preference import Preference
     from diffusion_blend.sampling import sample
     from diffusion_blend.smc import smc_sample
-    from diffusion_blend.studies.smc_study import members_per_particle
+    from diffusion_blend.testbeds.digits.data import IMAGE_SHAPE, to_image_space
+    from diffusion_blend.testbeds.digits.demo.adapters import ensure_demo_adapters
+    from diffusion_blend.testbeds.digits.demo.config import DemoConfig
+    from diffusion_blend.testbeds.digits.model import digits_scheduler
+    from diffusion_blend.testbeds.digits.setting import load_demo_models
 
     torch.set_num_threads(1)
     demo = DemoConfig()
@@ -82,7 +84,7 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str],
     for n in particles:
         for method, proposal, factor, potential, tilt in runs:
             out = smc_sample(models.family, preference, digits_scheduler("ddim"), reward=r_w, alpha=demo.alpha,
-                             particles=factor * n, proposal=proposal, potential=potential, proposal_tilt=tilt or 1.0,
+                             options=SMCOptions(particles=factor * n, proposal=proposal, potential=potential, proposal_tilt=tilt or 1.0), 
                              **common)
             record(method, n, out.samples, out.network_evaluations, potential, float(out.final_ess.mean()),
                    out.reward_evaluations, tilt)
@@ -104,7 +106,7 @@ def plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from diffusion_blend.studies.smc_study import STYLES, format_oracle_fraction_axis
+    from diffusion_blend.evaluation.smc_study import STYLES, format_oracle_fraction_axis
 
     rows = [row for w in WEIGHTS for row in json.loads(results_path(w).read_text())]
     fig, axes = plt.subplots(1, len(WEIGHTS), figsize=(15, 4))

@@ -9,11 +9,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion_blend import lora
-from diffusion_blend.adapters import base_fingerprint, load_adapter, read_adapter, save_adapter
+from diffusion_blend.adapters import (
+    base_fingerprint,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
 from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
-from diffusion_blend.models import LORA_TARGETS, TimeMLP
-
-
+from diffusion_blend.testbeds.gmm.model import LORA_TARGETS, TimeMLP
 
 
 def make_base(seed: int = 0, hidden: int = 16) -> TimeMLP:

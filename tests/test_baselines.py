@@ -4,7 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion_blend.baselines.rewarded_soup import add_soup_adapter, rewarded_soup_denoiser
+from diffusion_blend.baselines.rewarded_soup import (
+    add_soup_adapter,
+    rewarded_soup_denoiser,
+)
 from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
 from diffusion_blend.lora import LoraFamily, active_adapter, add_lora
 from diffusion_blend.preference import Preference
@@ -111,7 +114,11 @@ from diffusion_blend.baselines.code import code_sample, selection_steps  # noqa:
 from diffusion_blend.baselines.guidance import guided_sample, tempering_schedule  # noqa: E402
 from diffusion_blend.errors import RewardError  # noqa: E402
 from diffusion_blend.sampling import make_scheduler, sample  # noqa: E402
-from diffusion_blend.testbeds.gmm import GaussianMixture, MixtureDenoiser, QuadraticForm  # noqa: E402
+from diffusion_blend.testbeds.gmm.closed_form import (  # noqa: E402
+    GaussianMixture,
+    MixtureDenoiser,
+    QuadraticForm,
+)
 
 MIXTURE = GaussianMixture.isotropic([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.5]], 0.5)
 GMM_REWARDS = {"right": QuadraticForm.linear_reward([1.0, 0.0]), "up": QuadraticForm.linear_reward([0.0, 1.0])}
@@ -240,7 +247,7 @@ def test_morl_oracle_trains_once_per_preference_at_alpha_over_lambda(tmp_path):
 def test_morl_oracle_with_the_dpok_trainer_writes_and_loads_an_adapter_for_r_w(tmp_path):
     from diffusion_blend.adapters import read_adapter
     from diffusion_blend.baselines.morl import dpok_adapter_trainer, morl_denoiser
-    from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
+    from diffusion_blend.testbeds.gmm.distributed_run import tiny_config, tiny_target
 
     config = {k: v for k, v in vars(tiny_config(iterations=1, batch_size=8, minibatch_size=8)).items()
               if k not in ("reward_weights", "alpha")}

@@ -76,7 +76,10 @@ def test_finetune_verify_quick_report_says_smoke_run():
     """`finetune-verify --quick` labels its report (printed by the command) as a smoke run; the full one does not."""
     from dataclasses import asdict
 
-    from diffusion_blend.verify.finetune_verify import VerifySettings, markdown_report
+    from diffusion_blend.testbeds.gmm.verification import (
+        VerifySettings,
+        markdown_report,
+    )
 
     case = {"case": "right-alpha1", "alpha": 1.0, "E_pre[r]": 0.0, "E_ft[r]": 0.1, "E_ft[r]_se": 0.01,
             "E_target[r]_IS": 0.2, "E_target[r]_exact_mixture": 0.2, "path_kl": 0.05, "J_ft": 0.05,

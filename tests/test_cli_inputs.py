@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from diffusion_blend.tiny import write_tiny_base
+    from diffusion_blend.pipelines.tiny import write_tiny_base
 
     root = tmp_path_factory.mktemp("tiny")
     files = write_tiny_base(root / "sd")
@@ -45,7 +45,11 @@ def bad_inputs(root: Path, files: dict[str, Path]) -> dict[str, tuple[list[str],
         "coefficients unparsable": (["coefficients", "--weights", "a"], "name=value"),
         "coefficients lambda text": (["coefficients", "--weights", "a=1", "--kl-scale", "x"], "--kl-scale"),
         "demo negative seed": (["demo", "--seed", "-1", "--out", str(root / "d")], "seed"),
-        "digits-table out is a file": (["digits-table", "--out", a_file, "--quick"], a_file),
+        "evaluate digits out is a file": (["evaluate", "--setting", "digits", "--out", a_file, "--quick"], a_file),
+        "evaluate digits with methods": (["evaluate", "--setting", "digits", "--methods", "mpa", "--out",
+                                          str(root / "e")], "--methods"),
+        "smc-study particles text": (["smc-study", "--setting", "gmm", "--particles", "two", "--out",
+                                      str(root / "m")], "--particles"),
         "evaluate unknown setting": (["evaluate", "--setting", "moons", "--out", str(root / "e")], "moons"),
         "evaluate unknown method": (["evaluate", "--methods", "magic", "--out", str(root / "e")], "magic"),
         "evaluate seeds text": (["evaluate", "--seeds", "one", "--out", str(root / "e")], "integers"),
@@ -66,9 +70,9 @@ def bad_inputs(root: Path, files: dict[str, Path]) -> dict[str, tuple[list[str],
         "sample weight naming no expert": ([*sample, "--weights", "style=1", "--out", str(root / "s")], "style"),
         "sample missing adapter file": (["sample", "--base", base, "--adapter", f"x={root / 'none.safetensors'}",
                                          "--weights", "x=1", "--prompt", "x", "--out", str(root / "s")],
-                                        "no such file"),
+                                        "does not exist"),
         "sample adapter that is not LoRA": (["sample", "--base", base, "--adapter", f"x={a_file}", "--weights", "x=1",
-                                             "--prompt", "x", "--out", str(root / "s")], "cannot read"),
+                                             "--prompt", "x", "--out", str(root / "s")], "not a safetensors"),
         "sample eta out of range": ([*sample, *weights, "--eta", "2", "--out", str(root / "s")], "--eta"),
         "sample alpha not positive": ([*sample, *weights, "--alpha", "0", "--out", str(root / "s")], "--alpha"),
         "sample alpha not finite": ([*sample, *weights, "--alpha", "nan", "--out", str(root / "s")], "--alpha"),

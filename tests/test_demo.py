@@ -18,9 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # docs/demo.md: 1 thread is much faster than 2 for this MLP on shared cores
 
 from diffusion_blend.adapters import load_adapter, read_adapter  # noqa: E402
-from diffusion_blend.demo import DemoConfig, ensure_demo_adapters  # noqa: E402
-from diffusion_blend.demo.pipeline import run_demo  # noqa: E402
 from diffusion_blend.errors import DiffusionBlendError  # noqa: E402
+from diffusion_blend.testbeds.digits.demo import DemoConfig, ensure_demo_adapters  # noqa: E402
+from diffusion_blend.testbeds.digits.demo.pipeline import run_demo  # noqa: E402
 
 CONFIG = DemoConfig.quick()
 REWARDS = list(CONFIG.rewards)
@@ -161,8 +161,8 @@ def test_corrupt_adapter_is_retrained_and_config_change_retrains(demo, tmp_path)
 
 def test_adapter_loads_into_a_fresh_base_and_changes_its_prediction(demo):
     """digits_finetune_target + DPOK produce a real adapter of the committed base (round trip through the file)."""
-    from diffusion_blend.digits.train import load_default_digits_model
     from diffusion_blend.lora import active_adapter
+    from diffusion_blend.testbeds.digits.train import load_default_digits_model
 
     out, _, _ = demo
     model = load_default_digits_model(progress=False)
@@ -196,7 +196,7 @@ def test_config_and_command_validation():
 def test_finetune_command_on_the_digits_target(tmp_path):
     """``dblend finetune --target digits`` (through digits_finetune_target) writes an adapter of the committed base."""
     from diffusion_blend.commands import finetune as command
-    from diffusion_blend.digits.train import load_default_digits_model
+    from diffusion_blend.testbeds.digits.train import load_default_digits_model
 
     parser = argparse.ArgumentParser()
     command.register(parser.add_subparsers())
@@ -213,8 +213,8 @@ def test_finetune_command_on_the_digits_target(tmp_path):
 
 def test_interrupted_training_of_another_configuration_does_not_block(tmp_path):
     """A checkpoint left by a killed run with another configuration is discarded, not resumed (which would fail)."""
-    from diffusion_blend.demo.adapters import ADAPTER_DIR
-    from diffusion_blend.digits.target import digits_finetune_target
+    from diffusion_blend.testbeds.digits.demo.adapters import ADAPTER_DIR
+    from diffusion_blend.testbeds.digits.target import digits_finetune_target
     from diffusion_blend.training.dpok import TrainingInterrupted, finetune
 
     other = DemoConfig.quick(alpha=0.07, finetune={**CONFIG.finetune, "iterations": 4})
@@ -234,7 +234,7 @@ def test_smoke_run_is_labelled_and_full_budget_checks_are_judged(demo, capsys):
     from dataclasses import replace
 
     from diffusion_blend.cli import main
-    from diffusion_blend.demo.report import quality_checks
+    from diffusion_blend.testbeds.digits.demo.report import quality_checks
 
     out, summary, _ = demo
     judged = quality_checks(replace(CONFIG, smoke_run=False), summary["points"], summary["experts"])
@@ -248,7 +248,7 @@ def test_smoke_run_is_labelled_and_full_budget_checks_are_judged(demo, capsys):
 def test_ui_studio_runs_smc_on_the_demo_experts(demo):
     """The UI's particles control: the digits studio reads alpha from the adapters and samples with SMC."""
     from diffusion_blend.preference import Preference
-    from diffusion_blend.ui.digits import adapters_in, digits_studio
+    from diffusion_blend.testbeds.digits.studio import adapters_in, digits_studio
 
     out, _, _ = demo
     studio = digits_studio(adapters_in(out / "adapters"), num_images=4, num_inference_steps=3)

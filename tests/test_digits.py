@@ -6,9 +6,18 @@ import math
 import pytest
 import torch
 
-from diffusion_blend.digits.classifier import load_classifier
-from diffusion_blend.digits.data import digit_images, split_indices, to_image_space, to_model_space, training_data
-from diffusion_blend.digits.model import (
+from diffusion_blend.errors import DiffusionBlendError, RewardError
+from diffusion_blend.lora import LoraFamily, add_lora
+from diffusion_blend.rewards import available_rewards, get_reward
+from diffusion_blend.testbeds.digits.classifier import load_classifier
+from diffusion_blend.testbeds.digits.data import (
+    digit_images,
+    split_indices,
+    to_image_space,
+    to_model_space,
+    training_data,
+)
+from diffusion_blend.testbeds.digits.model import (
     DigitsDenoiser,
     DigitsDenoiserConfig,
     digits_forward,
@@ -17,11 +26,12 @@ from diffusion_blend.digits.model import (
     lora_target_modules,
     save_digits_model,
 )
-from diffusion_blend.digits.quality import quality_report, sample_digits, save_grid
-from diffusion_blend.digits.train import ASSET_DIR, load_default_digits_model
-from diffusion_blend.errors import DiffusionBlendError, RewardError
-from diffusion_blend.lora import LoraFamily, add_lora
-from diffusion_blend.rewards import available_rewards, get_reward
+from diffusion_blend.testbeds.digits.quality import (
+    quality_report,
+    sample_digits,
+    save_grid,
+)
+from diffusion_blend.testbeds.digits.train import ASSET_DIR, load_default_digits_model
 
 CLASSIFIER_ACCURACY_THRESHOLD = 0.97
 
@@ -242,7 +252,7 @@ def test_reward_boundary_errors():
 
 
 def test_default_loader_retrains_through_the_same_code_path_when_files_are_absent(tmp_path, monkeypatch):
-    from diffusion_blend.digits import train
+    from diffusion_blend.testbeds.digits import train
 
     monkeypatch.setitem(train.DEFAULT_RECIPE, "steps", 2)
     model = load_default_digits_model(tmp_path / "absent", progress=False)

@@ -1,4 +1,4 @@
-"""`dblend digits-table --quick`: the paper's Table 1 on digits (files, rows, RGG, MORL cache, invariants)."""
+"""`dblend evaluate --setting digits --quick`: the paper's Table 1 on digits (files, rows, RGG, MORL cache, invariants)."""
 
 import csv
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_blend.cli import main
 from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.studies.digits_table import TABLE_METHODS, DigitsTableConfig
+from diffusion_blend.testbeds.digits.table import TABLE_METHODS, DigitsTableConfig
 
 FILES = ("table.csv", "table.json", "table.md", "kl_scales.csv", "table.png")
 
@@ -20,10 +20,10 @@ def _morl_adapters(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits-table")
-    assert main(["digits-table", "--out", str(out), "--quick", "--quiet"]) == 0
+    assert main(["evaluate", "--setting", "digits", "--out", str(out), "--quick", "--no-progress"]) == 0
     first = json.loads((out / "table.json").read_text())
     adapters = _morl_adapters(out)
-    assert main(["digits-table", "--out", str(out), "--quick", "--quiet"]) == 0
+    assert main(["evaluate", "--setting", "digits", "--out", str(out), "--quick", "--no-progress"]) == 0
     second = json.loads((out / "table.json").read_text())
     return out, first, second, adapters
 
@@ -116,5 +116,22 @@ def test_bad_configuration_is_refused():
     with pytest.raises(DiffusionBlendError, match="kl_reward"):
         DigitsTableConfig(kl_reward="symmetry")
     with pytest.raises(SystemExit) as exit_info:
-        main(["digits-table", "--quick"])  # --out is required
+        main(["evaluate", "--setting", "digits", "--quick"])  # --out is required
     assert exit_info.value.code == 2
+
+
+def test_figures_equal_the_digits_table_from_before_the_house_move(quick_run):
+    """`dblend evaluate --setting digits --quick` reproduces the figures `dblend digits-table --quick` printed before
+    the digits table became a preset of the sweep (saved from main a01b7fb: tests/data/pre_move)."""
+    _, summary, _, _ = quick_run
+    saved = json.loads((Path(__file__).parent / "data" / "pre_move" / "digits_table_quick.json").read_text())
+    rows = {(row["method"], row["w"]): row for row in summary["table"]}
+    for old in saved["table"]:
+        new = rows[(old["method"], old["w"])]
+        for key, value in old.items():
+            assert new[key] == (pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value), key
+    kl = {(row["method"], row["kl_scale"]): row for row in summary["kl_scales"]}
+    for old in saved["kl_scales"]:
+        new = kl[(old["method"], old["kl_scale"])]
+        assert new["mean_ink"] == pytest.approx(old["mean_ink"], rel=1e-9)
+        assert new["mean_digit_prob_3"] == pytest.approx(old["mean_digit_prob_3"], rel=1e-9)

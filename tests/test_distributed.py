@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import socket
 
 from diffusion_blend.adapters import read_adapter
 
@@ -21,7 +21,7 @@ def test_two_process_run_syncs_gradients_and_writes_the_usual_adapter(tmp_path):
         port = str(probe.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               "-m", "diffusion_blend.verify.distributed_run", "--out", str(tmp_path)]
+               "-m", "diffusion_blend.testbeds.gmm.distributed_run", "--out", str(tmp_path)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -31,8 +31,8 @@ def test_two_process_run_syncs_gradients_and_writes_the_usual_adapter(tmp_path):
     assert reports[0]["lora_weights"] == reports[1]["lora_weights"]  # gradients were averaged across ranks
     assert reports[0]["curves"] == reports[1]["curves"]  # logged stats are the all-reduced means
     tensors, metadata = read_adapter(Path(tmp_path) / "adapter.safetensors")
+    from diffusion_blend.testbeds.gmm.distributed_run import tiny_config, tiny_target
     from diffusion_blend.training.dpok import finetune
-    from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
 
     single = finetune(tiny_target(), tiny_config(iterations=1), out_dir=tmp_path / "single", progress=False)
     single_tensors, single_metadata = read_adapter(single.adapter_path)

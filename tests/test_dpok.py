@@ -9,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 from diffusion_blend import lora
 from diffusion_blend.adapters import load_adapter, read_adapter
 from diffusion_blend.errors import DiffusionBlendError, RewardError
+from diffusion_blend.testbeds.gmm.distributed_run import tiny_config, tiny_target
 from diffusion_blend.training.checkpoint import load_checkpoint
 from diffusion_blend.training.config import DPOKConfig
 from diffusion_blend.training.dpok import (
@@ -21,9 +22,6 @@ from diffusion_blend.training.dpok import (
     rollout,
     step_kl,
 )
-from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
-
-
 
 
 def test_step_kl_is_the_gaussian_kl():
@@ -165,7 +163,7 @@ def test_cli_refuses_incomplete_flags_with_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_acceptance_fractions_and_targets_on_the_gaussian_mixture(tmp_path):
     """The issue's acceptance run (docs/finetuning.md): every case reaches >= 0.9 of the best objective."""
-    from diffusion_blend.verify.finetune_verify import run_verification
+    from diffusion_blend.testbeds.gmm.verification import run_verification
 
     report = run_verification(tmp_path, progress=False)
     for case in [*report["cases"], report["morl_oracle"]]:

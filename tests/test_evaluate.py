@@ -17,14 +17,14 @@ from diffusion_blend.evaluation.sweep import (
     CountingFamily,
     SweepConfig,
     cells_of,
-    gmm_setting,
     parse_preference_grid,
     run_cell,
     run_sweep,
 )
 from diffusion_blend.preference import Preference
-from diffusion_blend.studies.gmm_study import study_testbed
-from diffusion_blend.testbeds.gmm import expected_rewards, tilted_target
+from diffusion_blend.testbeds.gmm.closed_form import expected_rewards, tilted_target
+from diffusion_blend.testbeds.gmm.setting import gmm_setting
+from diffusion_blend.testbeds.gmm.study import study_testbed
 
 METHODS = ["base", "mpa", "ls", "code", "rgg", "is-oracle", "morl"]
 

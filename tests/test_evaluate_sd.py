@@ -15,16 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from safetensors import safe_open
 
 from diffusion_blend.adapters import atomic_save_safetensors
 from diffusion_blend.cli import main
-from diffusion_blend.pipelines.finetune import DIFFUSERS_LORA_NAME, export_run_adapter, sd_finetune_target
+from diffusion_blend.pipelines.lora_files import DIFFUSERS_LORA_NAME, export_run_adapter
+from diffusion_blend.pipelines.sd_target import sd_finetune_target
+from diffusion_blend.pipelines.tiny import tiny_sd_pipeline
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.training.config import DPOKConfig
 from diffusion_blend.training.dpok import finetune
-from tiny_sd import tiny_sd_pipeline
 
 STEPS, GUIDANCE, ALPHA = 3, 3.0, 0.5
 PROMPTS = ["a cat", "a red house"]
@@ -213,7 +219,7 @@ def test_sd_refusals_are_one_line(experts, tmp_path, capsys):
     out = str(tmp_path / "bad")
     cases = {
         "fine-tuned on another base model": ([], moved),
-        "different KL weights alpha": ([], other_alpha),
+        "different effective KL weights alpha": ([], other_alpha),
         "different base models": ([], other_base),
         "unknown reward": (["--rewards", "brightness,no_such_reward"], None),
         "prompts file": (["--prompts", str(tmp_path / "missing.txt")], None),
@@ -238,7 +244,7 @@ def test_sdxl_sweep_in_chunks_matches_the_stock_sdxl_pipeline(tmp_path, capsys):
     from diffusers import StableDiffusionXLPipeline
 
     from diffusion_blend.evaluation.sweep import chunk_seed
-    from tiny_sd import tiny_sdxl_pipeline, write_adapters
+    from diffusion_blend.pipelines.tiny import tiny_sdxl_pipeline, write_adapters
 
     tiny_sdxl_pipeline(tmp_path).save_pretrained(tmp_path / "base")
     files = write_adapters(StableDiffusionXLPipeline, tmp_path / "base", tmp_path, {"brightness": 1, "saturation": 2})

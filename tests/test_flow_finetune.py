@@ -11,12 +11,16 @@ import json
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline
 
 from diffusion_blend.cli import main
 from diffusion_blend.pipelines import BlendStableDiffusion3Pipeline
-from diffusion_blend.pipelines.finetune import DIFFUSERS_LORA_NAME, export_run_adapter, read_diffusers_lora_metadata
-from diffusion_blend.pipelines.flow_finetune import flow_finetune_target
+from diffusion_blend.pipelines.flow_target import flow_finetune_target
+from diffusion_blend.pipelines.lora_files import (
+    DIFFUSERS_LORA_NAME,
+    export_run_adapter,
+    read_diffusers_lora_metadata,
+)
+from diffusion_blend.pipelines.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 from diffusion_blend.preference import Preference
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.sampling import FlowMatchSDEScheduler
@@ -111,10 +115,14 @@ def test_cli_finetune_sd3_then_sample_reads_the_expert_alpha(sd3_run, tmp_path):
     args = ["sample", "--base", str(root / "base"), "--adapter", f"a={tmp_path / 'run'}", "--weights", "a=1",
             "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
-    assert json.loads((tmp_path / "out" / "settings.json").read_text())["alpha"] == {"a": 0.25}
-    # a second expert trained with another alpha is refused before any loading
-    assert main([*args[:4], f"a={tmp_path / 'run'}", "--adapter", f"b={root / 'run'}", "--weights", "a=0.5,b=0.5",
-                 *args[7:], "--out", str(tmp_path / "x")]) == 2
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["experts"]["a"]["alpha"] == 0.25
+    # a second expert trained with another alpha blends (each expert tilts by its own r_i / alpha_i), and
+    # settings.json records each expert's alpha; SMC, whose target needs one alpha, refuses them in one line
+    two = [*args[:4], f"a={tmp_path / 'run'}", "--adapter", f"b={root / 'run'}", "--weights", "a=0.5,b=0.5", *args[7:]]
+    assert main([*two, "--out", str(tmp_path / "x")]) == 0
+    experts = json.loads((tmp_path / "x" / "settings.json").read_text())["experts"]
+    assert experts["a"]["alpha"] == 0.25 and experts["b"]["alpha"] != 0.25
+    assert main([*two, "--method", "smc", "--particles", "2", "--out", str(tmp_path / "y")]) == 2
 
 
 def test_rollout_kl_is_the_exact_gaussian_kl_of_the_guided_sde_steps(sd3_run):

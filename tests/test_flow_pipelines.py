@@ -1,4 +1,4 @@
-"""SD3 and FLUX blend pipelines on tiny offline components (tests/tiny_flow.py).
+"""SD3 and FLUX blend pipelines on tiny offline components (diffusion_blend.pipelines.tiny).
 
 Independent truths: a hand-written sampling loop over one FUSED copy of the transformer per member (stock
 diffusers ``load_lora_weights`` + ``fuse_lora`` on separate pipelines; the base is a copy with no LoRA), which
@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
-from tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline, write_transformer_adapters
 
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.lora import lora_layers
 from diffusion_blend.pipelines import BlendFluxPipeline, BlendStableDiffusion3Pipeline
+from diffusion_blend.pipelines.tiny import (
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    write_transformer_adapters,
+)
 from diffusion_blend.preference import Preference
 from diffusion_blend.sampling import FlowMatchSDEScheduler
 
@@ -262,7 +266,7 @@ def test_cli_sample_detects_the_flow_pipeline_and_writes_images_and_settings(whi
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())
     assert settings["pipeline"] == which and settings["scheduler"] == "FlowMatchSDEScheduler"
     assert settings["coefficients"] == pytest.approx({"base": -0.2, "a": 0.36, "b": 0.84})
-    assert settings["transformer_calls"] == 3 and settings["eta"] == 0.7
+    assert settings["transformer_calls"] == 3 and settings["noise_level"] == 0.7
     images = [Image.open(tmp_path / "out" / name) for name in settings["images"]]
     assert len(images) == 2 and all(image.size == (16, 16) for image in images)
     assert flow_cli(files, tmp_path / "ls", "--method", "ls") == 0
@@ -277,7 +281,7 @@ def test_cli_sample_detects_the_flow_pipeline_and_writes_images_and_settings(whi
     # the twisted proposal on the flow SDE: same cost, other particles (its step uses the rectified-flow score)
     assert flow_cli(files, tmp_path / "twisted", *smc, "--smc-proposal", "twisted") == 0
     twisted = json.loads((tmp_path / "twisted" / "settings.json").read_text())
-    assert twisted["network_evaluations_per_image"] == 3 * 2 * 3 and twisted["smc_proposal"] == "twisted"
+    assert twisted["network_evaluations_per_image"] == 3 * 2 * 3 and twisted["smc"]["proposal"] == "twisted"
     pixels = [np.asarray(Image.open(tmp_path / run / name)) for run in ("smc", "twisted") for name in settings["images"]]
     assert any(not np.array_equal(a, b) for a, b in zip(pixels[:2], pixels[2:]))
 
@@ -297,23 +301,26 @@ def test_cli_flow_refusals_are_one_line(sd3_files, tmp_path, capsys):
 def test_ui_studio_detects_sd3_and_matches_the_pipeline(sd3_files):
     """``dblend ui --sd-base`` on an SD3 folder: the studio loads BlendStableDiffusion3Pipeline with the SDE sampler,
     and its images are the pipeline's for the same seed (SDE noise derived from the seed)."""
-    from diffusion_blend.ui.stable_diffusion import stable_diffusion_studio
+    from diffusion_blend.pipelines.session import BlendSession
+    from diffusion_blend.ui.pipeline_studio import PipelineStudio
+    from diffusion_blend.ui.studio import image_grid
 
     root, adapters = sd3_files
-    studio = stable_diffusion_studio(root / "base", adapters, reward_names={"aesthetic": "jpeg_compressibility",
-                                     "align": "jpeg_compressibility"}, num_images=1, num_inference_steps=STEPS,
-                                     guidance_scale=4.0, eta=0.7, resolution=SIZE)
-    assert isinstance(studio.pipe, BlendStableDiffusion3Pipeline)
-    assert isinstance(studio.pipe.scheduler, FlowMatchSDEScheduler) and studio.pipe.scheduler.config.noise_level == 0.7
+    session = BlendSession.open(root / "base", adapters, rewards={"aesthetic": "jpeg_compressibility",
+                                                               "align": "jpeg_compressibility"})
+    studio = PipelineStudio(session, num_images=1, steps=STEPS, guidance_scale=4.0, resolution=SIZE)
+    pipe = session.pipe
+    assert isinstance(pipe, BlendStableDiffusion3Pipeline)
+    assert isinstance(pipe.scheduler, FlowMatchSDEScheduler) and pipe.scheduler.config.noise_level == 0.7
     preference = Preference({"aesthetic": 0.5, "align": 0.5})
     for method in ("mpa", "ls"):
         result = studio.generate(preference, method, seed=4, prompt="a cat")
         assert set(result.scores) == {"aesthetic", "align"}
-    images = studio.pipe("a cat", num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
-                         generator=torch.Generator().manual_seed(4), output_type="pt", preference=preference).images
-    again = studio.pipe("a cat", num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
-                        generator=torch.Generator().manual_seed(4), output_type="pt", preference=preference).images
-    torch.testing.assert_close(images, again)
+    result = studio.generate(preference, "mpa", seed=4, prompt="a cat")
+    images = pipe(["a cat"], num_inference_steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE,
+                  generator=[torch.Generator().manual_seed(4)], output_type="pt", preference=preference).images
+    grid = image_grid(images.float(), cell=max(64, min(256, images.shape[-1]))).astype(int)
+    assert abs(result.images.astype(int) - grid).max() <= 1  # the studio's image is the pipeline's for that seed
 
 
 # ---- public expert LoRAs: the layouts they are published in, and one-line refusals -----------------------------
@@ -322,7 +329,8 @@ def test_ui_studio_detects_sd3_and_matches_the_pipeline(sd3_files):
 def source_transformer(files, which):
     """The transformer the LoRA files were saved from (independent of every loader)."""
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-    from tiny_flow import perturbed_transformer_lora
+
+    from diffusion_blend.pipelines.tiny import perturbed_transformer_lora
 
     cls = SD3Transformer2DModel if which == "sd3" else FluxTransformer2DModel
     model = cls.from_pretrained(files[0] / "base" / "transformer")
@@ -346,7 +354,8 @@ def test_flow_grpo_peft_folder_equals_the_diffusers_file(sd3_files, tmp_path):
     ``base_model.model.``-prefixed keys. It loads as the same expert as the diffusers file of the same weights."""
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig, get_peft_model
-    from tiny_flow import TRANSFORMER_PROJECTIONS
+
+    from diffusion_blend.pipelines.tiny import TRANSFORMER_PROJECTIONS
 
     root, files = sd3_files
     transformer = SD3Transformer2DModel.from_pretrained(root / "base" / "transformer")

@@ -14,7 +14,7 @@ from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.preference import Preference
 from diffusion_blend.sampling import make_scheduler, sample
-from diffusion_blend.testbeds import (
+from diffusion_blend.testbeds.gmm import (
     GaussianMixture,
     MixtureDenoiser,
     QuadraticForm,

@@ -12,11 +12,8 @@ import torch
 from diffusion_blend import cli
 from diffusion_blend.preference import Preference
 from diffusion_blend.sampling import make_scheduler
-from diffusion_blend.studies.gmm_study import path_kl, study_cases, study_testbed
-from diffusion_blend.testbeds import GaussianMixture, QuadraticForm
-
-
-
+from diffusion_blend.testbeds.gmm import GaussianMixture, QuadraticForm
+from diffusion_blend.testbeds.gmm.study import path_kl, study_cases, study_testbed
 
 SCHEDULER = make_scheduler("ddim")
 

@@ -10,15 +10,18 @@ numbers themselves are identical).
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_pathwise import gaussian_target, stochastic_ddim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusion_blend import lora
 from diffusion_blend.adapters import base_fingerprint, read_adapter
-from diffusion_blend.pipelines.finetune import sd_finetune_target, unet_architecture
+from diffusion_blend.pipelines.lora_files import unet_architecture
+from diffusion_blend.pipelines.sd_target import sd_finetune_target
+from diffusion_blend.pipelines.tiny import tiny_sd_pipeline
 from diffusion_blend.rewards import get_reward
+from diffusion_blend.testbeds.gmm.distributed_run import tiny_config, tiny_target
 from diffusion_blend.training.config import DPOKConfig
 from diffusion_blend.training.dpok import (
     adapter_pair,
@@ -27,9 +30,6 @@ from diffusion_blend.training.dpok import (
     rollout,
     score_rewards,
 )
-from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
-from test_pathwise import gaussian_target, stochastic_ddim
-from tiny_sd import tiny_sd_pipeline
 
 PROMPTS = ["a cat", "a red house", "a dog"]
 TOL = dict(atol=1e-5, rtol=1e-4)

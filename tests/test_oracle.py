@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.evaluation.oracle import achieved_fraction, best_objective, importance_weighted_oracle
+from diffusion_blend.evaluation.oracle import (
+    achieved_fraction,
+    best_objective,
+    importance_weighted_oracle,
+)
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.preference import Preference
 

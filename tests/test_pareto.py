@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.evaluation.pareto import common_reference_point, hypervolume, non_dominated_mask, pareto_front
+from diffusion_blend.evaluation.pareto import (
+    common_reference_point,
+    hypervolume,
+    non_dominated_mask,
+    pareto_front,
+)
 
 
 def test_non_dominated_2d_by_hand():

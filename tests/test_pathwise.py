@@ -14,9 +14,10 @@ from torch import nn
 
 from diffusion_blend import lora
 from diffusion_blend.errors import DiffusionBlendError, RewardError
-from diffusion_blend.sampling import make_scheduler
-from diffusion_blend.training.config import FinetuneTarget
 from diffusion_blend.preference import BASE
+from diffusion_blend.sampling import make_scheduler
+from diffusion_blend.testbeds.gmm.distributed_run import tiny_config, tiny_target
+from diffusion_blend.training.config import FinetuneTarget
 from diffusion_blend.training.dpok import (
     ADAPTER_NAME,
     TrainingInterrupted,
@@ -25,7 +26,6 @@ from diffusion_blend.training.dpok import (
     finetune,
     rollout,
 )
-from diffusion_blend.verify.distributed_run import tiny_config, tiny_target
 
 
 def stochastic_ddim():

@@ -7,7 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffusion_blend.preference import BASE, Preference, PreferenceError, blend_predictions
+from diffusion_blend.preference import (
+    BASE,
+    Preference,
+    PreferenceError,
+    blend_predictions,
+)
 
 finite = st.floats(min_value=-5, max_value=5, allow_nan=False)
 scales = st.floats(min_value=0, max_value=5, allow_nan=False)

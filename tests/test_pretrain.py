@@ -7,12 +7,10 @@ import torch
 from torch import nn
 
 from diffusion_blend.cli import main
-from diffusion_blend.digits.model import load_digits_model
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.sampling import as_generator, make_scheduler
+from diffusion_blend.testbeds.digits.model import load_digits_model
 from diffusion_blend.training.pretrain import denoising_loss, pretrain_denoiser
-
-
 
 
 class TinyMLP(nn.Module):

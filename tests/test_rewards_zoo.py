@@ -18,14 +18,24 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer  # noqa: E402
 
 from diffusion_blend.errors import RewardError
 from diffusion_blend.rewards import available_rewards, get_reward
-from diffusion_blend.rewards.clip import AestheticHead, load_aesthetic_head, save_aesthetic_head
-from diffusion_blend.rewards.hpsv2 import convert_hpsv2_checkpoint, open_clip_to_transformers
-from diffusion_blend.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
-
-from transformers import CLIPConfig, CLIPModel, CLIPTokenizer  # noqa: E402
+from diffusion_blend.rewards.clip import (
+    AestheticHead,
+    load_aesthetic_head,
+    save_aesthetic_head,
+)
+from diffusion_blend.rewards.hpsv2 import (
+    convert_hpsv2_checkpoint,
+    open_clip_to_transformers,
+)
+from diffusion_blend.rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    clip_preprocess,
+)
 
 WIDTH, HEADS, LAYERS, EMBED, IMAGE, PATCH, CONTEXT = 32, 4, 2, 16, 32, 8, 16
 PROMPTS = ["a cat", "a red dog"]

@@ -14,24 +14,24 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 from safetensors import safe_open
 
 from diffusion_blend import lora
-from diffusion_blend.preference import Preference
 from diffusion_blend.adapters import base_fingerprint
 from diffusion_blend.cli import main
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.pipelines import BlendStableDiffusionPipeline
-from diffusion_blend.pipelines.finetune import (
+from diffusion_blend.pipelines.lora_files import (
     DIFFUSERS_LORA_NAME,
     export_run_adapter,
     read_diffusers_lora_metadata,
-    read_prompts,
-    sd_finetune_target,
     unet_architecture,
 )
+from diffusion_blend.pipelines.prompts import read_prompts
+from diffusion_blend.pipelines.sd_target import sd_finetune_target
+from diffusion_blend.pipelines.tiny import tiny_sd_pipeline
+from diffusion_blend.preference import Preference
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.sampling import sample
 from diffusion_blend.training.config import DPOKConfig
 from diffusion_blend.training.dpok import adapter_pair, finetune, rollout
-from tiny_sd import tiny_sd_pipeline
 
 GUIDANCE, STEPS, SEED = 4.0, 4, 3
 PROMPTS = ["a cat", "a red house"]
@@ -232,8 +232,10 @@ def test_finetune_help_prints_per_target_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     text = capsys.readouterr().out
-    assert "per-target defaults" in text and "sd: batch_size=8, minibatch_size=2" in text
-    assert "num_inference_steps=50" in text and "--gradient-checkpointing" in text
+    assert "per-target defaults" in text and "--gradient-checkpointing" in text
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and line.split()}
+    assert "batch_size=8, minibatch_size=2" in rows["sd"] and "num_inference_steps=50" in rows["sd"]
+    assert "num_inference_steps=10" in rows["sd3"] and "32/64" in rows["flux"]
 
 
 def test_sdxl_adapter_round_trips_into_stock_sdxl_and_the_blend_pipeline(tmp_path):
@@ -243,7 +245,7 @@ def test_sdxl_adapter_round_trips_into_stock_sdxl_and_the_blend_pipeline(tmp_pat
     from diffusers import StableDiffusionXLPipeline
 
     from diffusion_blend.pipelines import BlendStableDiffusionXLPipeline
-    from tiny_sd import tiny_sdxl_pipeline
+    from diffusion_blend.pipelines.tiny import tiny_sdxl_pipeline
 
     pipe = tiny_sdxl_pipeline(tmp_path)
     pipe.save_pretrained(tmp_path / "base")

@@ -1,4 +1,4 @@
-"""Stable Diffusion (XL) blend pipelines on tiny offline components (tests/tiny_sd.py).
+"""Stable Diffusion (XL) blend pipelines on tiny offline components (diffusion_blend.pipelines.tiny).
 
 Independent truths: stock diffusers with one adapter active (``set_adapters``) or adapters disabled
 (``disable_lora``); a hand-written sequential blend (``set_adapters`` per member, separate forwards, hand-computed
@@ -13,16 +13,32 @@ import os
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
-from tiny_sd import ATTENTION_PROJECTIONS, perturbed_lora, save_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, write_adapters
 
 from diffusion_blend.cli import main
 from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
-from diffusion_blend.pipelines import BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline
+from diffusion_blend.pipelines import (
+    BlendStableDiffusionPipeline,
+    BlendStableDiffusionXLPipeline,
+)
+from diffusion_blend.pipelines.tiny import (
+    ATTENTION_PROJECTIONS,
+    perturbed_lora,
+    save_pipeline,
+    tiny_sd_pipeline,
+    tiny_sdxl_pipeline,
+    write_adapters,
+)
 from diffusion_blend.preference import Preference, PreferenceError
+from diffusion_blend.smc import SMCOptions
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 SEEDS = {"aesthetic": 1, "align": 2, "safety": 3}
@@ -314,10 +330,10 @@ def test_cli_mismatched_adapters_exit_2_with_one_line(sd_files, sdxl_files, tmp_
     bad_rank = tmp_path / "bad_rank.safetensors"
     save_file(broken, bad_rank)
     cases = {
-        "cannot read": ["--adapter", f"aesthetic={corrupted}"],
+        "not a safetensors file": ["--adapter", f"aesthetic={corrupted}"],
         "does not fit": ["--adapter", f"aesthetic={other_base}"],
         "rank": ["--adapter", f"aesthetic={bad_rank}"],
-        "no such file": ["--adapter", f"aesthetic={tmp_path / 'missing.safetensors'}"],
+        "does not exist": ["--adapter", f"aesthetic={tmp_path / 'missing.safetensors'}"],
     }
     for expected, adapter in cases.items():
         code = main(["sample", "--base", str(root / "base"), *adapter, "--adapter", f"align={files['align']}",
@@ -427,14 +443,14 @@ def test_smc_with_one_particle_is_the_blend_in_the_stock_loop(sd_pipe):
     """method='smc', N = 1: the stock diffusers loop with the DB-MPA blend (same noise stream, CFG commutes)."""
     preference = Preference({"aesthetic": 0.4, "align": 0.6})
     blend = run(sd_pipe, seed=3, preference=preference, method="mpa")
-    smc = run(sd_pipe, seed=3, preference=preference, method="smc", reward=_mean_red, alpha=0.1, particles=1)
+    smc = run(sd_pipe, seed=3, preference=preference, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), )
     assert torch.allclose(smc, blend, atol=BATCHED_VS_SEQUENTIAL_ATOL)
     assert sd_pipe.last_smc.network_evaluations == 3 * CALL["num_inference_steps"]  # 2 experts + the base
 
 
 def test_smc_particles_report_cost_and_refuse_bad_input(sd_pipe):
     preference = Preference({"aesthetic": 0.5, "align": 0.5})
-    out = run(sd_pipe, seed=1, preference=preference, method="smc", reward=_mean_red, alpha=0.05, particles=3,
+    out = run(sd_pipe, seed=1, preference=preference, method="smc", reward=_mean_red, alpha=0.05, smc=SMCOptions(particles=3), 
               prompt=["a cat", "a dog"])
     assert out.shape[0] == 2 and torch.isfinite(out).all()
     stats = sd_pipe.last_smc
@@ -460,8 +476,9 @@ def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_p
     rewards = ["--reward", "aesthetic=brightness", "--reward", "align=saturation"]
     assert cli(sd_files, tmp_path / "smc", "--method", "smc", "--particles", "2", "--alpha", "0.5", *rewards) == 0
     settings = json.loads((tmp_path / "smc" / "settings.json").read_text())
-    assert settings["method"] == "smc" and settings["particles"] == 2 and settings["smc_alpha"] == 0.5
-    assert settings["rewards"] == {"aesthetic": "brightness", "align": "saturation"}
+    assert settings["method"] == "smc" and settings["smc"]["particles"] == 2 and settings["smc_alpha"] == 0.5
+    assert {name: e["reward"] for name, e in settings["experts"].items()} == {"aesthetic": "brightness",
+                                                                             "align": "saturation"}
     assert settings["network_evaluations_per_image"] == 3 * 2 * 3 and len(settings["final_ess"]) == 2
     brightness, saturation = get_reward("brightness"), get_reward("saturation")
 
@@ -475,13 +492,13 @@ def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_p
     pipe.set_progress_bar_config(disable=True)
     assert cli(sd_files, tmp_path / "twisted", "--method", "smc", "--particles", "2", "--alpha", "0.5", *rewards,
                "--smc-proposal", "twisted") == 0
-    assert json.loads((tmp_path / "twisted" / "settings.json").read_text())["smc_proposal"] == "twisted"
-    assert settings["smc_proposal"] == "blend" and settings["smc_proposal_tilt"] == 1.0
+    assert json.loads((tmp_path / "twisted" / "settings.json").read_text())["smc"]["proposal"] == "twisted"
+    assert settings["smc"]["proposal"] == "blend" and settings["smc"]["proposal_tilt"] == 1.0
     images = {}
     for proposal, run_dir in (("blend", "smc"), ("twisted", "twisted")):
         expected = pipe(["a cat"] * 2, preference=Preference({"aesthetic": 0.3, "align": 0.7}), method="smc",
-                        reward=r_w, alpha=0.5, particles=2, generator=7, num_inference_steps=3, guidance_scale=7.5,
-                        eta=1.0, output_type="np", proposal=proposal).images
+                        reward=r_w, alpha=0.5, smc=SMCOptions(particles=2, proposal=proposal), generator=7, num_inference_steps=3, guidance_scale=7.5,
+                        eta=1.0, output_type="np", ).images
         saved = np.stack([np.asarray(Image.open(tmp_path / run_dir / name)) for name in settings["images"]])
         assert np.abs(saved.astype(int) - (expected * 255).round().astype(int)).max() <= 1, proposal
         images[proposal] = saved

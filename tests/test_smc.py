@@ -10,11 +10,24 @@ import torch
 
 from diffusion_blend.denoisers import BlendedDenoiser, CallableFamily
 from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.evaluation.sweep import CountingFamily, gmm_setting
+from diffusion_blend.evaluation.sweep import CountingFamily
 from diffusion_blend.preference import BASE, Preference
 from diffusion_blend.sampling import make_scheduler, sample, transition_distribution
-from diffusion_blend.smc import effective_sample_size, smc_sample, systematic_resample, twisted_mean
-from diffusion_blend.testbeds import GaussianMixture, QuadraticForm, combined_reward, ideal_family, tilted_target
+from diffusion_blend.smc import (
+    SMCOptions,
+    effective_sample_size,
+    smc_sample,
+    systematic_resample,
+    twisted_mean,
+)
+from diffusion_blend.testbeds.gmm import (
+    GaussianMixture,
+    QuadraticForm,
+    combined_reward,
+    ideal_family,
+    tilted_target,
+)
+from diffusion_blend.testbeds.gmm.setting import gmm_setting
 
 F64 = torch.float64
 ALPHA = 0.25
@@ -57,7 +70,7 @@ def test_smc_converges_to_the_exact_tilted_target(proposal, potential, tilt) -> 
     errors = {}
     for n in (1, 8, 64):
         out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0,
-                         particles=n, proposal=proposal, potential=potential, proposal_tilt=tilt, shape=(400, 1),
+                         options=SMCOptions(particles=n, proposal=proposal, potential=potential, proposal_tilt=tilt), shape=(400, 1),
                          num_inference_steps=50, progress=False, dtype=F64)
         samples = out.samples.flatten()
         errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
@@ -134,7 +147,7 @@ def test_twisted_proposal_evens_the_path_weights_of_continuous_time_experts() ->
     ess = {}
     for proposal in ("blend", "twisted"):
         out = smc_sample(setting.family, preference, setting.scheduler_factory(), reward=reward, alpha=setting.alpha,
-                         generator=0, particles=2000, proposal=proposal, potential="none", ess_threshold=0.0,
+                         generator=0, options=SMCOptions(particles=2000, proposal=proposal, potential="none", ess_threshold=0.0), 
                          shape=(1, 2), num_inference_steps=20, progress=False)
         ess[proposal] = float(out.final_ess[0]) / 2000
     assert ess["twisted"] > 0.4 and ess["twisted"] > 3 * ess["blend"], ess
@@ -144,13 +157,15 @@ def test_exact_target_as_proposal_gives_uniform_weights() -> None:
     steps = 12
     family, preference, reward, exact = gaussian_chain(steps)
     latents = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
-    common = dict(reward=reward, alpha=ALPHA, generator=0, particles=16, latents=latents, num_inference_steps=steps,
-                  progress=False, dtype=F64, ess_threshold=0.0)
+    common = dict(reward=reward, alpha=ALPHA, generator=0, latents=latents, num_inference_steps=steps,
+                  progress=False, dtype=F64)
     for potential in ("tweedie", "none"):
-        out = smc_sample(family, preference, stochastic_ddim(), proposal=exact, potential=potential, **common)
+        out = smc_sample(family, preference, stochastic_ddim(), **common,
+                         options=SMCOptions(particles=16, proposal=exact, potential=potential, ess_threshold=0.0))
         assert (out.log_weights + math.log(16)).abs().max() < 1e-8  # uniform final weights in every group
         assert torch.allclose(out.final_ess, torch.full((50,), 16.0, dtype=F64))
-    blend = smc_sample(family, preference, stochastic_ddim(), proposal="blend", **common)
+    blend = smc_sample(family, preference, stochastic_ddim(), options=SMCOptions(particles=16, ess_threshold=0.0),
+                       **common)
     assert float(blend.final_ess.mean()) < 15.0  # the discrete blend is not the exact tilted chain: weights differ
 
 
@@ -162,12 +177,14 @@ def test_experts_potential_with_the_exact_tilted_chain_as_expert_keeps_every_wei
     family, preference, reward, exact = gaussian_chain(steps)
     exact_family = CallableFamily(family.member(BASE), {"right": exact})
     latents = torch.randn(50, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
-    common = dict(reward=reward, alpha=ALPHA, generator=0, particles=n, latents=latents, num_inference_steps=steps,
-                  progress=False, dtype=F64, ess_threshold=0.0)
-    experts = smc_sample(exact_family, preference, stochastic_ddim(), potential="experts", **common)
+    common = dict(reward=reward, alpha=ALPHA, generator=0, latents=latents, num_inference_steps=steps,
+                  progress=False, dtype=F64)
+    experts = smc_sample(exact_family, preference, stochastic_ddim(), **common,
+                         options=SMCOptions(particles=n, potential="experts", ess_threshold=0.0))
     assert torch.allclose(experts.ess_history, torch.full_like(experts.ess_history, float(n)), atol=1e-6)
     assert experts.reward_evaluations == n  # r_w once per particle, at x_0 only
-    plain = smc_sample(exact_family, preference, stochastic_ddim(), potential="none", **common)
+    plain = smc_sample(exact_family, preference, stochastic_ddim(), **common,
+                       options=SMCOptions(particles=n, potential="none", ess_threshold=0.0))
     assert float(plain.ess_history[steps // 2].mean()) < 0.5 * n  # path ratios alone: uneven halfway
     assert torch.allclose(plain.final_ess, torch.full((50,), float(n), dtype=F64))  # ... uniform at the end
 
@@ -182,7 +199,7 @@ def test_experts_potential_step_weight_is_the_jensen_gap_of_the_blend() -> None:
     for preference in (PREFERENCE, Preference({"right": 0.3, "bump": 0.7}, 0.6)):
         family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
         out = smc_sample(family, preference, stochastic_ddim(), reward=combined_reward(rewards, preference),
-                         alpha=ALPHA, generator=2, particles=n, potential="experts", ess_threshold=0.0,
+                         alpha=ALPHA, generator=2, options=SMCOptions(particles=n, potential="experts", ess_threshold=0.0), 
                          particle_latents=particle_latents, num_inference_steps=steps, progress=False, dtype=F64)
         scheduler = stochastic_ddim()
         scheduler.set_timesteps(steps)
@@ -207,8 +224,8 @@ def test_base_proposal_without_potential_is_importance_resampling() -> None:
     family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
     reward = combined_reward(rewards, PREFERENCE)
     n, batch, steps = 8, 30, 10
-    out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=7, particles=n,
-                     proposal="base", potential="none", ess_threshold=0.0, shape=(batch, 1), num_inference_steps=steps,
+    out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=7, options=SMCOptions(particles=n, proposal="base", potential="none", ess_threshold=0.0), 
+                     shape=(batch, 1), num_inference_steps=steps,
                      progress=False, dtype=F64)
     reference = sample(family.member(BASE), stochastic_ddim(), generator=7, shape=(n * batch, 1),
                        num_inference_steps=steps, record_trajectory=True, progress=False, dtype=F64).samples
@@ -224,9 +241,10 @@ def test_potential_choice_does_not_change_the_final_weights() -> None:
     """Telescoping: without intermediate resampling the final weight is dP*/dQ for any potential h."""
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
-    common = dict(reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA, generator=1, particles=6,
-                  ess_threshold=0.0, shape=(20, 1), num_inference_steps=8, progress=False, dtype=F64)
-    runs = [smc_sample(family, PREFERENCE, stochastic_ddim(), potential=p, potential_every=e, **common)
+    common = dict(reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA, generator=1, shape=(20, 1),
+                  num_inference_steps=8, progress=False, dtype=F64)
+    runs = [smc_sample(family, PREFERENCE, stochastic_ddim(), **common,
+                       options=SMCOptions(particles=6, potential=p, potential_every=e, ess_threshold=0.0))
             for p, e in (("none", 1), ("tweedie", 1), ("tweedie", 3), ("experts", 1))]
     for other in runs[1:]:
         assert torch.equal(other.particles, runs[0].particles)
@@ -239,7 +257,7 @@ def test_one_particle_is_the_blend_sampler(tilt) -> None:
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
     out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
-                     generator=4, particles=1, proposal_tilt=tilt, shape=(16, 1), num_inference_steps=6,
+                     generator=4, options=SMCOptions(particles=1, proposal_tilt=tilt), shape=(16, 1), num_inference_steps=6,
                      progress=False, dtype=F64)
     tilted = Preference(PREFERENCE.weights, tilt * PREFERENCE.kl_scale)
     blend = sample(BlendedDenoiser(family, tilted), stochastic_ddim(), generator=4, shape=(16, 1),
@@ -262,8 +280,8 @@ def test_cost_accounting(proposal, members, potential, every, reward_calls) -> N
         return rw(x)
 
     n, batch, steps = 4, 5, 6
-    out = smc_sample(counting, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0, particles=n,
-                     proposal=proposal, potential=potential, potential_every=every, shape=(batch, 1),
+    out = smc_sample(counting, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0, options=SMCOptions(particles=n, proposal=proposal, potential=potential, potential_every=every), 
+                     shape=(batch, 1),
                      num_inference_steps=steps, progress=False)
     assert counting.rows == members * n * batch * steps
     assert out.network_evaluations == members * n * steps
@@ -301,7 +319,7 @@ def test_refusals_are_one_line() -> None:
                 dict(potential_every=0), dict(proposal="base", potential="experts"), dict(proposal_tilt=0.0),
                 dict(proposal_tilt=float("nan")), dict(proposal="base", proposal_tilt=2.0)):
         with pytest.raises(DiffusionBlendError) as info:
-            smc_sample(family, PREFERENCE, stochastic_ddim(), **bad, **common)
+            SMCOptions(**bad)  # refused where the options enter, once
         assert "\n" not in str(info.value)
     with pytest.raises(DiffusionBlendError, match="alpha"):
         smc_sample(family, PREFERENCE, stochastic_ddim(), **{**common, "alpha": 0.0})
@@ -313,7 +331,12 @@ def test_sweep_cells_report_cost_and_ess(tmp_path) -> None:
     """`dblend evaluate --methods smc,fk`: NFE (blend over two experts + the base: 3 members), basis-reward
     evaluations (2 rewards x N x (steps + 1)) and one final ESS per sample, through the shared sweep and the CLI."""
     from diffusion_blend.cli import main
-    from diffusion_blend.evaluation.sweep import Cell, SweepConfig, fingerprint, run_cell
+    from diffusion_blend.evaluation.sweep import (
+        Cell,
+        SweepConfig,
+        fingerprint,
+        run_cell,
+    )
 
     setting = gmm_setting(num_inference_steps=4)
     preference = Preference({"right": 0.5, "corner": 0.5}, 1.0)
@@ -351,10 +374,12 @@ def test_sweep_cells_report_cost_and_ess(tmp_path) -> None:
 
 def test_smc_study_writes_rows_and_plot(tmp_path) -> None:
     """The oracle-fraction study: one row per method, w and N; FK at equal NFE gets 3N particles (2 experts + base)."""
-    from diffusion_blend.studies.smc_study import SMCStudyConfig, gmm_inputs, run_smc_study
+    from diffusion_blend.evaluation.smc_study import SMCStudyConfig, run_smc_study
 
     config = SMCStudyConfig(weights=(0.5,), particles=(2,), seeds=(0,), samples_per_seed=4)
-    setting, preferences, base_reward, gains, first = gmm_inputs(config, steps=3, alpha=1.0)
+    from diffusion_blend.testbeds.gmm.setting import smc_study_inputs
+
+    setting, preferences, base_reward, gains, first = smc_study_inputs(config, steps=3, alpha=1.0)
     rows = run_smc_study(setting, preferences, base_reward, gains, first, tmp_path, config, progress=False)
     by_method = {row["method"]: row for row in rows}
     assert set(by_method) == {"mpa", "ls", "smc", "fk", "fk-equal"}

@@ -20,8 +20,8 @@ from diffusion_blend.denoisers import BlendedDenoiser
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.preference import BASE, Preference
 from diffusion_blend.sampling import FlowMatchSDEScheduler, model_transition, sample
-from diffusion_blend.smc import smc_sample
-from diffusion_blend.testbeds import (
+from diffusion_blend.smc import SMCOptions, smc_sample
+from diffusion_blend.testbeds.gmm import (
     GaussianMixture,
     MixtureVelocity,
     QuadraticForm,
@@ -60,8 +60,8 @@ def test_smc_on_the_flow_sde_converges_to_the_exact_tilted_target(proposal) -> N
     target_mean, target_variance = moments(tilted_target(base, rewards, PREFERENCE, ALPHA))
     errors = {}
     for n in (1, 8, 64):
-        out = smc_sample(family, PREFERENCE, sde(), reward=reward, alpha=ALPHA, generator=0, particles=n,
-                         proposal=proposal, shape=(400, 1), num_inference_steps=50, eta=LEVEL, progress=False,
+        out = smc_sample(family, PREFERENCE, sde(), reward=reward, alpha=ALPHA, generator=0, options=SMCOptions(particles=n, proposal=proposal), 
+                         shape=(400, 1), num_inference_steps=50, eta=LEVEL, progress=False,
                          dtype=F64)
         samples = out.samples.flatten()
         errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
@@ -109,12 +109,13 @@ def test_exact_tilted_flow_chain_as_proposal_gives_uniform_weights() -> None:
     steps = 12
     family, preference, reward, exact = tilted_flow_chain(steps)
     latents = torch.randn(40, 2, generator=torch.Generator().manual_seed(3), dtype=F64)
-    common = dict(reward=reward, alpha=ALPHA, generator=0, particles=16, latents=latents, num_inference_steps=steps,
-                  eta=LEVEL, progress=False, dtype=F64, ess_threshold=0.0)
+    common = dict(reward=reward, alpha=ALPHA, generator=0, latents=latents, num_inference_steps=steps,
+                  eta=LEVEL, progress=False, dtype=F64)
     for potential in ("tweedie", "none"):
-        out = smc_sample(family, preference, sde(), proposal=exact, potential=potential, **common)
+        out = smc_sample(family, preference, sde(), **common,
+                         options=SMCOptions(particles=16, proposal=exact, potential=potential, ess_threshold=0.0))
         assert (out.log_weights + math.log(16)).abs().max() < 1e-8  # uniform final weights in every group
-    blend = smc_sample(family, preference, sde(), proposal="blend", **common)
+    blend = smc_sample(family, preference, sde(), options=SMCOptions(particles=16, ess_threshold=0.0), **common)
     assert float(blend.final_ess.mean()) < 15.0  # the discrete blend is not the exact tilted chain: weights differ
 
 
@@ -122,14 +123,14 @@ def test_one_particle_is_the_blend_on_the_flow_sde() -> None:
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, sde())
     out = smc_sample(family, PREFERENCE, sde(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
-                     generator=4, particles=1, shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
+                     generator=4, options=SMCOptions(particles=1), shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
                      dtype=F64)
     blend = sample(BlendedDenoiser(family, PREFERENCE), sde(), generator=4, shape=(16, 1), num_inference_steps=6,
                    eta=LEVEL, record_trajectory=True, progress=False, dtype=F64).samples
     assert torch.equal(out.samples, blend)
     # a separate step-noise stream: x_T still from the generator, the steps from noise_generator
     split = smc_sample(family, PREFERENCE, sde(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
-                       generator=4, particles=1, shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
+                       generator=4, options=SMCOptions(particles=1), shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
                        dtype=F64, noise_generator=torch.Generator().manual_seed(99))
     assert not torch.equal(split.samples, blend)
 

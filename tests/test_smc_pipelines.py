@@ -1,4 +1,4 @@
-"""method='smc' on the SDXL, SD3 and FLUX blend pipelines (tiny offline components: tests/tiny_sd.py, tests/tiny_flow.py).
+"""method='smc' on the SDXL, SD3 and FLUX blend pipelines (tiny offline components: diffusion_blend.pipelines.tiny).
 
 Independent truths: with ONE particle SMC is the blend sampler, so it must equal the stock diffusers loop running the
 DB-MPA blend (``method="mpa"``: the stock loop with the blended forward, itself tested against hand-written sequential
@@ -16,14 +16,30 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
-from tiny_flow import tiny_flux_pipeline, tiny_sd3_pipeline, write_transformer_adapters
-from tiny_sd import save_pipeline, tiny_sdxl_pipeline, write_adapters
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+)
 
 from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.pipelines import BlendFluxPipeline, BlendStableDiffusion3Pipeline, BlendStableDiffusionXLPipeline
+from diffusion_blend.pipelines import (
+    BlendFluxPipeline,
+    BlendStableDiffusion3Pipeline,
+    BlendStableDiffusionXLPipeline,
+)
+from diffusion_blend.pipelines.tiny import (
+    save_pipeline,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
+    write_adapters,
+    write_transformer_adapters,
+)
 from diffusion_blend.preference import Preference
 from diffusion_blend.sampling import FlowMatchSDEScheduler
+from diffusion_blend.smc import SMCOptions
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 STEPS, SIZE = 3, 16
@@ -104,19 +120,19 @@ def test_one_particle_is_the_db_mpa_blend_in_the_stock_loop(which, request):
     outputs = {}
     for output_type in ("latent", "np"):
         blend = run(pipe, 3, preference=DB_MPA, method="mpa", output_type=output_type, **extra)
-        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
+        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
                   output_type=output_type, **extra)
         blend, smc = (torch.as_tensor(np.asarray(v)) for v in (blend, smc))
         assert smc.shape == blend.shape
         assert torch.allclose(smc, blend, atol=ATOL), float((smc - blend).abs().max())
         outputs[output_type] = smc
     assert pipe.last_smc.network_evaluations == 3 * STEPS  # 2 experts + the base, one particle
-    other = run(pipe, 4, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
+    other = run(pipe, 4, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
                 output_type="latent", **extra)
     assert (other - outputs["latent"]).abs().max() > 1e-2  # the seed matters: the comparison is not vacuous
     if which != "flux":  # a negative prompt reaches the unconditional branch as in the stock loop
         blend = run(pipe, 3, preference=DB_MPA, method="mpa", output_type="latent", negative_prompt="blurry", **extra)
-        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
+        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
                   output_type="latent", negative_prompt="blurry", **extra)
         assert torch.allclose(smc, blend, atol=ATOL) and (smc - outputs["latent"]).abs().max() > 1e-3
 
@@ -136,7 +152,7 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
 
     counter = RowCounter(pipe.unet if which == "sdxl" else pipe.transformer)
     try:
-        out = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, particles=3,
+        out = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, smc=SMCOptions(particles=3), 
                   prompt=["a cat", "a dog"], output_type="latent", **extra)
     finally:
         counter.remove()
@@ -150,7 +166,7 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
     # one batched forward per step (members x particles x prompts x CFG rows) gives the same images
     counter = RowCounter(pipe.unet if which == "sdxl" else pipe.transformer)
     try:
-        batched = run(pipe, 1, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.05, particles=3,
+        batched = run(pipe, 1, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.05, smc=SMCOptions(particles=3), 
                       prompt=["a cat", "a dog"], output_type="latent", routing="batched", **extra)
     finally:
         counter.remove()
@@ -158,8 +174,8 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
     assert torch.allclose(batched, out, atol=ATOL)
     # the experts' potential: the same network rows, r_w only at x_0 (no decode before the end)
     calls.clear()
-    experts = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, particles=3,
-                  prompt=["a cat", "a dog"], output_type="latent", potential="experts", **extra)
+    experts = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, smc=SMCOptions(particles=3, potential="experts"), 
+                  prompt=["a cat", "a dog"], output_type="latent", **extra)
     assert torch.isfinite(experts).all() and len(calls) == 1
     assert pipe.last_smc.network_evaluations == 3 * 3 * STEPS and pipe.last_smc.reward_evaluations == 3
 
@@ -168,7 +184,7 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
 def test_flow_smc_refuses_the_ode_and_noise_level_zero(which, request):
     pipe = request.getfixturevalue(f"{which}_pipe")
     sde = pipe.scheduler
-    common = dict(preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=2, output_type="latent")
+    common = dict(preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=2), output_type="latent")
     try:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sde.config)
         with pytest.raises(DiffusionBlendError, match="Euler ODE.*FlowMatchSDEScheduler") as info:
@@ -200,7 +216,8 @@ def test_flux_without_guidance_embedding_runs_like_its_stock_loop(tmp_path):
     """FLUX-schnell-style transformers take no guidance input: the shared forward passes none (as the stock loop) and
     N = 1 is still the DB-MPA stock loop."""
     from diffusers import FluxTransformer2DModel
-    from tiny_flow import perturbed_transformer_lora
+
+    from diffusion_blend.pipelines.tiny import perturbed_transformer_lora
 
     stock = tiny_flux_pipeline(tmp_path)
     torch.manual_seed(1)
@@ -214,7 +231,7 @@ def test_flux_without_guidance_embedding_runs_like_its_stock_loop(tmp_path):
     pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=0.7)
     pipe.set_progress_bar_config(disable=True)
     blend = run(pipe, 5, preference=DB_MPA, method="mpa", output_type="latent", guidance_scale=0.0)
-    smc = run(pipe, 5, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, particles=1,
+    smc = run(pipe, 5, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
               output_type="latent", guidance_scale=0.0)
     assert torch.allclose(smc, blend, atol=ATOL)
 

@@ -52,9 +52,9 @@ def free_port() -> int:
 def experts(tmp_path_factory):
     """Two distinct (randomly perturbed, not trained) adapters on the committed digits base, saved like real ones."""
     from diffusion_blend.adapters import save_adapter
-    from diffusion_blend.digits.model import lora_target_modules
-    from diffusion_blend.digits.train import load_default_digits_model
     from diffusion_blend.lora import add_lora, lora_layers
+    from diffusion_blend.testbeds.digits.model import lora_target_modules
+    from diffusion_blend.testbeds.digits.train import load_default_digits_model
 
     folder = tmp_path_factory.mktemp("adapters")
     model = load_default_digits_model(progress=False)
@@ -72,8 +72,8 @@ def experts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(experts):
+    from diffusion_blend.testbeds.digits.studio import digits_studio
     from diffusion_blend.ui.app import build_app, launch
-    from diffusion_blend.ui.digits import digits_studio
 
     folder, paths = experts
     studio = digits_studio(paths, num_images=16, num_inference_steps=20)

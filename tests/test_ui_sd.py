@@ -14,13 +14,22 @@ from diffusion_blend.adapters import AdapterMetadata, base_fingerprint
 from diffusion_blend.cli import build_parser, main
 from diffusion_blend.commands.ui import sd_studio
 from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
-from diffusion_blend.pipelines.finetune import export_diffusers_lora, unet_architecture
+from diffusion_blend.pipelines.lora_files import (
+    export_diffusers_lora,
+    unet_architecture,
+)
+from diffusion_blend.pipelines.session import BlendSession
+from diffusion_blend.pipelines.tiny import (
+    ATTENTION_PROJECTIONS,
+    perturbed_lora,
+    save_diffusers_lora,
+    tiny_sd_pipeline,
+)
 from diffusion_blend.preference import Preference, PreferenceError
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.ui.app import MPA_LABEL, build_app
-from diffusion_blend.ui.stable_diffusion import stable_diffusion_studio
+from diffusion_blend.ui.pipeline_studio import PipelineStudio
 from diffusion_blend.ui.studio import image_grid
-from tiny_sd import ATTENTION_PROJECTIONS, perturbed_lora, save_diffusers_lora, tiny_sd_pipeline
 
 STEPS, GUIDANCE, IMAGES = 3, 3.0, 2
 
@@ -60,13 +69,16 @@ def files(tmp_path_factory):
     return root
 
 
+def open_studio(base, adapters, rewards=None, alpha=None, **kwargs):
+    """What ``dblend ui --sd-base`` builds: a blend session and the studio over it."""
+    return PipelineStudio(BlendSession.open(base, adapters, rewards=rewards, alpha=alpha), **kwargs)
+
+
 @pytest.fixture(scope="module")
 def studio(files):
-    return stable_diffusion_studio(
-        files / "base", {"small": files / "small.safetensors", "big": files / "big.safetensors"},
-        reward_names={"big": "jpeg_incompressibility"}, num_images=IMAGES, num_inference_steps=STEPS,
-        guidance_scale=GUIDANCE,
-    )
+    return open_studio(files / "base", {"small": files / "small.safetensors", "big": files / "big.safetensors"},
+                       rewards={"big": "jpeg_incompressibility"}, num_images=IMAGES, steps=STEPS,
+                       guidance_scale=GUIDANCE)
 
 
 def stock_images(files, adapter, prompt="a cat", seed=5):
@@ -74,8 +86,9 @@ def stock_images(files, adapter, prompt="a cat", seed=5):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(files / f"{adapter}.safetensors", adapter_name=adapter)
-    return pipe(prompt, num_images_per_prompt=IMAGES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=1.0,
-                generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(IMAGES)]  # image k: seed + k, as the CLI
+    return pipe([prompt] * IMAGES, num_inference_steps=STEPS, guidance_scale=GUIDANCE, eta=1.0, generator=generators,
+                output_type="pt").images
 
 
 def test_studio_reads_rewards_from_metadata_or_mapping(studio):
@@ -130,14 +143,14 @@ def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, file
     """Both experts carry metadata (effective alphas 1 and 2/2): the studio offers SMC; N = 2 particles per image cost
     3 members (2 experts + the base) x 2 x steps rows per image; SMC needs DB-MPA; a foreign LoRA (no alpha) or
     experts of different alphas leave the studio without SMC, and the app says so in its status line."""
-    kwargs = dict(num_images=IMAGES, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
-    smc_studio = stable_diffusion_studio(
+    kwargs = dict(num_images=IMAGES, steps=STEPS, guidance_scale=GUIDANCE)
+    smc_studio = open_studio(
         files / "base", {"small": files / "small.safetensors", "busy": files / "busy.safetensors"}, **kwargs)
     assert smc_studio.supports_smc and smc_studio.alpha == pytest.approx(1.0)
     preference = Preference({"small": 0.5, "busy": 0.5})
     plain = smc_studio.generate(preference, "mpa", 3, "a cat")
     result = smc_studio.generate(preference, "mpa", 3, "a cat", particles=2)
-    stats = smc_studio.pipe.last_smc
+    stats = smc_studio.session.pipe.last_smc
     assert result.images.shape == plain.images.shape and set(result.scores) == {"small", "busy"}
     assert stats.network_evaluations == 3 * 2 * STEPS and stats.final_ess.shape == (IMAGES,)
     again = smc_studio.generate(preference, "mpa", 3, "a cat", particles=2)
@@ -152,22 +165,21 @@ def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, file
     assert not studio.supports_smc  # 'big' is a foreign LoRA: no alpha
     generate = next(fn.fn for fn in build_app(studio).fns.values() if getattr(fn.fn, "__name__", "") == "generate")
     assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2, 1.0)[3]
-    mixed = stable_diffusion_studio(
+    mixed = open_studio(
         files / "base", {"small": files / "small.safetensors", "busy": files / "busy-alpha3.safetensors"}, **kwargs)
     assert not mixed.supports_smc
 
 
 def test_adapter_problems_are_one_line_errors(files):
-    kwargs = dict(num_images=1, num_inference_steps=1)
+    kwargs = dict(num_images=1, steps=1)
     with pytest.raises(DiffusionBlendError, match="--reward big=REWARD"):
-        stable_diffusion_studio(files / "base", {"big": files / "big.safetensors"}, **kwargs)
+        open_studio(files / "base", {"big": files / "big.safetensors"}, **kwargs)
     with pytest.raises(AdapterMismatchError, match="another base"):
-        stable_diffusion_studio(files / "base", {"alien": files / "alien.safetensors"}, **kwargs)
-    with pytest.raises(DiffusionBlendError, match="not loaded"):
-        stable_diffusion_studio(files / "base", {"small": files / "small.safetensors"},
-                                reward_names={"typo": "aesthetic"}, **kwargs)
+        open_studio(files / "base", {"alien": files / "alien.safetensors"}, **kwargs)
+    with pytest.raises(DiffusionBlendError, match="not given"):
+        open_studio(files / "base", {"small": files / "small.safetensors"}, rewards={"typo": "aesthetic"}, **kwargs)
     with pytest.raises(DiffusionBlendError, match="cannot load base"):
-        stable_diffusion_studio(files / "missing", {"small": files / "small.safetensors"}, **kwargs)
+        open_studio(files / "missing", {"small": files / "small.safetensors"}, **kwargs)
 
 
 def test_ui_command_builds_the_sd_studio_and_exits_2_on_bad_input(files, capsys):

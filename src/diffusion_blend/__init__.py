@@ -4,8 +4,18 @@ The blend rule lives in :mod:`diffusion_blend.preference`, denoisers in :mod:`di
 families in :mod:`diffusion_blend.lora`, sampling in :mod:`diffusion_blend.sampling`; see docs/design.md.
 """
 
-from .errors import AdapterMismatchError, DiffusionBlendError, RewardError
-from .preference import BASE, BlendCoefficients, Preference, PreferenceError, blend_predictions
+from diffusion_blend.errors import (
+    AdapterMismatchError,
+    DiffusionBlendError,
+    RewardError,
+)
+from diffusion_blend.preference import (
+    BASE,
+    BlendCoefficients,
+    Preference,
+    PreferenceError,
+    blend_predictions,
+)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -9,14 +9,19 @@ section 2.5), the LoRA layout (rank, scaling, target modules), the training conf
 
 Keys are peft's adapter-name-free keys (``layers.0.lora_A.weight``), so an adapter can be loaded under any
 name. Files are written atomically (temporary file, then ``os.replace``).
+
+An adapter used in a blend is an :class:`Expert`: the basis reward it serves and its **effective** KL weight. An
+expert fine-tuned on ``v r_i`` with KL weight ``alpha`` targets ``p_pre exp(v r_i / alpha) = p_pre exp(r_i / (alpha /
+v))``, so its effective alpha for ``r_i`` is ``alpha / v`` (:func:`effective_alpha`): the one resolution every caller
+uses (the digits UI, and for diffusers LoRA files :mod:`diffusion_blend.pipelines.experts`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
@@ -28,9 +33,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import lora
-from .errors import AdapterMismatchError, DiffusionBlendError
-from .files import give_user_mode
+from diffusion_blend import lora
+from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
+from diffusion_blend.files import atomic_path
 
 FORMAT = "diffusion-blend-lora/1"
 
@@ -109,19 +114,10 @@ def _lora_config(model: nn.Module, name: str) -> tuple[int, float, Any]:
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """``safetensors.torch.save_file`` to a temporary file in the same folder, then ``os.replace``."""
+    """``safetensors.torch.save_file``, atomically (:func:`~diffusion_blend.files.atomic_path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(path) as temporary:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, temporary, metadata=metadata)
-        give_user_mode(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
     return path
 
 
@@ -220,3 +216,70 @@ def load_adapter(
             raise DiffusionBlendError(f"adapter {path}: {key} contains NaN or infinite values")
     set_peft_model_state_dict(model, tensors, adapter_name=name)
     return metadata
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One LoRA expert: ``reward`` is the basis reward it serves and ``alpha`` its effective KL weight for it
+    (``None`` where neither its file nor the user says)."""
+
+    name: str
+    source: str
+    reward: str | None
+    alpha: float | None
+    metadata: AdapterMetadata | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What settings.json and reports record of the expert."""
+        out: dict[str, Any] = {"source": self.source, "reward": self.reward, "alpha": self.alpha}
+        if self.metadata is not None:
+            out["trained_on"] = dict(self.metadata.rewards)
+            out["trained_alpha"] = float(self.metadata.alpha)
+        return out
+
+
+def effective_alpha(name: str, reward: str, metadata: AdapterMetadata) -> float | None:
+    """``alpha / v`` for an expert fine-tuned on ``v x reward`` alone; ``None`` for a reward mix (not one reward's
+    expert); one line when the file was trained on another reward than ``reward``."""
+    trained = dict(metadata.rewards)
+    if len(trained) != 1:
+        return None
+    if reward not in trained:
+        raise DiffusionBlendError(f"adapter {name!r} was fine-tuned on {next(iter(trained))!r}, not on {reward!r}")
+    weight = float(trained[reward])
+    if not weight > 0:
+        raise DiffusionBlendError(f"adapter {name!r} was fine-tuned on {weight:g} x {reward}: not an expert for it")
+    return float(metadata.alpha) / weight
+
+
+def require_rewards(experts: Mapping[str, Expert], why: str) -> dict[str, str]:
+    """``{expert: basis reward}``; one line naming the experts whose reward is unknown."""
+    missing = [name for name, expert in experts.items() if expert.reward is None]
+    if missing:
+        flags = " ".join(f"--reward {name}=REWARD" for name in missing)
+        raise DiffusionBlendError(f"{why} needs each expert's basis reward; {', '.join(missing)} carry no reward "
+                                  f"metadata (give {flags})")
+    return {name: str(expert.reward) for name, expert in experts.items()}
+
+
+def common_alpha(experts: Mapping[str, Expert], why: str) -> float:
+    """The experts' one effective KL weight; one line when one is unknown or they differ."""
+    missing = [name for name, expert in experts.items() if expert.alpha is None]
+    if missing:
+        raise DiffusionBlendError(f"{why} needs the experts' KL weight alpha; {', '.join(missing)} carry none in "
+                                  "their metadata (give --alpha)")
+    values = {name: float(expert.alpha) for name, expert in experts.items()}  # type: ignore[arg-type]
+    first = next(iter(values.values()))
+    if any(not math.isclose(value, first, rel_tol=1e-6) for value in values.values()):
+        listed = ", ".join(f"{name}: {value:g}" for name, value in values.items())
+        raise DiffusionBlendError(f"the experts have different effective KL weights alpha ({listed}); {why} assumes "
+                                  "one alpha for all experts")
+    return first
+
+
+def basis_reward(name: str, metadata: AdapterMetadata) -> str:
+    """The single basis reward an adapter was fine-tuned on (blending needs one expert per basis reward)."""
+    if len(metadata.rewards) != 1:
+        raise DiffusionBlendError(f"adapter {name!r} was trained on a reward mix {dict(metadata.rewards)}; a blend "
+                                  "needs one expert per basis reward")
+    return next(iter(metadata.rewards))

@@ -16,7 +16,7 @@ import os
 import pkgutil
 import sys
 
-from . import __version__, commands
+from diffusion_blend import __version__, commands
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -69,7 +69,7 @@ def _give_every_default_a_help_line(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from .quiet import install_log_filters
+    from diffusion_blend.quiet import install_log_filters
 
     install_log_filters()
     parser = build_parser()

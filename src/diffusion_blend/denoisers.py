@@ -21,9 +21,14 @@ from typing import Any, Protocol
 
 import torch
 
-from .devices import ROUTINGS  # noqa: F401 (re-exported)
-from .errors import DiffusionBlendError
-from .preference import BASE, Preference, PreferenceError, blend_predictions
+from diffusion_blend.devices import ROUTINGS  # noqa: F401 (re-exported)
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.preference import (
+    BASE,
+    Preference,
+    PreferenceError,
+    blend_predictions,
+)
 
 Member = str | None
 

@@ -7,7 +7,7 @@ device that this machine does not have is bad input: one line, exit status 2.
 
 from __future__ import annotations
 
-from .errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError
 
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 ROUTINGS = ("auto", "batched", "sequential")

@@ -44,3 +44,17 @@ def positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DiffusionBlendError(f"{what} must be a positive integer, got {value!r}")
     return value
+
+
+def check_scores(values: Any, rows: int, who: str, error: type[DiffusionBlendError] = DiffusionBlendError) -> Any:
+    """``values`` as a tensor of ``rows`` finite scores, else ``error`` naming ``who`` (a reward, an ``r_w``): the
+    one check of a reward's output, shared by the reward contract, the weighted rewards and SMC."""
+    import torch  # here, not at the top: this module is read by the CLI before torch is needed
+
+    values = torch.as_tensor(values)
+    if values.shape != (rows,):
+        raise error(f"{who} returned shape {tuple(values.shape)}, expected ({rows},)")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum().item())
+        raise error(f"{who} returned {bad} NaN or infinite value(s)")
+    return values

@@ -34,10 +34,16 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
-from .denoisers import DenoiserFamily, Member, check_routing, device_routing, select_rows
-from .devices import ROUTINGS  # noqa: F401 (re-exported)
-from .errors import DiffusionBlendError
-from .preference import BASE, PreferenceError
+from diffusion_blend.denoisers import (
+    DenoiserFamily,
+    Member,
+    check_routing,
+    device_routing,
+    select_rows,
+)
+from diffusion_blend.devices import ROUTINGS  # noqa: F401 (re-exported)
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.preference import BASE, PreferenceError
 
 PEFT_BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import DiffusionBlendError, finite_number
+from diffusion_blend.errors import DiffusionBlendError, finite_number
 
 if TYPE_CHECKING:  # torch is imported where a tensor is made, so `dblend coefficients` starts without it
     import torch

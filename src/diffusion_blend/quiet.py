@@ -46,7 +46,11 @@ class _DropHarmless(logging.Filter):
 
 
 def install_log_filters() -> None:
-    """Attach the :data:`HARMLESS_LOG_MESSAGES` filters to their loggers (idempotent; before the import that logs)."""
+    """Attach the :data:`HARMLESS_LOG_MESSAGES` filters to their loggers for the rest of the process (idempotent).
+
+    Only for processes that are ours from start to end: the ``dblend`` command line. A library never calls this
+    (importing :mod:`diffusion_blend` changes no logger or warnings filter); its own calls use
+    :func:`quiet_third_party`, which removes its filters again."""
     for name, fragments in HARMLESS_LOG_MESSAGES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropHarmless) for f in logger.filters):
@@ -55,12 +59,22 @@ def install_log_filters() -> None:
 
 @contextlib.contextmanager
 def quiet_third_party() -> Iterator[None]:
-    """Within the block: the known-harmless log lines and warnings above are dropped (nothing else is)."""
-    install_log_filters()
-    with warnings.catch_warnings():
-        for message, category in HARMLESS_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        yield
+    """Within the block: the known-harmless log lines and warnings above are dropped (nothing else is); on exit the
+    loggers' filters and the warnings filters are as they were, so the user's own pipelines are not affected."""
+    added = []
+    for name, fragments in HARMLESS_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        log_filter = _DropHarmless(fragments)
+        logger.addFilter(log_filter)
+        added.append((logger, log_filter))
+    try:
+        with warnings.catch_warnings():
+            for message, category in HARMLESS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        for logger, log_filter in added:
+            logger.removeFilter(log_filter)
 
 
 @contextlib.contextmanager

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.configuration_utils import register_to_config
-from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+    FlowMatchEulerDiscreteSchedulerOutput,
+)
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .denoisers import Denoiser
-from .errors import DiffusionBlendError
+from diffusion_blend.denoisers import Denoiser
+from diffusion_blend.errors import DiffusionBlendError
 
 
 def as_generator(

@@ -78,10 +78,10 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .denoisers import Denoiser, DenoiserFamily, repeat_rows
-from .errors import DiffusionBlendError, positive_number
-from .preference import BASE, Preference, blend_predictions
-from .sampling import (
+from diffusion_blend.denoisers import Denoiser, DenoiserFamily, Member, repeat_rows
+from diffusion_blend.errors import DiffusionBlendError, check_scores, positive_number
+from diffusion_blend.preference import BASE, Preference, blend_predictions
+from diffusion_blend.sampling import (
     FlowMatchSDEScheduler,
     as_generator,
     gaussian_log_prob,
@@ -176,38 +176,222 @@ def check_stochastic_steps(scheduler: Any, eta: float) -> None:
 
 
 def _check_values(values: Any, rows: int) -> torch.Tensor:
-    values = torch.as_tensor(values)
-    if values.shape != (rows,):
-        raise DiffusionBlendError(f"the reward returned shape {tuple(values.shape)} for {rows} particles")
-    values = values.detach().to(torch.float64)
-    if not torch.isfinite(values).all():
-        raise DiffusionBlendError("the reward returned NaN or infinite values")
-    return values
+    return check_scores(values, rows, "the SMC reward").detach().to(torch.float64)
 
 
-def check_options(particles: int, proposal: Any, potential: str, ess_threshold: float, potential_every: int,
-                  alpha: float, proposal_tilt: float = 1.0) -> None:
-    """One-line :class:`DiffusionBlendError` for a bad SMC option (before any work)."""
-    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-        raise DiffusionBlendError(f"particles must be an integer >= 1, got {particles!r}")
-    if not (callable(proposal) or proposal in PROPOSALS):
-        raise DiffusionBlendError(f"unknown SMC proposal {proposal!r}; choose 'blend' or 'twisted' (ours) or 'base' "
-                                  "(FK steering)")
-    if potential not in POTENTIALS:
-        raise DiffusionBlendError(f"unknown SMC potential {potential!r}; choose from {', '.join(POTENTIALS)}")
-    if potential == "experts" and proposal not in BLENDED:
-        raise DiffusionBlendError("potential 'experts' takes its values from the blended experts: it needs "
-                                  "proposal='blend' or 'twisted'")
-    if not (isinstance(ess_threshold, int | float) and 0.0 <= ess_threshold <= 1.0):
-        raise DiffusionBlendError(f"ess_threshold must be in [0, 1] (a fraction of N), got {ess_threshold!r}")
-    if isinstance(potential_every, bool) or not isinstance(potential_every, int) or potential_every < 1:
-        raise DiffusionBlendError(f"potential_every must be an integer >= 1, got {potential_every!r}")
-    if not (isinstance(alpha, int | float) and alpha > 0 and math.isfinite(alpha)):
+@dataclass(frozen=True)
+class SMCOptions:
+    """The options of SMC on the blend, validated once where they enter (module docstring).
+
+    ``particles``: ``N`` per output sample. ``proposal``: ``"blend"`` (the preference's blend), ``"twisted"`` (the
+    base's step moved by ``s_k^2`` times the blend's score deviation), ``"base"`` (FK steering) or any denoiser (e.g.
+    an exact target, for tests). ``potential``: ``"tweedie"`` (``r_w`` of the Tweedie estimate), ``"none"`` or
+    ``"experts"`` (the experts' value increments; blended proposals). ``proposal_tilt``: the blended proposal's KL
+    scale is ``proposal_tilt x lambda`` (the target keeps ``lambda``). ``ess_threshold``: resample a group when its
+    ESS falls below ``ess_threshold x N``. ``potential_every = k`` evaluates ``h`` only every ``k`` steps (held in
+    between), bounding the reward cost. Bad values raise one-line :class:`DiffusionBlendError`.
+    """
+
+    particles: int = 4
+    proposal: str | Denoiser = "blend"
+    potential: str = "tweedie"
+    proposal_tilt: float = 1.0
+    ess_threshold: float = 0.5
+    potential_every: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.particles, bool) or not isinstance(self.particles, int) or self.particles < 1:
+            raise DiffusionBlendError(f"particles must be an integer >= 1, got {self.particles!r}")
+        if not (callable(self.proposal) or self.proposal in PROPOSALS):
+            raise DiffusionBlendError(f"unknown SMC proposal {self.proposal!r}; choose 'blend' or 'twisted' (ours) or "
+                                      "'base' (FK steering)")
+        if self.potential not in POTENTIALS:
+            raise DiffusionBlendError(f"unknown SMC potential {self.potential!r}; choose from {', '.join(POTENTIALS)}")
+        if self.potential == "experts" and self.proposal not in BLENDED:
+            raise DiffusionBlendError("potential 'experts' takes its values from the blended experts: it needs "
+                                      "proposal='blend' or 'twisted'")
+        if isinstance(self.ess_threshold, bool) or not (
+                isinstance(self.ess_threshold, int | float) and 0.0 <= self.ess_threshold <= 1.0):
+            raise DiffusionBlendError(f"ess_threshold must be in [0, 1] (a fraction of N), got {self.ess_threshold!r}")
+        every = self.potential_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise DiffusionBlendError(f"potential_every must be an integer >= 1, got {every!r}")
+        tilt = positive_number(self.proposal_tilt, "proposal_tilt (the proposal's lambda / the target's)")
+        object.__setattr__(self, "proposal_tilt", tilt)
+        if tilt != 1 and self.proposal not in BLENDED:
+            raise DiffusionBlendError("proposal_tilt scales the blended proposal's lambda: it needs proposal='blend' "
+                                      "or 'twisted'")
+
+    def describe(self) -> dict[str, Any]:
+        """The options as settings.json and reports record them."""
+        proposal = self.proposal if isinstance(self.proposal, str) else type(self.proposal).__name__
+        return {"particles": self.particles, "proposal": proposal, "potential": self.potential,
+                "proposal_tilt": self.proposal_tilt, "ess_threshold": self.ess_threshold,
+                "potential_every": self.potential_every}
+
+
+def check_alpha(alpha: Any) -> float:
+    """The experts' KL weight ``alpha`` of SMC's target, checked (one line)."""
+    if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and alpha > 0 and math.isfinite(alpha)):
         raise DiffusionBlendError(f"alpha (the experts' KL weight) must be a positive number, got {alpha!r}")
-    positive_number(proposal_tilt, "proposal_tilt (the proposal's lambda / the target's)")
-    if proposal_tilt != 1 and proposal not in BLENDED:
-        raise DiffusionBlendError("proposal_tilt scales the blended proposal's lambda: it needs proposal='blend' or "
-                                  "'twisted'")
+    return float(alpha)
+
+
+@dataclass
+class _Members:
+    """Which family members a step evaluates: the proposal's blend (at ``tilt x lambda``) and the base."""
+
+    members: list[Member]
+    base_index: int
+    blend_coefficients: list[float]
+    value_coefficients: dict[Member, float]  # the TARGET's c_i = lambda w_i (the experts' potential)
+
+    @classmethod
+    def of(cls, family: DenoiserFamily, preference: Preference, options: SMCOptions) -> _Members:
+        coefficients = preference.coefficients(family.expert_names)  # validates the names for every proposal
+        if options.proposal not in BLENDED:
+            family.check_members([BASE])
+            return cls([BASE], 0, [], {})
+        tilted = Preference(preference.weights, preference.kl_scale * options.proposal_tilt)
+        active = tilted.coefficients(family.expert_names).active()
+        members = [member for member, _ in active]
+        if BASE not in members:
+            members.append(BASE)
+        family.check_members(members)
+        return cls(members, members.index(BASE), [coef for _, coef in active], dict(coefficients.active()))
+
+
+def _initial_particles(scheduler: Any, generator: torch.Generator, n: int, shape: tuple[int, ...] | None,
+                       latents: torch.Tensor | None, particle_latents: torch.Tensor | None,
+                       device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``x_T`` of all ``N x B`` particles, particle-major (row ``n B + b``: particle ``n`` of output ``b``), and ``B``."""
+    if sum(given is not None for given in (shape, latents, particle_latents)) > 1:
+        raise DiffusionBlendError("give one of the sample shape, the shared latents or the particle latents")
+    if particle_latents is not None:
+        if particle_latents.ndim < 1 or particle_latents.shape[0] % n:
+            raise DiffusionBlendError(f"particle latents need N x B rows (N = {n}), got shape "
+                                      f"{tuple(particle_latents.shape)}")
+        x = initial_latents(scheduler, generator, latents=particle_latents, device=device, dtype=dtype)
+        return x, x.shape[0] // n
+    if latents is not None:
+        x = initial_latents(scheduler, generator, latents=latents, device=device, dtype=dtype)
+        return x.repeat(n, *([1] * (x.ndim - 1))), x.shape[0]
+    if shape is None:
+        raise DiffusionBlendError("give the sample shape or the initial latents")
+    return initial_latents(scheduler, generator, (n * shape[0], *shape[1:]), None, device, dtype), shape[0]
+
+
+class _ParticleFilter:
+    """The particle system of :func:`smc_sample` and one step of it (module docstring's weights and resampling)."""
+
+    def __init__(self, family: DenoiserFamily, members: _Members, options: SMCOptions, scheduler: Any,
+                 reward: Reward, scale: float, x: torch.Tensor, batch: int, eta: float, cond: Mapping[str, Any],
+                 generator: torch.Generator, noise_generator: torch.Generator):
+        self.family, self.m, self.options, self.scheduler = family, members, options, scheduler
+        self.reward, self.scale, self.eta, self.cond = reward, scale, eta, cond
+        self.generator, self.noise_generator = generator, noise_generator
+        self.n, self.batch, self.rows = options.particles, batch, options.particles * batch
+        self.x, self.state_dtype = x, x.dtype
+        zeros = torch.zeros(self.rows, dtype=torch.float64, device=x.device)
+        self.groups = torch.arange(batch, device=x.device)
+        self.log_weights = torch.zeros(self.n, batch, dtype=torch.float64, device=x.device)
+        # the potential in log-weight units (lambda h / alpha, or H of the experts' potential); 0 before x_T
+        self.potential_prev = zeros
+        self.pending = zeros  # log p_pre / q of the last transition
+        self.pending_value = zeros  # sum_i c_i log q_i / p_pre of it
+        self.resampled = torch.zeros(batch, dtype=torch.long)
+        self.ess_history: list[torch.Tensor] = []
+        self.network_rows = self.reward_rows = 0
+
+    def gather(self, tensor: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+        grouped = tensor.view(self.n, self.batch, *tensor.shape[1:])
+        return grouped[ancestors, self.groups].reshape(tensor.shape)
+
+    def predict(self, t: Any) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The members' outputs at ``x_k``, the base's, the proposal's, and the model input."""
+        model_input = scale_input(self.scheduler, self.x, t)
+        predictions = self.family.predict_all(model_input, t, self.m.members, **self.cond)
+        self.network_rows += len(self.m.members) * self.rows
+        out_pre = predictions[self.m.base_index]
+        proposal = self.options.proposal
+        if proposal in BLENDED:
+            out_q = blend_predictions(self.m.blend_coefficients, predictions[: len(self.m.blend_coefficients)])
+        elif proposal == "base":
+            out_q = out_pre
+        else:
+            out_q = proposal(model_input, t, **self.cond)
+        return predictions, out_pre, out_q, model_input
+
+    def reweight(self, k: int, t: Any, out_q: torch.Tensor) -> None:
+        """Multiply in the last transition's ratio and the potential's increment; record the ESS."""
+        increment = self.pending
+        potential = self.options.potential
+        if potential == "tweedie" and k % self.options.potential_every == 0:
+            value = self.scale * _check_values(self.reward(tweedie_x0(self.scheduler, out_q, t, self.x)), self.rows)
+            value = value.to(self.x.device)
+            self.reward_rows += self.rows
+            increment = increment + value - self.potential_prev
+            self.potential_prev = value
+        elif potential == "experts":
+            increment = increment + self.pending_value
+            self.potential_prev = self.potential_prev + self.pending_value
+        self.log_weights = self.log_weights + increment.view(self.n, self.batch)
+        self.ess_history.append(effective_sample_size(self.log_weights).cpu())
+
+    def resample(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Systematic resampling of the groups whose ESS fell below the threshold; ``tensors`` follow their rows."""
+        needed = self.ess_history[-1].to(self.x.device) < self.options.ess_threshold * self.n
+        if self.n == 1 or not bool(needed.any()):
+            return tensors
+        identity = torch.arange(self.n, device=self.x.device).unsqueeze(1).expand(self.n, self.batch)
+        ancestors = torch.where(needed.unsqueeze(0), systematic_resample(self.log_weights, self.generator).to(
+            self.x.device), identity)
+        self.x, self.potential_prev = self.gather(self.x, ancestors), self.gather(self.potential_prev, ancestors)
+        self.log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(self.log_weights), self.log_weights)
+        self.resampled += needed.cpu().long()
+        return [self.gather(tensor, ancestors) for tensor in tensors]
+
+    def move(self, t: Any, predictions: list[torch.Tensor], out_pre: torch.Tensor, out_q: torch.Tensor) -> None:
+        """Draw ``x_{k+1}`` from the proposal; keep ``log p_pre / q`` (and the experts' value increment) of it."""
+        scheduler, eta, x = self.scheduler, self.eta, self.x
+        mean_pre, std = model_transition(scheduler, out_pre, t, x, eta)
+        if self.options.proposal == "twisted":
+            mean_q = twisted_mean(scheduler, out_q, out_pre, t, x, mean_pre, std)
+        elif out_q is out_pre:  # FK steering: the proposal is the base
+            mean_q = mean_pre
+        else:
+            mean_q, _ = model_transition(scheduler, out_q, t, x, eta)
+        noise = randn_tensor(x.shape, generator=self.noise_generator, device=x.device, dtype=mean_q.dtype)
+        self.x = (mean_q + std * noise).to(self.state_dtype)
+        x64, std64 = self.x.to(torch.float64), std.to(torch.float64)
+        log_prob_pre = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64)
+        self.pending = log_prob_pre - gaussian_log_prob(x64, mean_q.to(torch.float64), std64)
+        if self.options.potential == "experts":
+            self.pending_value = torch.zeros_like(self.pending)
+            for index, member in enumerate(self.m.members):
+                if member is not BASE and self.m.value_coefficients.get(member, 0.0):
+                    mean_i, _ = model_transition(scheduler, predictions[index], t, x, eta)
+                    self.pending_value += self.m.value_coefficients[member] * (
+                        gaussian_log_prob(x64, mean_i.to(torch.float64), std64) - log_prob_pre)
+
+    def finish(self) -> SMCOutput:
+        """The final weights ``p_pre / q`` of the last step times ``exp(lambda r_w(x_0) / alpha - h)``; one particle
+        per group drawn by them."""
+        final = _check_values(self.reward(self.x), self.rows).to(self.x.device)
+        self.reward_rows += self.rows
+        self.log_weights = self.log_weights + (self.pending + self.scale * final - self.potential_prev).view(
+            self.n, self.batch)
+        final_ess = effective_sample_size(self.log_weights)
+        self.ess_history.append(final_ess.cpu())
+        probabilities = torch.softmax(self.log_weights, dim=0).T.cpu()  # (B, N)
+        chosen = torch.multinomial(probabilities, 1, generator=self.generator).flatten().to(self.x.device)
+        grouped = self.x.view(self.n, self.batch, *self.x.shape[1:])
+        return SMCOutput(
+            samples=grouped[chosen, self.groups], network_evaluations=self.network_rows / self.batch,
+            reward_evaluations=self.reward_rows / self.batch, final_ess=final_ess.cpu(),
+            resampling_steps=self.resampled, ess_history=torch.stack(self.ess_history), particles=grouped,
+            log_weights=torch.log_softmax(self.log_weights, dim=0),
+        )
 
 
 @torch.no_grad()
@@ -219,12 +403,7 @@ def smc_sample(
     reward: Reward,
     alpha: float,
     generator: torch.Generator | int,
-    particles: int = 4,
-    proposal: str | Denoiser = "blend",
-    potential: str = "tweedie",
-    ess_threshold: float = 0.5,
-    potential_every: int = 1,
-    proposal_tilt: float = 1.0,
+    options: SMCOptions = SMCOptions(),
     shape: tuple[int, ...] | None = None,
     latents: torch.Tensor | None = None,
     particle_latents: torch.Tensor | None = None,
@@ -237,149 +416,36 @@ def smc_sample(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> SMCOutput:
-    """Sample ``B`` outputs from the tilted base chain with ``particles`` particles each (module docstring).
+    """Sample ``B`` outputs from the tilted base chain with ``options.particles`` particles each (module docstring;
+    :class:`SMCOptions`). The same generator seed gives the same samples.
 
     ``shape = (B, ...)`` draws independent ``x_T`` for all ``N x B`` particles; ``latents`` ``(B, ...)`` are shared
     by the ``N`` particles of each output (the output then targets ``P*`` given ``x_T``; under the VP process
-    ``E[exp(lambda r / alpha) | x_T]`` is nearly constant, so this changes little). ``proposal``: ``"blend"`` (the
-    preference's blend), ``"twisted"`` (the base's step moved by ``s_k^2`` times the blend's score deviation),
-    ``"base"`` (FK steering) or any denoiser (e.g. an exact target, for tests). ``proposal_tilt``: the blended
-    proposal's KL scale is ``proposal_tilt x lambda`` (the target keeps ``lambda``; module docstring).
-    ``potential_every = k`` evaluates ``h`` only every ``k`` steps (``h`` is held in between), bounding the
-    reward cost. The same generator seed gives the same samples.
-
-    ``particle_latents`` ``(N x B, ...)``, particle-major (row ``n B + b`` is particle ``n`` of output ``b``): one
-    ``x_T`` per particle drawn by the caller (a pipeline's own ``prepare_latents``, so that ``N = 1`` is its stock
-    loop). ``noise_generator``: the stream of the step noise (default ``generator``, which also draws ``x_T``, the
-    resampling and the final selection). ``timestep_kwargs``: extra ``scheduler.set_timesteps`` arguments (FLUX's
-    ``sigmas`` and ``mu``). ``eta``: DDIM's stochasticity or the flow SDE's noise level (as in
-    :func:`~diffusion_blend.sampling.sample`).
+    ``E[exp(lambda r / alpha) | x_T]`` is nearly constant, so this changes little); ``particle_latents``
+    ``(N x B, ...)``, particle-major (row ``n B + b`` is particle ``n`` of output ``b``): one ``x_T`` per particle
+    drawn by the caller (a pipeline's own ``prepare_latents``, so that ``N = 1`` is its stock loop).
+    ``noise_generator``: the stream of the step noise (default ``generator``, which also draws ``x_T``, the resampling
+    and the final selection). ``timestep_kwargs``: extra ``scheduler.set_timesteps`` arguments (FLUX's ``sigmas`` and
+    ``mu``). ``eta``: DDIM's stochasticity or the flow SDE's noise level (as in :func:`~diffusion_blend.sampling.sample`).
     """
-    check_options(particles, proposal, potential, ess_threshold, potential_every, alpha, proposal_tilt)
+    scale = preference.kl_scale / check_alpha(alpha)
     if not callable(reward):
         raise DiffusionBlendError("the SMC reward must be a callable x -> r_w(x), one value per row")
     generator = as_generator(generator)
-    n = particles
-    scale = preference.kl_scale / float(alpha)
-    coefficients = preference.coefficients(family.expert_names)  # validates the names for every proposal
-    if proposal in BLENDED:
-        tilted = Preference(preference.weights, preference.kl_scale * proposal_tilt)
-        active = tilted.coefficients(family.expert_names).active()
-        members = [member for member, _ in active]
-        blend_coefficients = [coef for _, coef in active]
-        if BASE not in members:
-            members.append(BASE)
-        base_index = members.index(BASE)
-        # the experts' potential estimates the TARGET's value: its coefficients c_i = lambda w_i, not the proposal's
-        value_coefficients = dict(coefficients.active())
-    else:
-        members, base_index = [BASE], 0
-    family.check_members(members)
-    if sum(given is not None for given in (shape, latents, particle_latents)) > 1:
-        raise DiffusionBlendError("give one of the sample shape, the shared latents or the particle latents")
-    if particle_latents is not None:
-        if particle_latents.ndim < 1 or particle_latents.shape[0] % n:
-            raise DiffusionBlendError(f"particle latents need N x B rows (N = {n}), got shape "
-                                      f"{tuple(particle_latents.shape)}")
-        x = initial_latents(scheduler, generator, latents=particle_latents, device=device, dtype=dtype)
-        batch = x.shape[0] // n
-    elif latents is not None:
-        x = initial_latents(scheduler, generator, latents=latents, device=device, dtype=dtype)
-        batch = x.shape[0]
-        x = x.repeat(n, *([1] * (x.ndim - 1)))  # particle-major rows: [p_0 b_0..b_B-1, p_1 ...]
-    else:
-        if shape is None:
-            raise DiffusionBlendError("give the sample shape or the initial latents")
-        batch = shape[0]
-        x = initial_latents(scheduler, generator, (n * batch, *shape[1:]), None, device, dtype)
+    members = _Members.of(family, preference, options)
+    x, batch = _initial_particles(scheduler, generator, options.particles, shape, latents, particle_latents, device,
+                                  dtype)
     scheduler.set_timesteps(num_inference_steps, device=x.device, **dict(timestep_kwargs or {}))
     check_stochastic_steps(scheduler, eta)
-    noise_generator = generator if noise_generator is None else noise_generator
-    state_dtype = x.dtype
-    cond = repeat_rows(dict(cond or {}), n, batch)
-    rows = n * batch
-    groups = torch.arange(batch, device=x.device)
-    log_weights = torch.zeros(n, batch, dtype=torch.float64, device=x.device)
-    # the potential in log-weight units (lambda h / alpha, or H of the experts' potential); 0 before x_T
-    potential_prev = torch.zeros(rows, dtype=torch.float64, device=x.device)
-    pending = torch.zeros(rows, dtype=torch.float64, device=x.device)  # log p_pre / q of the last transition
-    pending_value = torch.zeros(rows, dtype=torch.float64, device=x.device)  # sum_i c_i log q_i / p_pre of it
-    resampled = torch.zeros(batch, dtype=torch.long)
-    ess_history, network_rows, reward_rows = [], 0, 0
-
-    def gather(tensor: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
-        grouped = tensor.view(n, batch, *tensor.shape[1:])
-        return grouped[ancestors, groups].reshape(tensor.shape)
-
-    timesteps = list(scheduler.timesteps)
-    for k, t in enumerate(tqdm(timesteps, desc="SMC", disable=not progress, leave=False)):
-        model_input = scale_input(scheduler, x, t)
-        predictions = family.predict_all(model_input, t, members, **cond)
-        network_rows += len(members) * rows
-        out_pre = predictions[base_index]
-        if proposal in BLENDED:
-            out_q = blend_predictions(blend_coefficients, predictions[: len(blend_coefficients)])
-        elif proposal == "base":
-            out_q = out_pre
-        else:
-            out_q = proposal(model_input, t, **cond)
-        increment = pending
-        if potential == "tweedie" and k % potential_every == 0:
-            value = scale * _check_values(reward(tweedie_x0(scheduler, out_q, t, x)), rows).to(x.device)
-            reward_rows += rows
-            increment = increment + value - potential_prev
-            potential_prev = value
-        elif potential == "experts":
-            increment = increment + pending_value
-            potential_prev = potential_prev + pending_value
-        log_weights = log_weights + increment.view(n, batch)
-        ess = effective_sample_size(log_weights)
-        ess_history.append(ess.cpu())
-        needed = ess < ess_threshold * n
-        if n > 1 and bool(needed.any()):
-            identity = torch.arange(n, device=x.device).unsqueeze(1).expand(n, batch)
-            ancestors = torch.where(needed.unsqueeze(0), systematic_resample(log_weights, generator).to(x.device),
-                                    identity)
-            x, out_q, out_pre, potential_prev = (gather(v, ancestors) for v in (x, out_q, out_pre, potential_prev))
-            if potential == "experts":
-                predictions = [gather(prediction, ancestors) for prediction in predictions]
-            log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(log_weights), log_weights)
-            resampled += needed.cpu().long()
-        mean_pre, std = model_transition(scheduler, out_pre, t, x, eta)
-        if proposal == "twisted":
-            mean_q = twisted_mean(scheduler, out_q, out_pre, t, x, mean_pre, std)
-        elif out_q is out_pre:  # FK steering: the proposal is the base
-            mean_q = mean_pre
-        else:
-            mean_q, _ = model_transition(scheduler, out_q, t, x, eta)
-        x_prev = x
-        noise = randn_tensor(x.shape, generator=noise_generator, device=x.device, dtype=mean_q.dtype)
-        x = (mean_q + std * noise).to(state_dtype)
-        x64, std64 = x.to(torch.float64), std.to(torch.float64)
-        log_prob_pre = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64)
-        pending = log_prob_pre - gaussian_log_prob(x64, mean_q.to(torch.float64), std64)
-        if potential == "experts":
-            pending_value = torch.zeros_like(pending)
-            for index, member in enumerate(members):
-                if member is not BASE and value_coefficients.get(member, 0.0):
-                    mean_i, _ = model_transition(scheduler, predictions[index], t, x_prev, eta)
-                    pending_value += value_coefficients[member] * (
-                        gaussian_log_prob(x64, mean_i.to(torch.float64), std64) - log_prob_pre)
-    final = _check_values(reward(x), rows).to(x.device)
-    reward_rows += rows
-    log_weights = log_weights + (pending + scale * final - potential_prev).view(n, batch)
-    final_ess = effective_sample_size(log_weights)
-    ess_history.append(final_ess.cpu())
-    probabilities = torch.softmax(log_weights, dim=0).T.cpu()  # (B, N)
-    chosen = torch.multinomial(probabilities, 1, generator=generator).flatten().to(x.device)
-    grouped = x.view(n, batch, *x.shape[1:])
-    return SMCOutput(
-        samples=grouped[chosen, groups],
-        network_evaluations=network_rows / batch,
-        reward_evaluations=reward_rows / batch,
-        final_ess=final_ess.cpu(),
-        resampling_steps=resampled,
-        ess_history=torch.stack(ess_history),
-        particles=grouped,
-        log_weights=torch.log_softmax(log_weights, dim=0),
-    )
+    system = _ParticleFilter(family, members, options, scheduler, reward, scale, x, batch, eta,
+                             repeat_rows(dict(cond or {}), options.particles, batch), generator,
+                             generator if noise_generator is None else noise_generator)
+    for k, t in enumerate(tqdm(list(scheduler.timesteps), desc="SMC", disable=not progress, leave=False)):
+        predictions, out_pre, out_q, _ = system.predict(t)
+        system.reweight(k, t, out_q)
+        kept = [out_q, out_pre, *(predictions if options.potential == "experts" else [])]
+        out_q, out_pre, *rest = system.resample(kept)
+        if options.potential == "experts":
+            predictions = rest
+        system.move(t, predictions, out_pre, out_q)
+    return system.finish()

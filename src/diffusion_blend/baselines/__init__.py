@@ -4,10 +4,17 @@ Each takes the same :class:`~diffusion_blend.preference.Preference` as the blend
 the exact target lives in :mod:`diffusion_blend.evaluation.oracle`.
 """
 
-from .code import BaselineOutput, code_sample
-from .guidance import guided_sample, tempering_schedule
-from .morl import MorlOracle, dpok_adapter_trainer, morl_denoiser
-from .rewarded_soup import add_soup_adapter, rewarded_soup_denoiser
+from diffusion_blend.baselines.code import BaselineOutput, code_sample
+from diffusion_blend.baselines.guidance import guided_sample, tempering_schedule
+from diffusion_blend.baselines.morl import (
+    MorlOracle,
+    dpok_adapter_trainer,
+    morl_denoiser,
+)
+from diffusion_blend.baselines.rewarded_soup import (
+    add_soup_adapter,
+    rewarded_soup_denoiser,
+)
 
 __all__ = [
     "BaselineOutput",

@@ -29,10 +29,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..denoisers import Denoiser, repeat_rows
-from ..errors import DiffusionBlendError
-from ..preference import Preference
-from ..sampling import as_generator, initial_latents, step_kwargs, tweedie_x0
+from diffusion_blend.denoisers import Denoiser, repeat_rows
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.preference import Preference
+from diffusion_blend.rewards.weighted import active_rewards, weighted_reward_scores
+from diffusion_blend.sampling import (
+    as_generator,
+    initial_latents,
+    step_kwargs,
+    tweedie_x0,
+)
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,38 +52,6 @@ class BaselineOutput:
     reward_evaluations: float
     selection_steps: int = 0
 
-
-
-def call_reward(reward: Callable[..., torch.Tensor], images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
-    """``reward(images, prompts)`` (or ``reward(images)`` without prompts), checked: one finite value per row."""
-    values = reward(images) if prompts is None else reward(images, list(prompts))
-    values = torch.as_tensor(values)
-    if values.shape != (images.shape[0],):
-        raise DiffusionBlendError(f"a reward returned shape {tuple(values.shape)} for {images.shape[0]} samples")
-    if not torch.isfinite(values).all():
-        raise DiffusionBlendError("a reward returned NaN or infinite values")
-    return values
-
-
-def active_rewards(rewards: Mapping[str, Callable[..., torch.Tensor]], preference: Preference) -> list[tuple[str, float]]:
-    """``(name, w_i)`` for every reward with a non-zero weight; unknown names raise."""
-    unknown = [name for name in preference.weights if name not in rewards]
-    if unknown:
-        raise DiffusionBlendError(f"no reward named {', '.join(map(repr, unknown))}; have {', '.join(rewards)}")
-    return [(name, weight) for name, weight in preference.weights.items() if weight != 0.0]
-
-
-def weighted_reward_scores(
-    rewards: Mapping[str, Callable[..., torch.Tensor]],
-    preference: Preference,
-    images: torch.Tensor,
-    prompts: Sequence[str] | None = None,
-) -> torch.Tensor:
-    """``r_w(images) = sum_i w_i r_i(images)`` (float64), evaluating only rewards with ``w_i != 0``."""
-    total = torch.zeros(images.shape[0], dtype=torch.float64, device=images.device)
-    for name, weight in active_rewards(rewards, preference):
-        total = total + weight * call_reward(rewards[name], images, prompts).to(torch.float64)
-    return total
 
 
 def selection_steps(num_inference_steps: int, block_size: int) -> list[int]:

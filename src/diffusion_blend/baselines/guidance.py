@@ -27,11 +27,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..denoisers import Denoiser
-from ..errors import DiffusionBlendError, RewardError
-from ..preference import Preference
-from ..sampling import as_generator, initial_latents, step_kwargs, to_epsilon, transition_distribution, tweedie_x0
-from .code import BaselineOutput, Decode, active_rewards, call_reward
+from diffusion_blend.baselines.code import BaselineOutput, Decode
+from diffusion_blend.denoisers import Denoiser
+from diffusion_blend.errors import DiffusionBlendError, RewardError
+from diffusion_blend.preference import Preference
+from diffusion_blend.rewards.weighted import active_rewards, call_reward
+from diffusion_blend.sampling import (
+    as_generator,
+    initial_latents,
+    step_kwargs,
+    to_epsilon,
+    transition_distribution,
+    tweedie_x0,
+)
 
 
 def tempering_schedule(step_index: int, gamma: float = 0.024) -> float:

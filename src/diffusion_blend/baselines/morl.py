@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import DiffusionBlendError
-from ..files import give_user_mode
-from ..preference import Preference
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.files import write_json_atomic
+from diffusion_blend.preference import Preference
 
 TrainAdapter = Callable[[dict[str, float], float], "str | os.PathLike"]
 INDEX = "index.json"
@@ -36,15 +35,6 @@ def preference_key(preference: Preference, alpha: float) -> str:
     readable = "_".join(f"{name}{weight:g}" for name, weight in sorted(preference.weights.items()))
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in readable)[:60]
     return f"{safe}_l{preference.kl_scale:g}_a{float(alpha):g}_{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(value, handle, indent=2, sort_keys=True)
-    give_user_mode(tmp)
-    os.replace(tmp, path)
 
 
 class MorlOracle:
@@ -92,7 +82,7 @@ class MorlOracle:
             "alpha": self.alpha,
             "effective_alpha": alpha,
         }
-        _write_json_atomic(self.cache_dir / INDEX, index)
+        write_json_atomic(self.cache_dir / INDEX, index, indent=2, sort_keys=True)
         return path
 
 
@@ -100,8 +90,8 @@ def morl_denoiser(
     oracle: MorlOracle, preference: Preference, model: Any, forward: Callable[..., Any], architecture: Mapping[str, Any] | None = None
 ) -> Callable[..., Any]:
     """The MORL oracle's denoiser for ``preference`` on ``model`` (adapter loaded as ``morl-<key>``; base if lambda = 0)."""
-    from ..adapters import load_adapter
-    from ..lora import active_adapter, adapter_names
+    from diffusion_blend.adapters import load_adapter
+    from diffusion_blend.lora import active_adapter, adapter_names
 
     path = oracle.adapter_path(preference)
     name = None
@@ -126,8 +116,8 @@ def dpok_adapter_trainer(
     run); ``config`` holds the other :class:`~diffusion_blend.training.config.DPOKConfig` fields. Each run writes to
     ``out_root/<weights>_a<alpha>/`` and returns the path of its ``adapter.safetensors``.
     """
-    from ..training.config import DPOKConfig
-    from ..training.dpok import finetune
+    from diffusion_blend.training.config import DPOKConfig
+    from diffusion_blend.training.dpok import finetune
 
     def train(weights: dict[str, float], alpha: float) -> Path:
         run_config = DPOKConfig(**{**dict(config), "reward_weights": dict(weights), "alpha": float(alpha)})

@@ -28,10 +28,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from ..denoisers import Denoiser
-from ..errors import AdapterMismatchError, DiffusionBlendError
-from ..lora import LoraFamily, adapter_names, lora_layers
-from ..preference import Preference
+from diffusion_blend.denoisers import Denoiser
+from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
+from diffusion_blend.lora import LoraFamily, adapter_names, lora_layers
+from diffusion_blend.preference import Preference
 
 VARIANTS = ("factors", "deltas")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..preference import Preference
+from diffusion_blend.preference import Preference
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,8 +1,9 @@
 """``dblend evaluate``: sweep methods x preferences x seeds on a setting; CSV/JSON/PNG/HTML (paper section 6).
 
-Settings: ``gmm`` (the 2-D Gaussian-mixture miniature with ideal experts) and ``sd`` (a Stable Diffusion 1.x/2.x or
-SDXL base with one LoRA expert per reward: ``--base B --adapter NAME=PATH ... --prompts FILE --rewards NAME[,NAME]
-[--morl W=PATH ...]``, :mod:`diffusion_blend.evaluation.sd_setting`).
+Settings (:data:`SETTINGS`): ``gmm`` (the 2-D Gaussian-mixture miniature with ideal experts), ``digits`` (the paper's
+comparison table on the demo's digits experts: a preset of the same sweep, :mod:`diffusion_blend.testbeds.digits.table`)
+and ``sd`` (a Stable Diffusion 1.x/2.x or SDXL base with one LoRA expert per reward: ``--base B --adapter NAME=PATH
+... --prompts FILE --rewards NAME[,NAME] [--morl W=PATH ...]``, :mod:`diffusion_blend.evaluation.sd_setting`).
 
 Resumable (finished cells are skipped) and splittable across processes: ``torchrun --nproc_per_node N -m
 diffusion_blend.cli evaluate ...`` or ``accelerate launch`` (one GPU per process).
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError
 
 
 def _floats(text: str) -> list[float]:
@@ -36,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sweeps methods x preferences x seeds. Finished cells in OUT/cells are reused on a rerun.",
     )
     # names are checked when the command runs, so registering it (`dblend --help`) does not import the sweep (torch)
-    parser.add_argument("--setting", default="gmm", help="gmm (2-D mixture miniature) or sd (SD 1.x/2.x, SDXL base)")
+    parser.add_argument("--setting", default="gmm", choices=SETTINGS,
+                        help="gmm: the 2-D mixture with exact experts; digits: the paper's comparison table on the "
+                        "demo's experts (--demo-dir, --quick); sd: an SD 1.x/2.x or SDXL base with LoRA experts")
     parser.add_argument("--out", required=True, help="output folder (cells/, results.csv/json, *.png, summary.html)")
     parser.add_argument("--methods",
                         help="comma-separated, from: base, mpa, ls, rs-factors, rs-deltas, code, rgg, is-oracle, "
@@ -52,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "b mod P)")
     parser.add_argument("--batch-size", type=int,
                         help="rows per network batch within a cell (default gmm: the whole cell; sd: 8)")
-    parser.add_argument("--steps", type=int, help="sampling steps, DDIM eta = 1 (default gmm 20, sd 50)")
+    parser.add_argument("--steps", type=int, help="sampling steps, DDIM eta = 1 (default: the setting's: gmm 20, sd 50)")
     parser.add_argument("--alpha", type=float,
                         help="the experts' KL weight alpha (gmm: default 1; sd: read from the adapters' metadata, "
                         "needed only for foreign LoRA files)")
@@ -65,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sd.add_argument("--morl", action="append", default=[], metavar="W=PATH",
                     help="MORL oracle adapter fine-tuned on r_w: W = the first reward's weight (two rewards) or "
                     "'0.2:0.8' in --rewards order; repeat per preference")
-    sd.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    sd.add_argument("--guidance-scale", type=float, default=None,
+                    help="classifier-free guidance (default: the base kind's, 7.5 for SD, 5 for SDXL)")
     sd.add_argument("--resolution", type=int, help="image side in pixels (default: the UNet's native size)")
     sd.add_argument("--pipeline", choices=("auto", "sd", "sdxl"), default="auto",
                     help="base kind (auto: from model_index.json; a hub id counts as sd)")
@@ -97,17 +101,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--smc-potential-every", type=int, default=1, help="evaluate the potential every k steps")
     parser.add_argument("--smc-ess-threshold", type=float, default=0.5,
                         help="resample a sample's particles when their ESS < threshold x N (0: never; 1: always)")
-    parser.add_argument("--no-progress", action="store_true")
+    digits = parser.add_argument_group("--setting digits")
+    digits.add_argument("--demo-dir", default=None,
+                        help="folder with the demo's experts (default runs/demo; with --quick OUT/demo)")
+    digits.add_argument("--quick", action="store_true", help="tiny budgets (tests, smoke runs)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
+SETTINGS = ("gmm", "digits", "sd")
 SD_ONLY = ("base", "prompts", "rewards")
+DIGITS_ONLY = ("demo_dir", "quick")
 
 
 def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
-    from ..devices import resolve_device
-    from ..evaluation.sd_setting import parse_morl, sd_setting
-    from .sample import parse_pairs
+    from diffusion_blend.commands.sample import parse_pairs
+    from diffusion_blend.devices import resolve_device
+    from diffusion_blend.evaluation.sd_setting import parse_morl, sd_setting
 
     for flag in SD_ONLY:
         if not getattr(args, flag):
@@ -116,7 +126,7 @@ def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
     adapters = parse_pairs(args.adapter)
     morl = parse_morl(args.morl, reward_names)
     if methods is None:
-        from ..rewards import get_reward
+        from diffusion_blend.rewards import get_reward
 
         methods = ["base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "is-oracle"]
         if all(getattr(get_reward(n), "differentiable", False) for n in reward_names):
@@ -132,35 +142,68 @@ def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
         device = str(PartialState().device)  # one GPU per process under torchrun / accelerate launch
     setting = sd_setting(
         args.base, adapters, args.prompts, reward_names, morl=morl, methods=methods,
-        num_inference_steps=args.steps or 50, guidance_scale=args.guidance_scale, resolution=args.resolution,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
         alpha=args.alpha, pipeline=args.pipeline, device=device, dtype=dtype, routing=args.routing,
         preview_images=args.preview_images,
     )
     return setting, methods
 
 
+def _digits_table(args: argparse.Namespace) -> int:
+    """``--setting digits``: the comparison table (Table 1) and the KL-scale comparison on the demo's experts."""
+    from pathlib import Path
+
+    from diffusion_blend.testbeds.digits.table import (
+        DigitsTableConfig,
+        run_digits_table,
+    )
+
+    given = [f"--{flag.replace('_', '-')}" for flag in ("methods", "weights", *SD_ONLY, "adapter", "morl")
+             if getattr(args, flag)]
+    if given:
+        raise DiffusionBlendError(f"{', '.join(given)} do(es) not apply to --setting digits (it runs the table's "
+                                  "methods and weights)")
+    out = Path(args.out)
+    config = DigitsTableConfig.quick() if args.quick else DigitsTableConfig()
+    demo_dir = args.demo_dir or (out / "demo" if args.quick else Path("runs/demo"))
+    summary = run_digits_table(out, config, demo_dir=demo_dir, progress=not args.no_progress)
+    print((out / "table.md").read_text())
+    print(f"MORL adapters fine-tuned in this run: {summary['morl_trained']}; "
+          f"total {summary['timings']['total_s']:.0f} s; outputs in {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.sweep import SETTINGS, SweepConfig, parse_preference_grid, run_sweep
+    from diffusion_blend.evaluation.sweep import (
+        SweepConfig,
+        parse_preference_grid,
+        run_sweep,
+    )
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     for flag, value in (("--samples-per-seed", args.samples_per_seed), ("--batch-size", args.batch_size),
                         ("--steps", args.steps)):
         if value is not None and value < 1:
             raise DiffusionBlendError(f"{flag} must be >= 1, got {value}")
+    if args.setting != "digits" and (args.demo_dir or args.quick):
+        raise DiffusionBlendError(f"--demo-dir and --quick belong to --setting digits, not --setting {args.setting}")
+    if args.setting == "digits":
+        return _digits_table(args)
     if args.setting == "sd":
         setting, methods = _sd_setting(args, methods)
         samples_per_seed = args.samples_per_seed or len(setting.prompts)
         batch_size = args.batch_size or 8
-    elif args.setting in SETTINGS:
+    else:
+        from diffusion_blend.testbeds.gmm.setting import gmm_setting
+        from diffusion_blend.testbeds.gmm.spec import GMM_SPEC
+
         given = [f"--{flag}" for flag in (*SD_ONLY, "adapter", "morl") if getattr(args, flag)]
         if given:
             raise DiffusionBlendError(f"{', '.join(given)} belong(s) to --setting sd, not --setting {args.setting}")
-        setting = SETTINGS[args.setting](num_inference_steps=args.steps or 20,
-                                         alpha=1.0 if args.alpha is None else args.alpha)
+        setting = gmm_setting(num_inference_steps=args.steps or GMM_SPEC.steps,
+                              alpha=1.0 if args.alpha is None else args.alpha)
         methods = methods or ["base", "mpa", "ls", "code", "rgg", "is-oracle", "morl"]
         samples_per_seed, batch_size = args.samples_per_seed or 64, args.batch_size
-    else:
-        raise DiffusionBlendError(f"unknown --setting {args.setting!r}; choose from {', '.join(sorted([*SETTINGS, 'sd']))}")
     preferences = parse_preference_grid(list(setting.rewards), args.weights, args.grid, _floats(args.kl_scales))
     config = SweepConfig(
         methods=methods,

@@ -14,24 +14,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..devices import ROUTINGS
-from ..errors import DiffusionBlendError
-from ..preference import Preference
+from diffusion_blend.devices import ROUTINGS
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.preference import Preference
 
 if TYPE_CHECKING:  # the trainer (torch) is imported when the command runs, not when `dblend --help` registers it
-    from ..training.config import DPOKConfig, FinetuneTarget
+    from diffusion_blend.training.config import DPOKConfig, FinetuneTarget
 
 
 def gmm_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
     """The 2-D Gaussian-mixture testbed: a cached, reproducibly pretrained MLP base; rewards right, corner."""
-    from ..verify.gmm_target import GmmBaseSettings, gmm_target
+    from diffusion_blend.testbeds.gmm.target import GmmBaseSettings, gmm_target
 
     return gmm_target(GmmBaseSettings(), cache_dir=args.cache_dir, progress=not args.quiet)
 
 
 def digits_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
     """The 8x8 digits model (``digits.train.load_default_digits_model``) with rewards from the registry."""
-    from ..digits.target import digits_finetune_target
+    from diffusion_blend.testbeds.digits.target import digits_finetune_target
 
     options = json.loads(args.reward_options) if args.reward_options else {}
     return digits_finetune_target(reward_names, options, progress=not args.quiet)
@@ -39,7 +39,7 @@ def digits_target_builder(reward_names: Sequence[str], args: argparse.Namespace)
 
 def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
     """A Stable Diffusion base (``--base``): CFG-guided rollouts on ``--prompts``, rewards on decoded images."""
-    from ..pipelines.finetune import load_sd_target
+    from diffusion_blend.pipelines.sd_target import load_sd_target
 
     if args.base is None or args.prompts is None:
         raise DiffusionBlendError(f"--target {args.target} needs --base PATH_OR_ID and --prompts FILE")
@@ -53,7 +53,7 @@ def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespac
     """An SD3 / FLUX base (``--base``): flow-SDE rollouts on ``--prompts``, rewards on decoded images."""
 
     def build(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
-        from ..pipelines.flow_finetune import load_flow_target
+        from diffusion_blend.pipelines.flow_target import load_flow_target
 
         if args.base is None or args.prompts is None:
             raise DiffusionBlendError(f"--target {kind} needs --base PATH_OR_ID and --prompts FILE")
@@ -68,7 +68,7 @@ def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
     """Also write the adapter in diffusers' LoRA format (``load_lora_weights(OUT)`` loads the run folder)."""
     from accelerate import PartialState
 
-    from ..pipelines.finetune import export_run_adapter
+    from diffusion_blend.pipelines.lora_files import export_run_adapter
 
     if not PartialState().is_main_process:  # under torchrun every process returns the same adapter
         return []
@@ -81,9 +81,6 @@ def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
     return [f"diffusers LoRA: {path}"]
 
 
-SD_GUIDANCE_SCALE = {"sd": 7.5, "sdxl": 5.0}
-"""Default CFG scale of the rollouts: the stock pipelines' defaults (SD3 and FLUX: see ``load_flow_target``)."""
-
 TARGETS: dict[str, Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]] = {
     "gmm": gmm_target_builder,
     "digits": digits_target_builder,
@@ -92,6 +89,17 @@ TARGETS: dict[str, Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]
     "sd3": flow_target_builder("sd3"),
     "flux": flow_target_builder("flux"),
 }
+
+
+def target_specs() -> dict[str, Any]:
+    """Each target's :class:`~diffusion_blend.spec.ModelSpec` (recipe, sampler, guidance, LoRA): one source for the
+    defaults below and for ``--help``."""
+    from diffusion_blend.pipelines.kinds import SPECS
+    from diffusion_blend.testbeds.digits.spec import DIGITS_SPEC
+    from diffusion_blend.testbeds.gmm.spec import GMM_SPEC
+
+    return {"gmm": GMM_SPEC, "digits": DIGITS_SPEC, **SPECS}
+
 
 EXPORTS: dict[str, Callable[[Any, argparse.Namespace], list[str]]] = {
     "sd": sd_export, "sdxl": sd_export, "sd3": sd_export, "flux": sd_export,
@@ -106,42 +114,13 @@ FLAG_FIELDS = {
     "estimator": "estimator", "backprop_steps": "backprop_steps",
 }
 
-TARGET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # Stable Diffusion: the anchors' range (DDPO / DPOK: a few to tens of trajectories per process, minibatches
-    # of 1-4, 50 DDIM steps at eta 1, LoRA learning rate ~1e-4..3e-4); memory-bounded by default
-    "sd": dict(batch_size=8, minibatch_size=2, updates_per_batch=1, num_inference_steps=50, eta=1.0,
-               learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
-               gradient_checkpointing=True),
-    # SDXL (1024 px): the same, at minibatch 1
-    "sdxl": dict(batch_size=8, minibatch_size=1, updates_per_batch=1, num_inference_steps=50, eta=1.0,
-                 learning_rate=1e-4, lora_rank=4, lora_alpha=4.0, iterations=100, checkpoint_every=5,
-                 gradient_checkpointing=True),
-    # SD3 / 3.5 and FLUX: Flow-GRPO's SD3.5-M recipe (yifan123/flow_grpo: config/base.py noise_level 0.7 and
-    # learning_rate 3e-4; config/grpo.py's *_sd3 configs sample.num_steps 10 for training, 40 for evaluation;
-    # scripts/train_sd3.py LoraConfig r=32, lora_alpha=64 on the 8 attention projections), with the SD memory
-    # defaults. Flow-GRPO's KL weight (train.beta 0.01-0.04) is a loss coefficient, not our alpha.
-    "sd3": dict(batch_size=8, minibatch_size=2, updates_per_batch=1, num_inference_steps=10, eta=0.7,
-                learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, iterations=100, checkpoint_every=5,
-                gradient_checkpointing=True),
-    "flux": dict(batch_size=8, minibatch_size=1, updates_per_batch=1, num_inference_steps=10, eta=0.7,
-                 learning_rate=3e-4, lora_rank=32, lora_alpha=64.0, iterations=100, checkpoint_every=5,
-                 gradient_checkpointing=True),
-}
-"""Per-target starting points, applied under a --config file and the flags (``DPOKConfig`` defaults otherwise)."""
-
 
 def defaults_epilog() -> str:
-    from dataclasses import fields
+    from diffusion_blend.spec import spec_table
 
-    from ..training.config import DPOKConfig
-
-    base = {f.name: f.default for f in fields(DPOKConfig) if f.name in set(FLAG_FIELDS.values()) | {"lora_alpha"}}
-    lines = ["per-target defaults (a --config file and the flags override them):",
-             "  gmm, digits: " + ", ".join(f"{k}={v}" for k, v in base.items() if k != "alpha")]
-    for name, values in TARGET_DEFAULTS.items():
-        lines.append(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-    lines.append("  (alpha and --rewards have no default; --device auto = cuda when available, else cpu)")
-    return "\n".join(lines)
+    return "\n".join(["per-target defaults (a --config file and the flags override them; the trainer's own defaults "
+                      "fill the rest):", spec_table(target_specs(), recipe=True),
+                      "  (alpha and --rewards have no default; --device auto = cuda when available, else cpu)"])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -152,12 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.formatter_class = type("DefaultsEpilogFormatter",
                                   (argparse.RawDescriptionHelpFormatter, parser.formatter_class), {})
-
-    def format_help() -> str:  # the defaults epilog reads DPOKConfig (torch): built when help is shown, not here
-        parser.epilog = defaults_epilog()
-        return type(parser).format_help(parser)
-
-    parser.format_help = format_help  # type: ignore[method-assign]
+    parser.epilog = defaults_epilog()  # the specs are light (no torch): `dblend --help` stays fast
     parser.add_argument("--target", choices=sorted(TARGETS), default="gmm", help="model to fine-tune (default gmm)")
     parser.add_argument("--rewards", help="reward weights, e.g. right=1 or right=0.5,corner=0.5")
     parser.add_argument("--config", type=Path, help="JSON file with DPOKConfig fields (reward_weights, alpha, ...)")
@@ -192,8 +166,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="sd/sdxl/sd3/flux: pipeline folder or hub id")
     parser.add_argument("--prompts", type=Path, help="sd/sdxl/sd3/flux: training prompts, one per line or a JSON list")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="sd/sdxl/sd3/flux: guidance scale of the rollouts (default 7.5 for sd, 5 for sdxl, 7 for "
-                        "sd3, 3.5 for FLUX's distilled guidance; 1 = none)")
+                        help="sd/sdxl/sd3/flux: guidance scale of the rollouts (default: the kind's, see the table "
+                        "below; 1 = none)")
     parser.add_argument("--resolution", type=int,
                         help="sd/sdxl/sd3/flux: image size in pixels (default: the denoiser's native size)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
@@ -203,12 +177,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> DPOKConfig:
     """Per-target defaults, then the --config file, then the flags."""
-    from ..training.config import DPOKConfig
+    from diffusion_blend.training.config import DPOKConfig
 
     overrides: dict[str, Any] = {field: getattr(args, flag, None) for flag, field in FLAG_FIELDS.items()}
     if args.rewards:
         overrides["reward_weights"] = dict(Preference.parse(args.rewards).weights)
-    values = dict(TARGET_DEFAULTS.get(args.target, {}))
+    values = target_specs()[args.target].finetune_defaults()
     if args.config is not None:
         values.update(DPOKConfig.read_json(args.config))
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -230,19 +204,30 @@ def make_accelerator(device: str):
     return Accelerator(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
 
 
+PIPELINE_TARGETS = ("sd", "sdxl", "sd3", "flux")
+
+
+def build_target(args: argparse.Namespace, config: DPOKConfig) -> FinetuneTarget:
+    """The target of ``--target`` with the kind's guidance when ``--guidance-scale`` is not given; for pipeline
+    targets the base, prompts, guidance and resolution go into ``config.extra`` (the checkpoint: a resume must match,
+    and the adapter's metadata)."""
+    if args.target in PIPELINE_TARGETS:
+        if args.guidance_scale is None:
+            args.guidance_scale = target_specs()[args.target].guidance_scale
+        config.extra = {**config.extra, args.target: {"base": str(args.base), "prompts": str(args.prompts),
+                                                      "guidance_scale": args.guidance_scale,
+                                                      "resolution": args.resolution}}
+    return TARGETS[args.target](list(config.reward_weights), args)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..training.dpok import finetune
+    from diffusion_blend.training.dpok import finetune
 
     config = build_config(args)
     accelerator = make_accelerator(args.device)
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
-    if args.target in ("sd", "sdxl") and args.guidance_scale is None:
-        args.guidance_scale = SD_GUIDANCE_SCALE[args.target]
-    if args.target in ("sd", "sdxl", "sd3", "flux"):  # in the checkpoint (a resume must match) and the metadata
-        config.extra = {**config.extra, args.target: {"base": str(args.base), "prompts": str(args.prompts),
-                                               "guidance_scale": args.guidance_scale, "resolution": args.resolution}}
-    target = TARGETS[args.target](list(config.reward_weights), args)
+    target = build_target(args, config)
     result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.quiet,
                       routing=args.routing)
     last = result.curves[-1]

@@ -22,8 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import positive_int
-    from ..verify.finetune_verify import VerifySettings, run_verification
+    from diffusion_blend.errors import positive_int
+    from diffusion_blend.testbeds.gmm.verification import (
+        VerifySettings,
+        run_verification,
+    )
 
     if args.iterations is not None:  # before the base model is trained (minutes on a first run)
         positive_int(args.iterations, "--iterations")

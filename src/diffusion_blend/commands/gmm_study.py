@@ -6,7 +6,7 @@ import argparse
 import shlex
 from pathlib import Path
 
-from ..errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..studies.gmm_study import StudySettings, run_study, write_outputs
+    from diffusion_blend.testbeds.gmm.study import (
+        StudySettings,
+        run_study,
+        write_outputs,
+    )
 
     if args.seed < 0:
         raise DiffusionBlendError(f"--seed must be a non-negative integer, got {args.seed}")

@@ -6,14 +6,14 @@ import argparse
 import math
 from pathlib import Path
 
-from ..errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("pretrain", help="pretrain a base diffusion model",
                                    description="Pretrain a base diffusion model with the DDPM epsilon loss.")
     models = parser.add_subparsers(dest="model", metavar="MODEL", required=True)
-    from ..digits.recipe import DEFAULT_RECIPE
+    from diffusion_blend.testbeds.digits.recipe import DEFAULT_RECIPE
 
     digits = models.add_parser(
         "digits", help="pixel-space model of sklearn's 8x8 digits",
@@ -45,8 +45,8 @@ def _ema(text: str) -> float | None:
 
 
 def run_digits(args: argparse.Namespace) -> int:
-    from ..digits.model import save_digits_model
-    from ..digits.train import train_digits_model
+    from diffusion_blend.testbeds.digits.model import save_digits_model
+    from diffusion_blend.testbeds.digits.train import train_digits_model
 
     if args.steps < 1:
         raise DiffusionBlendError(f"--steps must be >= 1, got {args.steps}")

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from ..devices import DTYPE_CHOICES, ROUTINGS
-from ..errors import DiffusionBlendError, positive_number
-from ..files import give_user_mode, refuse_existing_results, rounded
-from ..preference import Preference
+from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.files import refuse_existing_results, rounded
+from diffusion_blend.preference import Preference
 
 RESULT_FILES = ["image_*.png", "settings.json"]
 
@@ -41,7 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(DB-MPA / DB-MPA-LS)",
         description="Blend the noise (or velocity) predictions of LoRA experts of one Stable Diffusion (XL, 3/3.5) "
         "or FLUX base with reward weights w and KL scale lambda (c_i = lambda w_i, c_0 = 1 - lambda sum w).",
+        epilog=kinds_epilog(),
     )
+    parser.formatter_class = type("DefaultsEpilogFormatter",
+                                  (argparse.RawDescriptionHelpFormatter, parser.formatter_class), {})
     parser.add_argument("--base", required=True, help="base pipeline: hub id or local folder (from_pretrained)")
     parser.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=PATH", required=True,
@@ -72,11 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace the images and settings.json in --out")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the kind's, table below)")
     parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="guidance scale (default 7.5 for SD/SDXL, 7 for SD3, 3.5 for FLUX's distilled guidance)")
+                        help="guidance scale (default: the kind's, table below; FLUX: its distilled guidance)")
     parser.add_argument("--eta", type=float, default=None,
-                        help="DDIM eta (default 1, as in the paper); for SD3/FLUX the SDE noise level (default 0.7)")
+                        help="DDIM eta for SD/SDXL, the flow SDE's noise level for SD3/FLUX (default: the kind's, "
+                        "table below)")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed + k")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--height", type=int, default=None)
@@ -97,6 +99,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def kinds_epilog() -> str:
+    """The kinds' defaults (:data:`diffusion_blend.pipelines.kinds.SPECS`) as ``--help`` shows them."""
+    from diffusion_blend.pipelines.kinds import SPECS
+    from diffusion_blend.spec import spec_table
+
+    return "defaults per base kind (a flag overrides them; docs/design.md says why each):\n" + spec_table(SPECS)
+
+
 def parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
     """``NAME=VALUE`` arguments (``--adapter``, ``--reward``) as a dict; malformed or repeated names: one line."""
     pairs: dict[str, str] = {}
@@ -112,7 +122,7 @@ def parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") 
 
 def _check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
-        if value < 1:
+        if value is not None and value < 1:
             raise DiffusionBlendError(f"{flag} must be >= 1, got {value}")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and (value < 8 or value % 8):
@@ -121,49 +131,25 @@ def _check_args(args: argparse.Namespace) -> None:
         raise DiffusionBlendError(f"--eta must be in [0, 1], got {args.eta}")
 
 
-def expert_alphas(adapters: dict[str, str], alpha: float | None) -> dict[str, float | None]:
-    """Each expert's KL weight: from our metadata in its file, else ``--alpha`` (``None`` if neither says).
+def smc_options(args: argparse.Namespace):
+    """``--particles`` and the ``--smc-*`` flags as :class:`~diffusion_blend.smc.SMCOptions` (checked once)."""
+    from diffusion_blend.smc import SMCOptions
 
-    The blend ``c_i = lambda w_i`` targets ``p_pre exp(lambda sum_i w_i r_i / alpha)`` only if every expert was
-    fine-tuned with the same ``alpha``; experts that disagree are refused (one line)."""
-    from ..pipelines.finetune import DIFFUSERS_LORA_NAME, read_diffusers_lora_metadata
-
-    if alpha is not None:
-        alpha = positive_number(alpha, "--alpha")
-    alphas: dict[str, float | None] = {}
-    for name, source in adapters.items():
-        path = Path(source)
-        readable = path.is_file() or (path / DIFFUSERS_LORA_NAME).is_file()
-        try:
-            metadata = read_diffusers_lora_metadata(path) if readable else None
-        except DiffusionBlendError:
-            metadata = None  # unreadable: the adapter loader reports it, with its own message
-        alphas[name] = float(metadata.alpha) if metadata is not None else alpha
-    known = {name: value for name, value in alphas.items() if value is not None}
-    if len(set(known.values())) > 1:
-        listed = ", ".join(f"{name}: {value:g}" for name, value in known.items())
-        raise DiffusionBlendError(f"the experts were fine-tuned with different KL weights alpha ({listed}); the "
-                                  "blend c_i = lambda w_i assumes one alpha for all experts")
-    return alphas
+    return SMCOptions(particles=args.particles, proposal=args.smc_proposal, potential=args.smc_potential,
+                      proposal_tilt=args.smc_proposal_tilt)
 
 
 def _save_png(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        give_user_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from diffusion_blend.files import atomic_write
+
+    with atomic_write(path, "wb") as handle:
+        image.save(handle, format="PNG")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..devices import resolve_device
-    from ..pipelines.loading import FLOW_KINDS, load_blend_pipeline, pipeline_kind
+    from diffusion_blend.devices import resolve_device
+    from diffusion_blend.pipelines.kinds import FLOW_KINDS, pipeline_kind
+    from diffusion_blend.pipelines.session import BlendSession
 
     _check_args(args)
     device, dtype = resolve_device(args.device, args.dtype)
@@ -172,112 +158,55 @@ def run(args: argparse.Namespace) -> int:
     reward_names = parse_pairs(args.reward, "--reward", "REWARD")
     preference = Preference.parse(args.weights, args.kl_scale)
     coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
-    alphas = expert_alphas(adapters, args.alpha)
     if args.method == "ls":
         coefficients.probabilities()  # negative coefficients fail before any loading
-    if args.method == "smc":
-        from ..rewards import get_reward
-        from ..smc import check_options
-
-        # alpha is checked once known (metadata or --alpha)
-        check_options(args.particles, args.smc_proposal, args.smc_potential, ess_threshold=0.5, potential_every=1,
-                      alpha=1.0, proposal_tilt=args.smc_proposal_tilt)
-        # the experts' rewards, built before the base is loaded: an unknown name fails early
-        rewards = {reward: get_reward(reward) for reward in set(reward_names.values())}
-    elif reward_names:
+    smc = smc_options(args) if args.method == "smc" else None
+    if reward_names and args.method != "smc":
         raise DiffusionBlendError("--reward is for --method smc (it scores the particles)")
     kind = pipeline_kind(args.base, "sdxl" if args.sdxl and args.pipeline == "auto" else args.pipeline)
-    sdxl, flow = kind == "sdxl", kind in FLOW_KINDS
-    scheduler = args.scheduler or ("sde" if flow else "ddim")
-    if (scheduler == "sde") != flow and scheduler != "pipeline":
-        raise DiffusionBlendError(f"--scheduler {scheduler} is for {'SD3/FLUX' if scheduler == 'sde' else 'SD/SDXL'} "
-                                  f"bases; this base is {kind} (use {'sde' if flow else 'ddim'} or pipeline)")
-    if flow and args.method == "ls" and scheduler != "sde":
+    if kind in FLOW_KINDS and args.method == "ls" and args.scheduler == "pipeline":
         raise DiffusionBlendError("--method ls needs a stochastic sampler that keeps the flow's marginals "
                                   "(--scheduler sde), not the base's Euler ODE")
-    eta = args.eta if args.eta is not None else (0.7 if flow else 1.0)
-    if flow and args.method == "ls" and eta == 0:
+    if kind in FLOW_KINDS and args.method == "ls" and args.eta == 0:
         raise DiffusionBlendError("--method ls needs SDE noise: --eta 0 makes the flow sampler the Euler ODE "
                                   "(its noise level must be > 0)")
-    guidance_scale = args.guidance_scale if args.guidance_scale is not None else {"sd3": 7.0, "flux": 3.5}.get(kind, 7.5)
     print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
-    pipe = load_blend_pipeline(args.base, kind, dtype=getattr(torch, dtype))
-    pipe.load_adapters(adapters)
-    if scheduler == "ddim":
-        from diffusers import DDIMScheduler
-
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    elif scheduler == "sde":
-        from ..sampling import FlowMatchSDEScheduler
-
-        pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=eta)
-    pipe = pipe.to(device)
-    generators = [torch.Generator(device).manual_seed(args.seed + k) for k in range(args.num_images)]
-    call = dict(
-        prompt=[args.prompt] * args.num_images,
-        negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * args.num_images,
-        num_inference_steps=args.steps, guidance_scale=guidance_scale, generator=generators,
-        height=args.height, width=args.width, **({} if flow else {"eta": eta}),
-    )
-    smc_settings = {}
+    session = BlendSession.open(args.base, adapters, kind=kind, rewards=reward_names, alpha=args.alpha,
+                                scheduler=args.scheduler, noise_level=args.eta, device=device, dtype=dtype)
     if args.method == "smc":
-        from ..baselines.code import weighted_reward_scores
-        from ..pipelines.experts import expert_rewards_and_alpha
-
-        reward_of, alpha = expert_rewards_and_alpha(pipe, adapters, reward_names, args.alpha)
-        if alpha is None:
-            raise DiffusionBlendError("--method smc needs the experts' common KL weight alpha (its target is "
-                                      "p_pre exp(lambda r_w / alpha)): give --alpha for files without our metadata; "
-                                      f"experts of different alphas cannot be corrected together ({alphas})")
-        for reward in set(reward_of.values()) - set(rewards):  # rewards named by the files' metadata
-            rewards[reward] = get_reward(reward)
-        expert_rewards = {name: rewards[reward] for name, reward in reward_of.items()}
-
-        def weighted_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-            return weighted_reward_scores(expert_rewards, preference, images, prompts)
-
-        call["generator"] = args.seed
-        images = pipe(preference=preference, method="smc", reward=weighted_reward, alpha=alpha,
-                      particles=args.particles, proposal=args.smc_proposal, potential=args.smc_potential,
-                      proposal_tilt=args.smc_proposal_tilt, routing=args.routing, **call).images
-        stats = pipe.last_smc
-        smc_settings = {"particles": args.particles, "smc_proposal": args.smc_proposal,
-                        "smc_proposal_tilt": args.smc_proposal_tilt,
-                        "smc_potential": args.smc_potential, "smc_alpha": alpha,
-                        "rewards": reward_of, "network_evaluations_per_image": stats.network_evaluations,
-                        "reward_evaluations_per_image": stats.reward_evaluations,
-                        "final_ess": stats.final_ess.tolist()}
-    else:
-        switch = torch.Generator().manual_seed(args.seed) if args.method == "ls" else None
-        images = pipe(preference=preference, method=args.method, switch_generator=switch, routing=args.routing,
-                      **call).images
-
+        session.alpha("--method smc")  # before sampling: the target needs it
+    result = session.generate(args.prompt, preference, method=args.method, num_images=args.num_images,
+                              seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
+                              height=args.height, width=args.width, negative_prompt=args.negative_prompt, smc=smc,
+                              routing=args.routing)
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
-    for k, image in enumerate(images):
+    for k, image in enumerate(result.images):
         path = args.out / f"image_{k:03d}.png"
         _save_png(image, path)
         files.append(path.name)
-    import diffusers
-    import peft
-
-    settings = {
-        "base": str(args.base), "pipeline": kind, "sdxl": sdxl, "adapters": adapters, "weights": preference.weights,
-        "kl_scale": preference.kl_scale, "method": args.method, "alpha": alphas,
-        "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
-        "guidance_scale": guidance_scale, "eta": eta,
-        "seeds": [args.seed] if args.method == "smc" else [args.seed + k for k in range(len(files))],
-        "height": args.height, "width": args.width, "device": device, "dtype": dtype,
-        "scheduler": type(pipe.scheduler).__name__, "routing": args.routing, "images": files, **smc_settings,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
-    }
-    if args.method != "smc":
-        settings.update({f"{pipe.blend_component}_calls": pipe.last_blend.calls,
-                         f"{pipe.blend_component}_forwards": pipe.last_blend.forwards,
-                         "routing_used": pipe.last_blend.routing_used})
-    tmp = args.out / "settings.json.tmp"
-    tmp.write_text(json.dumps(rounded(settings), indent=2))
-    os.replace(tmp, args.out / "settings.json")
+    _write_settings(args, session, preference, result.settings, files, device, dtype)
     print(f"wrote {len(files)} image(s) and settings.json to {args.out}")
     return 0
+
+
+def _write_settings(args: argparse.Namespace, session, preference: Preference, run: dict, files: list[str],
+                    device: str, dtype: str) -> None:
+    import diffusers
+    import peft
+    import torch
+
+    from diffusion_blend.files import atomic_write
+
+    coefficients = preference.coefficients(session.experts)
+    settings = {
+        "base": str(args.base), "pipeline": session.kind, "adapters": {n: e.source for n, e in session.experts.items()},
+        "experts": {name: expert.describe() for name, expert in session.experts.items()},
+        "weights": preference.weights, "kl_scale": preference.kl_scale, "method": args.method,
+        "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
+        "device": device, "dtype": dtype, "images": files, **run,
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+    }
+    with atomic_write(args.out / "settings.json", "w") as handle:
+        handle.write(json.dumps(rounded(settings), indent=2))

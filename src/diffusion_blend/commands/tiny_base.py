@@ -21,14 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import DiffusionBlendError
-    from ..files import refuse_existing_results
+    from diffusion_blend.errors import DiffusionBlendError
+    from diffusion_blend.files import refuse_existing_results
 
     if args.seed < 0:
         raise DiffusionBlendError(f"--seed must be >= 0, got {args.seed}")
     refuse_existing_results(args.out, ["base", "aesthetic.safetensors", "align.safetensors"], args.overwrite)
-    from ..quiet import no_loading_bars
-    from ..tiny import write_tiny_base
+    from diffusion_blend.pipelines.tiny import write_tiny_base
+    from diffusion_blend.quiet import no_loading_bars
 
     with no_loading_bars():
         files = write_tiny_base(args.out, seed=args.seed)

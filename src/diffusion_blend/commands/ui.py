@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .sample import parse_pairs
+from diffusion_blend.commands.sample import parse_pairs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the demo's sampler for digits, so results sit on its Pareto "
-                        "plot; 50 for Stable Diffusion)")
+                        "plot; the base kind's for --sd-base)")
     parser.add_argument("--sd-base", metavar="PATH_OR_ID",
                         help="blend a Stable Diffusion (1.x/2.x, 3/3.5) or FLUX base's LoRA experts (--adapter NAME=PATH "
                         "each) with a prompt box; the pipeline class comes from the folder's model_index.json")
@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=None,
                         help="sd: the KL weight the experts were fine-tuned with, for files without our metadata "
                         "(foreign LoRAs); SMC particles need it")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="sd: classifier-free guidance scale")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="sd: guidance scale (default: the base kind's, dblend sample --help lists them)")
     parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the base's)")
     parser.add_argument("--device", default="auto", help="sd: torch device: auto (cuda if available, else cpu), cpu, cuda")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -44,15 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def sd_studio(args: argparse.Namespace):
-    """``--sd-base``: the Stable Diffusion studio over the --adapter files (read only from --adapter-dir if given)."""
+    """``--sd-base``: the pipeline studio over the --adapter files (read only from --adapter-dir if given)."""
     import json
 
-    import torch
-
-    from ..devices import resolve_device
-    from ..errors import DiffusionBlendError
-    from ..ui.paths import resolve_within
-    from ..ui.stable_diffusion import stable_diffusion_studio
+    from diffusion_blend.devices import resolve_device
+    from diffusion_blend.errors import DiffusionBlendError
+    from diffusion_blend.pipelines.session import BlendSession
+    from diffusion_blend.ui.paths import resolve_within
+    from diffusion_blend.ui.pipeline_studio import PipelineStudio
 
     device, dtype = resolve_device(args.device, args.dtype)
     adapters = parse_pairs(args.adapter)
@@ -65,29 +65,27 @@ def sd_studio(args: argparse.Namespace):
         options = json.loads(args.reward_options) if args.reward_options else {}
     except json.JSONDecodeError as err:
         raise DiffusionBlendError(f"--reward-options is not valid JSON ({err})") from None
-    return stable_diffusion_studio(
-        args.sd_base, adapters, reward_names=parse_pairs(args.reward, "--reward", "REWARD"),
-        reward_options=options, num_images=args.num_images, num_inference_steps=args.steps or 50,
-        guidance_scale=args.guidance_scale, resolution=args.resolution, device=device, dtype=getattr(torch, dtype),
-        alpha=args.alpha,
-    )
+    session = BlendSession.open(args.sd_base, adapters, rewards=parse_pairs(args.reward, "--reward", "REWARD"),
+                                alpha=args.alpha, device=device, dtype=dtype, reward_options=options)
+    return PipelineStudio(session, num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
+                          resolution=args.resolution)
 
 
 def run(args: argparse.Namespace) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from ..errors import DiffusionBlendError
+    from diffusion_blend.errors import DiffusionBlendError
 
     if not 1 <= args.port <= 65535:
         raise DiffusionBlendError(f"--port must be in 1..65535, got {args.port}")
     if args.alpha is not None and args.sd_base is None:
         raise DiffusionBlendError("--alpha is for --sd-base (the digits experts carry their alpha)")
     if args.sd_base is not None:  # the device is checked before gradio and the model load
-        from ..devices import resolve_device
+        from diffusion_blend.devices import resolve_device
 
         resolve_device(args.device, args.dtype)
-    from ..ui.app import build_app, launch, load_pareto_reference
-    from ..ui.digits import adapters_in, digits_studio
-    from ..ui.paths import resolve_within
+    from diffusion_blend.testbeds.digits.studio import adapters_in, digits_studio
+    from diffusion_blend.ui.app import build_app, launch, load_pareto_reference
+    from diffusion_blend.ui.paths import resolve_within
     if args.sd_base is not None:
         app = build_app(sd_studio(args))
         print(f"Diffusion Blend UI on http://{args.host}:{args.port} (Ctrl+C to stop)")
@@ -99,11 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if not adapters:
         adapters = adapters_in(demo_dir / "adapters")
         if not adapters:
-            from ..demo import ensure_demo_adapters  # trains the demo's experts once (minutes), then cached
+            from diffusion_blend.testbeds.digits.demo import (
+                ensure_demo_adapters,  # trains the demo's experts once (minutes), then cached
+            )
 
             adapters = ensure_demo_adapters(demo_dir)
     adapters = {name: resolve_within(path, roots) for name, path in adapters.items()}
-    from ..demo import DemoConfig
+    from diffusion_blend.testbeds.digits.demo import DemoConfig
 
     steps = args.steps or DemoConfig().num_inference_steps
     studio = digits_studio(adapters, num_images=args.num_images, num_inference_steps=steps)

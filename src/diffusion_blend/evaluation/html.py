@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..files import give_user_mode
+from diffusion_blend.files import atomic_path, write_text_atomic
 
 THUMBNAIL = 96  # pixels: the longer side of each preview image (keeps a report of many cells small)
 
@@ -33,11 +32,8 @@ def write_image_strip(images: torch.Tensor, path: str | os.PathLike, size: int =
     strip = Image.new("RGB", (width * len(pictures) + 2 * (len(pictures) - 1), height), (255, 255, 255))
     for index, picture in enumerate(pictures):
         strip.paste(picture.resize((width, height), Image.Resampling.BICUBIC), (index * (width + 2), 0))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    strip.save(tmp, format="PNG", optimize=True)
-    give_user_mode(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".png") as tmp:
+        strip.save(tmp, format="PNG", optimize=True)
     return path
 
 
@@ -107,11 +103,4 @@ seed and sample (same initial noise); NFE = network evaluations per sample.</p>
 
 def write_html(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write :func:`render_html` atomically to ``path`` (images are referenced relative to it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(render_html(result))
-    give_user_mode(tmp)
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, render_html(result))

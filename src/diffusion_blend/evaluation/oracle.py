@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DiffusionBlendError
-from ..preference import Preference
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.preference import Preference
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError
 
 
 def _as_points(points: Sequence[Sequence[float]] | np.ndarray, what: str = "points") -> np.ndarray:

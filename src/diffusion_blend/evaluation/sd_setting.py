@@ -4,7 +4,7 @@
 :func:`sd_setting` builds a :class:`~diffusion_blend.evaluation.sweep.Setting` from
 
 - the base pipeline (a local folder or hub id; SDXL when its ``model_index.json`` says so or ``pipeline="sdxl"``),
-  loaded with diffusers and wrapped by :func:`~diffusion_blend.pipelines.finetune.sd_finetune_target`, whose
+  loaded with diffusers and wrapped by :func:`~diffusion_blend.pipelines.sd_target.sd_finetune_target`, whose
   classifier-free-guided forward (one ``[uncond; cond]`` UNet batch; SDXL's pooled text embeddings and time ids as
   added conditioning), prompt encoding, DDIM scheduler and VAE decode to ``[0, 1]`` images are reused as they are;
 - the experts (diffusers LoRA files, e.g. the ``pytorch_lora_weights.safetensors`` of ``dblend finetune --target
@@ -35,25 +35,12 @@ from typing import Any
 
 import torch
 
-from ..errors import DiffusionBlendError, positive_number
-from ..pipelines.experts import expert_alpha
-from ..preference import Preference
-from .sweep import Setting
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.evaluation.sweep import Setting
+from diffusion_blend.preference import Preference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATCH_TOLERANCE = 1e-6
-
-
-def _metadata(source: str | os.PathLike):
-    """Our metadata of a LoRA source (file or folder), ``None`` for a foreign file or a peft folder."""
-    from ..pipelines.finetune import read_diffusers_lora_metadata
-
-    path = Path(source)
-    if not path.exists():
-        raise DiffusionBlendError(f"adapter {path} does not exist")
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return None
-    return read_diffusers_lora_metadata(path)
 
 
 def _file_digest(source: str | os.PathLike) -> str:
@@ -123,31 +110,10 @@ def _model_dtype_forward(forward):
     return cast
 
 
-def sd_setting(
-    base: str | os.PathLike | Any,
-    adapters: Mapping[str, str | os.PathLike],
-    prompts_file: str | os.PathLike,
-    reward_names: Sequence[str],
-    *,
-    morl: Sequence[tuple[Mapping[str, float], str | os.PathLike]] = (),
-    methods: Sequence[str] = (),
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    resolution: int | None = None,
-    alpha: float | None = None,
-    pipeline: str = "auto",
-    device: str = "cpu",
-    dtype: str = "float32",
-    routing: str = "auto",
-    preview_images: int = 4,
-) -> Setting:
-    """The ``sd`` setting (module docstring). Cheap checks (rewards, RGG on non-differentiable rewards, prompts,
-    adapter names, alphas, fingerprints recorded in the files) run before the base model is loaded. ``base`` is a
-    folder or hub id, or an already loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``."""
-    from ..lora import LoraFamily
-    from ..pipelines.finetune import check_guidance_scale, read_prompts, sd_finetune_target, unet_architecture
-    from ..pipelines.loading import load_adapter, pipeline_kind
-    from ..rewards import get_reward
+def _check_inputs(reward_names: Sequence[str], adapters: Mapping[str, Any], methods: Sequence[str],
+                  morl: Sequence[Any], num_inference_steps: int, dtype: str) -> dict[str, Any]:
+    """The cheap checks, before anything loads; returns the registry rewards."""
+    from diffusion_blend.rewards import get_reward
 
     if not reward_names:
         raise DiffusionBlendError("give --rewards NAME[,NAME]: the basis rewards, one expert each")
@@ -160,84 +126,79 @@ def sd_setting(
             raise DiffusionBlendError(f"rgg needs differentiable rewards; {', '.join(flat)} is not (drop rgg)")
     if int(num_inference_steps) < 1:
         raise DiffusionBlendError(f"--steps must be >= 1, got {num_inference_steps}")
-    guidance_scale = check_guidance_scale(guidance_scale)
     if dtype not in DTYPES:
         raise DiffusionBlendError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if alpha is not None:
-        alpha = positive_number(alpha, "--alpha")
-    prompts = read_prompts(prompts_file)
     if set(adapters) != set(reward_names):
         raise DiffusionBlendError(
             f"give one --adapter NAME=PATH per reward, named after it: rewards {', '.join(reward_names)}, adapters "
             f"{', '.join(adapters) or 'none'}")
     if "morl" in methods and not morl:
         raise DiffusionBlendError("method morl needs the MORL adapters: --morl W=PATH (one per preference)")
+    return rewards
 
-    metadata = {name: _metadata(path) for name, path in adapters.items()}
-    alphas = {name: expert_alpha(name, m) for name, m in metadata.items() if m is not None}
-    if len({round(a, 12) for a in alphas.values()}) > 1:
-        listed = ", ".join(f"{name}: {value:g}" for name, value in alphas.items())
-        raise DiffusionBlendError(f"the experts were fine-tuned with different KL weights alpha ({listed}); the blend "
-                                  "c_i = lambda w_i assumes one alpha for all experts")
-    if alphas:
-        known = next(iter(alphas.values()))
-        if alpha is not None and abs(alpha - known) > 1e-12 * known:
-            raise DiffusionBlendError(f"--alpha {alpha:g} contradicts the experts' metadata (alpha = {known:g}); drop "
-                                      "--alpha")
-        alpha = known
-    elif alpha is None:
-        raise DiffusionBlendError("the adapters carry no diffusion-blend metadata (foreign LoRA files): give the "
-                                  "experts' KL weight with --alpha")
-    morl_metadata = [(dict(w), path, _metadata(path)) for w, path in morl]
-    fingerprints = {f"adapter {n!r}": m.base_fingerprint for n, m in metadata.items() if m is not None}
-    fingerprints.update({f"morl {path}": m.base_fingerprint for _, path, m in morl_metadata if m is not None})
-    if len(set(fingerprints.values())) > 1:
-        listed = ", ".join(f"{who}: {value[:12]}" for who, value in fingerprints.items())
-        raise DiffusionBlendError(f"the adapters were fine-tuned on different base models (fingerprints {listed})")
-    tilts = [morl_tilt(w, m, alpha, reward_names) for w, _, m in morl_metadata]
 
-    if hasattr(base, "unet") and hasattr(base, "vae"):  # an already loaded pipeline (benchmarks, notebooks)
-        pipe, kind = base, "sdxl" if getattr(base, "text_encoder_2", None) is not None else "sd"
-        base = f"<{type(pipe).__name__} in memory>"
-    else:
-        kind = pipeline_kind(base, pipeline)
-        if kind not in ("sd", "sdxl"):
-            raise DiffusionBlendError(f"--setting sd evaluates Stable Diffusion 1.x/2.x and SDXL bases; {base} is a "
-                                      f"{kind} pipeline")
-        from ..pipelines.finetune import load_sd_pipeline
+def _morl_adapters(session: Any, morl: Sequence[tuple[Mapping[str, float], str | os.PathLike]],
+                   reward_names: Sequence[str], alpha: float) -> tuple[list[str], list[dict[str, float]], list[str]]:
+    """Load the MORL adapters next to the experts; their names, tilts and file digests (fingerprints checked)."""
+    from diffusion_blend.pipelines.experts import expert_metadata
+    from diffusion_blend.pipelines.loading import load_adapter
 
-        pipe = load_sd_pipeline(base, sdxl=kind == "sdxl")
-    unet = pipe.unet
-    base_print = None
-    if fingerprints:
-        from ..adapters import base_fingerprint
+    names, tilts, digests = [], [], []
+    expected = {e.metadata.base_fingerprint for e in session.experts.values() if e.metadata is not None}
+    for index, (weights, path) in enumerate(morl):
+        metadata = expert_metadata(path)
+        if metadata is not None and expected and metadata.base_fingerprint not in expected:
+            raise DiffusionBlendError(f"the MORL adapter {path} was fine-tuned on another base model than the experts "
+                                      f"(fingerprint {metadata.base_fingerprint[:12]})")
+        tilts.append(morl_tilt(dict(weights), metadata, alpha, reward_names))
+        names.append(f"morl_{index}")
+        load_adapter(session.pipe, path, names[-1])
+        digests.append(_file_digest(path))
+    return names, tilts, digests
 
-        base_print = base_fingerprint(unet, unet_architecture(unet))
-        expected = next(iter(fingerprints.values()))
-        if base_print != expected:
-            raise DiffusionBlendError(f"the adapters were fine-tuned on another base model (fingerprint "
-                                      f"{expected[:12]}..., {base} is {base_print[:12]}...)")
+
+def sd_setting(
+    base: str | os.PathLike | Any,
+    adapters: Mapping[str, str | os.PathLike],
+    prompts_file: str | os.PathLike,
+    reward_names: Sequence[str],
+    *,
+    morl: Sequence[tuple[Mapping[str, float], str | os.PathLike]] = (),
+    methods: Sequence[str] = (),
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    alpha: float | None = None,
+    pipeline: str = "auto",
+    device: str = "cpu",
+    dtype: str = "float32",
+    routing: str = "auto",
+    preview_images: int = 4,
+) -> Setting:
+    """The ``sd`` setting (module docstring). Cheap checks (rewards, RGG on non-differentiable rewards, prompts,
+    adapter names, alphas, fingerprints recorded in the files) run before the base model is loaded. ``base`` is a
+    folder or hub id, or an already loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``. Unset steps
+    and guidance are the kind's spec's (DDIM eta 1, as the paper)."""
+    from diffusion_blend.lora import LoraFamily
+    from diffusion_blend.pipelines.conditioning import check_guidance_scale
+    from diffusion_blend.pipelines.prompts import read_prompts
+    from diffusion_blend.pipelines.sd_target import sd_finetune_target
+    from diffusion_blend.pipelines.session import BlendSession
+
+    rewards = _check_inputs(reward_names, adapters, methods, morl, num_inference_steps or 1, dtype)
+    prompts = read_prompts(prompts_file)
+    session = BlendSession.open(base, adapters, kind=pipeline, rewards={name: name for name in adapters}, alpha=alpha,
+                                device=device, dtype=dtype, kinds=("sd", "sdxl"))
+    alpha = session.alpha("the sd setting")
+    spec, pipe = session.spec, session.pipe
+    steps = spec.steps if num_inference_steps is None else int(num_inference_steps)
+    guidance_scale = check_guidance_scale(spec.guidance_scale if guidance_scale is None else guidance_scale)
+    pipe.vae.to(torch.float32)  # decoded in float32 (the stock SDXL VAE's force_upcast)
+    morl_names, tilts, morl_digests = _morl_adapters(session, morl, reward_names, alpha)
     target = sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
-                                name=kind)
-    torch_dtype = DTYPES[dtype]
-
-    def place(module: torch.nn.Module, module_dtype: torch.dtype) -> None:
-        module.to(device)
-        if module_dtype != torch.float32:  # (diffusers warns on any dtype cast, even to float32)
-            module.to(module_dtype)
-
-    place(unet, torch_dtype)
-    for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if encoder is not None:
-            place(encoder, torch_dtype)
-    place(pipe.vae, torch.float32)  # decoded in float32 (the stock SDXL VAE's force_upcast)
-    for name, path in adapters.items():
-        load_adapter(pipe, path, name)
-    morl_names = []
-    for index, (_, path, _) in enumerate(morl_metadata):
-        morl_names.append(f"morl_{index}")
-        load_adapter(pipe, path, morl_names[-1])
-    place(unet, torch_dtype)  # the LoRA weights too
+                                name=spec.kind)
+    unet = pipe.unet
+    unet.to(DTYPES[dtype])  # the LoRA weights too
     unet.requires_grad_(False)
     unet.eval()
     forward = _model_dtype_forward(target.forward)
@@ -253,38 +214,19 @@ def sd_setting(
         return LoraFamily(unet, forward, expert_names=(morl_names[index],), routing=routing).member(morl_names[index])
 
     scheduler_config = dict(target.scheduler.config)
-
-    def scheduler_factory():
-        return type(target.scheduler).from_config(scheduler_config)
-
     options = {
-        "base": str(base),
-        "pipeline": kind,
-        "base_fingerprint": base_print,
+        "base": session.base, "pipeline": spec.kind, "base_fingerprint": session.base_fingerprint,
         "adapters": {name: _file_digest(path) for name, path in adapters.items()},
-        "morl": [{"tilt": tilt, "file": _file_digest(path)} for tilt, (_, path, _) in zip(tilts, morl_metadata)],
-        "guidance_scale": guidance_scale,
-        "resolution": target.sample_shape[-1] * int(pipe.vae_scale_factor),
-        "dtype": dtype,
-        "device": torch.device(device).type,
-        "preview_images": int(preview_images),
+        "morl": [{"tilt": tilt, "file": digest} for tilt, digest in zip(tilts, morl_digests)],
+        "guidance_scale": guidance_scale, "resolution": target.sample_shape[-1] * int(pipe.vae_scale_factor),
+        "dtype": dtype, "device": torch.device(device).type, "preview_images": int(preview_images),
     }
     return Setting(
-        name=kind,
-        family=family,
-        rewards=rewards,
-        scheduler_factory=scheduler_factory,
-        sample_shape=tuple(target.sample_shape),
-        alpha=float(alpha),
-        decode=target.decode,
-        num_inference_steps=int(num_inference_steps),
-        eta=1.0,
-        prompts=prompts,
-        encode_prompts=target.encode_prompts,
-        morl_denoiser=morl_denoiser if morl_metadata else None,
-        options=options,
-        morl_covers=(lambda p: morl_index(p) is not None) if morl_metadata else None,
-        oracle_from_base=True,
-        preview_images=int(preview_images),
-        device=str(device),
+        name=spec.kind, family=family, rewards=rewards,
+        scheduler_factory=lambda: type(target.scheduler).from_config(scheduler_config),
+        sample_shape=tuple(target.sample_shape), alpha=float(alpha), decode=target.decode, num_inference_steps=steps,
+        eta=spec.noise_level, prompts=prompts, encode_prompts=target.encode_prompts,
+        morl_denoiser=morl_denoiser if morl else None, options=options,
+        morl_covers=(lambda p: morl_index(p) is not None) if morl else None, oracle_from_base=True,
+        preview_images=int(preview_images), device=str(device),
     )

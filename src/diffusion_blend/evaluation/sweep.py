@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,20 +43,31 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from ..baselines.code import active_rewards, code_sample, weighted_reward_scores
-from ..baselines.guidance import guided_sample
-from ..baselines.morl import preference_key
-from ..baselines.rewarded_soup import rewarded_soup_denoiser
-from ..denoisers import BlendedDenoiser, Denoiser, DenoiserFamily, Member, SwitchingDenoiser
-from ..errors import DiffusionBlendError, positive_number
-from ..files import give_user_mode
-from ..lora import LoraFamily
-from ..preference import BASE, Preference
-from ..sampling import sample
-from ..smc import BLENDED, smc_sample
-from .oracle import importance_weighted_oracle
-from .pareto import common_reference_point, hypervolume, pareto_front
-from .stats import mean_and_standard_error
+from diffusion_blend.baselines.code import code_sample
+from diffusion_blend.baselines.guidance import guided_sample
+from diffusion_blend.baselines.morl import preference_key
+from diffusion_blend.baselines.rewarded_soup import rewarded_soup_denoiser
+from diffusion_blend.denoisers import (
+    BlendedDenoiser,
+    Denoiser,
+    DenoiserFamily,
+    Member,
+    SwitchingDenoiser,
+)
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.evaluation.oracle import importance_weighted_oracle
+from diffusion_blend.evaluation.pareto import (
+    common_reference_point,
+    hypervolume,
+    pareto_front,
+)
+from diffusion_blend.evaluation.stats import mean_and_standard_error
+from diffusion_blend.files import atomic_write, write_json_atomic
+from diffusion_blend.lora import LoraFamily
+from diffusion_blend.preference import BASE, Preference
+from diffusion_blend.rewards.weighted import active_rewards, weighted_reward_scores
+from diffusion_blend.sampling import sample
+from diffusion_blend.smc import BLENDED, SMCOptions, smc_sample
 
 METHODS = ("base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "rgg", "is-oracle", "morl", "smc", "fk")
 
@@ -162,13 +172,24 @@ class SweepConfig:
             raise DiffusionBlendError("samples_per_seed must be >= 1 and oracle_samples >= 2")
         if self.fk_particles is None:
             self.fk_particles = self.particles
-        if int(self.particles) < 1 or int(self.fk_particles) < 1:
-            raise DiffusionBlendError(f"particles must be >= 1, got {self.particles} (smc) and {self.fk_particles} (fk)")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise DiffusionBlendError(f"batch_size must be >= 1, got {self.batch_size}")
-        positive_number(self.smc_proposal_tilt, "smc_proposal_tilt")
         if self.smc_proposal not in (None, *BLENDED):
             raise DiffusionBlendError(f"smc_proposal must be one of {', '.join(BLENDED)}, got {self.smc_proposal!r}")
+        self.smc_options("blend")  # validates the SMC fields once, here (SMCOptions)
+        self.smc_options("base")  # and FK steering's
+
+    def smc_options(self, proposal: str) -> SMCOptions:
+        """The :class:`~diffusion_blend.smc.SMCOptions` of the ``smc`` cells (``proposal``: the blend's or the
+        twisted step) or, with ``proposal="base"``, of FK steering's (its own particle count; the Tweedie potential
+        where the sweep asks for the experts', which FK has none of)."""
+        if proposal == "base":
+            potential = "tweedie" if self.smc_potential == "experts" else self.smc_potential
+            return SMCOptions(particles=self.fk_particles, proposal="base", potential=potential,
+                              ess_threshold=self.smc_ess_threshold, potential_every=self.smc_potential_every)
+        return SMCOptions(particles=self.particles, proposal=proposal, potential=self.smc_potential,
+                          proposal_tilt=self.smc_proposal_tilt, ess_threshold=self.smc_ess_threshold,
+                          potential_every=self.smc_potential_every)
 
     def hyperparameters(self) -> dict[str, Any]:
         skip = {"methods", "preferences", "seeds"}
@@ -190,15 +211,6 @@ class Cell:
     def key(self) -> str:
         pref = "none" if self.preference is None else preference_key(self.preference, 0.0)
         return f"{pref}_s{self.seed}"
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(value, handle, indent=1, sort_keys=True, allow_nan=False)
-    give_user_mode(tmp)
-    os.replace(tmp, path)
 
 
 def smc_proposal(setting: Setting, config: SweepConfig) -> str:
@@ -356,20 +368,16 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
         samples = out.samples
         extra["reward_evaluations"] = out.reward_evaluations
     elif method in ("smc", "fk"):
-        particles = int(config.particles if method == "smc" else config.fk_particles)
+        options = config.smc_options(smc_proposal(setting, config) if method == "smc" else "base")
+        particles = options.particles
 
         def potential(x: torch.Tensor) -> torch.Tensor:  # r_w of decoded particles (prompts tiled like the rows)
             return weighted_reward_scores(setting.rewards, preference, setting.decode(x),
                                           None if prompts is None else list(prompts) * particles)
 
         # FK steering proposes from the base: no experts to take a potential from, so Tweedie (its own choice)
-        fk_without_experts = method == "fk" and config.smc_potential == "experts"
         out = smc_sample(
-            counting, preference, scheduler, reward=potential, alpha=setting.alpha, particles=particles,
-            proposal=smc_proposal(setting, config) if method == "smc" else "base",
-            potential="tweedie" if fk_without_experts else config.smc_potential,
-            ess_threshold=config.smc_ess_threshold, potential_every=config.smc_potential_every,
-            proposal_tilt=config.smc_proposal_tilt if method == "smc" else 1.0, **common,
+            counting, preference, scheduler, reward=potential, alpha=setting.alpha, options=options, **common,
         )
         samples = out.samples
         extra["reward_evaluations"] = out.reward_evaluations * len(active_rewards(setting.rewards, preference))
@@ -465,7 +473,7 @@ def run_cell(setting: Setting, config: SweepConfig, cell: Cell, out_dir: str | o
         record["final_ess"] = final_ess
         record["particles"] = particles
     if previews:
-        from .html import write_image_strip
+        from diffusion_blend.evaluation.html import write_image_strip
 
         relative = Path("images") / cell.method / f"{cell.key}.png"
         write_image_strip(torch.cat(previews), Path(out_dir) / relative)
@@ -501,7 +509,7 @@ def run_sweep(
             record = run_cell(setting, config, cell, out)
             record["fingerprint"] = print_
             record["process_index"] = state.process_index
-            _write_json_atomic(cell_path(out, cell), record)
+            write_json_atomic(cell_path(out, cell), record, sort_keys=True, allow_nan=False)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -516,12 +524,12 @@ def run_sweep(
     result["setting"] = {"name": setting.name, "options": dict(setting.options), "alpha": setting.alpha,
                          "num_inference_steps": setting.num_inference_steps, "eta": setting.eta}
     result["sweep"] = {"methods": list(config.methods), "seeds": list(config.seeds), **config.hyperparameters()}
-    from .plots import write_plots
-    from .html import write_html
+    from diffusion_blend.evaluation.html import write_html
+    from diffusion_blend.evaluation.plots import write_plots
 
     write_tables(result, out)
     result["plots"] = write_plots(result, out)
-    _write_json_atomic(out / "results.json", _json_safe(result))
+    write_json_atomic(out / "results.json", _json_safe(result), sort_keys=True, allow_nan=False)
     write_html(result, out / "summary.html")
     return result
 
@@ -644,16 +652,12 @@ def write_tables(result: Mapping[str, Any], out_dir: Path) -> None:
     columns += ["weighted_reward", "se_weighted_reward", "gain_weighted_reward", "win_rate",
                 "network_evaluations_per_sample", "reward_evaluations_per_sample", "wall_time_per_sample",
                 "num_samples", "effective_sample_size", "particles", "final_ess_mean"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".results.csv.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as handle:
+    with atomic_write(out_dir / "results.csv") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in result["rows"]:
             flat = {**row, **{f"w_{n}": row["weights"].get(n, 0.0) for n in names}}
             writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
-    give_user_mode(tmp)
-    os.replace(tmp, out_dir / "results.csv")
 
 
 def parse_preference_grid(
@@ -672,48 +676,3 @@ def parse_preference_grid(
     else:
         raise DiffusionBlendError("give --weights or --grid")
     return [Preference(b, k) for k in kl_scales for b in bases]
-
-
-# ---------------------------------------------------------------------------------------------- settings
-def gmm_setting(num_inference_steps: int = 20, alpha: float = 1.0) -> Setting:
-    """The 2-D Gaussian-mixture miniature: ideal experts (exact tilts) as a CallableFamily, closed-form rewards.
-
-    Sampler: DDIM with Stable Diffusion's settings (``steps_offset=1``, ``set_alpha_to_one=False``), so that every
-    step is stochastic (SMC's weight ratio needs ``std > 0``; the default DDIM's last step is deterministic).
-    Rewards (differentiable quadratic forms): ``right(x) = x_1``, ``corner(x) = -|x - (-2, 2)|^2 / 2``. The
-    importance-weighted oracle reweights exact mixture draws, so it estimates the exact target. The MORL
-    oracle is the exact tilted target ``p_pre exp(lambda r_w / alpha)``: what an ideal fine-tune on ``r_w`` at KL
-    weight ``alpha / lambda`` would reach. The experts are exact continuous-time tilts, so SMC proposes with the
-    twisted step (:mod:`~diffusion_blend.smc`; docs/evaluation.md measures both proposals).
-    """
-    from ..sampling import make_scheduler
-    from ..studies.gmm_study import study_testbed
-    from ..testbeds.gmm import MixtureDenoiser, ideal_family, tilted_target
-
-    base, rewards = study_testbed()
-
-    def make() -> Any:
-        return make_scheduler("ddim", steps_offset=1, set_alpha_to_one=False)
-
-    scheduler = make()
-    family = ideal_family(base, rewards, alpha, scheduler)
-
-    def morl(preference: Preference) -> Denoiser:
-        return MixtureDenoiser(tilted_target(base, rewards, preference, alpha), scheduler.alphas_cumprod)
-
-    return Setting(
-        name="gmm",
-        family=family,
-        rewards=rewards,
-        scheduler_factory=make,
-        sample_shape=(2,),
-        alpha=alpha,
-        num_inference_steps=num_inference_steps,
-        morl_denoiser=morl,
-        draw_base_samples=lambda n, generator: base.sample(n, generator).float(),
-        smc_proposal="twisted",
-        options={"num_inference_steps": num_inference_steps, "alpha": alpha, "ddim": "steps_offset=1,final_alpha=abar_0"},
-    )
-
-
-SETTINGS: dict[str, Callable[..., Setting]] = {"gmm": gmm_setting}

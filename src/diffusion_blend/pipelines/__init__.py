@@ -1,27 +1,38 @@
-"""Layer 7: diffusers integration. Diffusion Blend pipelines for Stable Diffusion (1.x/2.x, XL, 3/3.5) and FLUX."""
+"""Layer 7: diffusers integration. Diffusion Blend pipelines for Stable Diffusion (1.x/2.x, XL, 3/3.5) and FLUX.
 
-from ..quiet import install_log_filters
+The names below are imported on first use (PEP 562), so that reading the kinds' specs (:mod:`.kinds`) needs no
+torch or diffusers, and importing this package changes nothing in diffusers, transformers or peft: the known-harmless
+notice of that first import is silenced only while it runs (:func:`~diffusion_blend.quiet.quiet_third_party`).
+"""
 
-install_log_filters()  # before diffusers is imported: its import logs a known-harmless transformers notice
+from __future__ import annotations
 
-from .flow import BlendFluxPipeline, BlendStableDiffusion3Pipeline, BlendTransformerPipelineMixin  # noqa: E402
-from .loading import is_sdxl_folder, load_adapter, load_adapters, load_base_pipeline
-from .stable_diffusion import BlendPipelineMixin, BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline
-from .unet_blend import DenoiserBlend, UNetBlend, blended_denoiser, blended_unet
+import importlib
+from typing import Any
 
-__all__ = [
-    "BlendFluxPipeline",
-    "BlendPipelineMixin",
-    "BlendStableDiffusion3Pipeline",
-    "BlendStableDiffusionPipeline",
-    "BlendStableDiffusionXLPipeline",
-    "BlendTransformerPipelineMixin",
-    "DenoiserBlend",
-    "UNetBlend",
-    "blended_denoiser",
-    "blended_unet",
-    "is_sdxl_folder",
-    "load_adapter",
-    "load_adapters",
-    "load_base_pipeline",
-]
+_EXPORTS = {
+    "BlendPipelineMixin": "stable_diffusion",
+    "BlendStableDiffusionPipeline": "stable_diffusion",
+    "BlendStableDiffusionXLPipeline": "stable_diffusion",
+    "BlendTransformerPipelineMixin": "flow",
+    "BlendStableDiffusion3Pipeline": "flow",
+    "BlendFluxPipeline": "flow",
+    "BlendSession": "session",
+    "DenoiserBlend": "blend",
+    "blended_denoiser": "blend",
+    "load_adapter": "loading",
+    "load_adapters": "loading",
+    "load_base_pipeline": "loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from diffusion_blend.quiet import quiet_third_party
+
+    with quiet_third_party():
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    return getattr(module, name)

@@ -1,9 +1,11 @@
-"""Which basis reward each LoRA expert serves, and its KL weight ``alpha``, from our metadata in the file.
+"""The LoRA experts of a diffusers pipeline: which basis reward each serves and its KL weight, resolved once.
 
-Used wherever a blend is scored or corrected at inference time (the UI's studio, ``dblend sample --method smc``):
-SMC's target ``p_pre exp(lambda r_w / alpha)`` needs ``r_w = sum_i w_i r_i`` (so each expert's reward) and ``alpha``.
-An expert fine-tuned on ``v x r_i`` with KL weight ``alpha`` targets ``p_pre exp(r_i / (alpha / v))``: its effective
-``alpha`` is ``alpha / v`` (as ``dblend evaluate --setting sd`` reads it).
+Each adapter becomes an :class:`~diffusion_blend.adapters.Expert` with its effective KL weight ``alpha / v``
+(:func:`~diffusion_blend.adapters.effective_alpha`). :func:`read_experts` reads each file's
+metadata once (before any model loads), takes the reward and alpha a user gives for files without our metadata
+(foreign LoRAs), and returns one :class:`Expert` per adapter; ``dblend sample``, the UI, ``evaluate --setting sd``
+and SMC all use it (:class:`~diffusion_blend.pipelines.session.BlendSession`). :func:`check_fingerprints` then checks
+our files against the loaded base.
 """
 
 from __future__ import annotations
@@ -11,82 +13,96 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..adapters import base_fingerprint
-from ..errors import AdapterMismatchError, DiffusionBlendError, positive_number
-from .finetune import read_diffusers_lora_metadata, unet_architecture
-
-
-def basis_reward_name(metadata_rewards: Mapping[str, float], path: str | os.PathLike) -> str:
-    """The single basis reward an adapter was fine-tuned on (blending needs one expert per basis reward)."""
-    if len(metadata_rewards) != 1:
-        raise DiffusionBlendError(f"adapter {path} was trained on a reward mix {dict(metadata_rewards)}; a blend "
-                                  "needs one expert per basis reward")
-    return next(iter(metadata_rewards))
+from diffusion_blend.adapters import AdapterMetadata, Expert, effective_alpha
+from diffusion_blend.errors import (
+    AdapterMismatchError,
+    DiffusionBlendError,
+    positive_number,
+)
+from diffusion_blend.pipelines.lora_files import (
+    DIFFUSERS_LORA_NAME,
+    read_diffusers_lora_metadata,
+)
 
 
-def expert_alpha(name: str, metadata: Any) -> float:
-    """The effective KL weight of an expert for its basis reward ``name``: ``alpha / v`` (module docstring)."""
-    rewards = dict(metadata.rewards)
-    if set(rewards) != {name}:
-        trained = " + ".join(f"{w:g} {r}" for r, w in rewards.items())
-        raise DiffusionBlendError(f"adapter {name!r} was fine-tuned on r = {trained}; the expert of reward {name!r} "
-                                  f"must be fine-tuned on {name!r} alone (name each --adapter after its reward)")
-    weight = float(rewards[name])
-    if not weight > 0:
-        raise DiffusionBlendError(f"adapter {name!r} was fine-tuned on {weight:g} x {name}: not an expert for it")
-    return float(metadata.alpha) / weight
+def expert_metadata(source: str | os.PathLike) -> AdapterMetadata | None:
+    """Our metadata of an adapter source (diffusers LoRA file or folder); ``None`` for a foreign file or a peft
+    folder. A missing path is refused in one line."""
+    path = Path(source)
+    if not path.exists():
+        raise AdapterMismatchError(f"adapter file or folder {path} does not exist")
+    if path.is_dir() and not (path / DIFFUSERS_LORA_NAME).is_file():
+        return None  # a peft folder (adapter_config.json): no metadata of ours
+    return read_diffusers_lora_metadata(path)
 
 
-def expert_rewards_and_alpha(
-    pipe: Any, adapters: Mapping[str, str | os.PathLike], reward_names: Mapping[str, str] | None = None,
+def read_experts(
+    adapters: Mapping[str, str | os.PathLike],
+    rewards: Mapping[str, str] | None = None,
+    alphas: Mapping[str, float] | None = None,
     default_alpha: float | None = None,
-) -> tuple[dict[str, str], float | None]:
-    """Each adapter's basis reward name and the experts' common effective ``alpha``, from one read of each file.
+) -> dict[str, Expert]:
+    """Each adapter as an :class:`Expert` (module docstring), from one read of its file.
 
-    The reward is ``reward_names[name]`` if given, else the file's metadata; a foreign LoRA without metadata needs
-    an explicit reward name. Files with our metadata must have been trained on this UNet (fingerprint check, one-line
-    :class:`AdapterMismatchError` otherwise). The alpha is each file's effective ``alpha / v``, ``default_alpha``
-    for files without metadata; None when one is unknown, an expert was fine-tuned on a reward mix, or they differ
-    (then SMC has no target).
-    """
-    reward_names = dict(reward_names or {})
-    unknown = sorted(set(reward_names) - set(adapters))
-    if unknown:
-        raise DiffusionBlendError(f"--reward names adapter(s) {', '.join(unknown)} that are not loaded "
-                                  f"(adapters: {', '.join(adapters)})")
+    ``rewards[name]``: the basis reward of adapter ``name`` (needed for files without our metadata; for ours it must
+    agree with the file). ``alphas[name]`` / ``default_alpha``: the KL weight of files without our metadata (ours
+    carry it; a contradicting value is refused)."""
+    rewards, alphas = dict(rewards or {}), dict(alphas or {})
+    for what, given in (("reward", rewards), ("alpha", alphas)):
+        unknown = sorted(set(given) - set(adapters))
+        if unknown:
+            raise DiffusionBlendError(f"--{what} names adapter(s) {', '.join(unknown)} that are not given "
+                                      f"(adapters: {', '.join(adapters)})")
     if default_alpha is not None:
         default_alpha = positive_number(default_alpha, "--alpha")
-    fingerprint = None
-    chosen: dict[str, str] = {}
-    alphas: list[float | None] = []
-    for name, path in adapters.items():
-        metadata = read_diffusers_lora_metadata(path)
-        if metadata is not None and pipe.blend_model.dtype == torch.float32:  # trained (and fingerprinted) in float32
-            if fingerprint is None:
-                fingerprint = base_fingerprint(pipe.blend_model, unet_architecture(pipe.blend_model))
-            if metadata.base_fingerprint != fingerprint:
-                raise AdapterMismatchError(
-                    f"adapter {name!r} ({path}) was fine-tuned on another base model (fingerprint "
-                    f"{metadata.base_fingerprint[:12]}..., this base is {fingerprint[:12]}...)")
-        if name in reward_names:
-            chosen[name] = reward_names[name]
-        elif metadata is not None:
-            chosen[name] = basis_reward_name(metadata.rewards, path)
-        else:
-            raise DiffusionBlendError(f"adapter {name!r} ({path}) carries no reward metadata; "
-                                      f"say which reward it serves with --reward {name}=REWARD")
-        if metadata is None:
-            alphas.append(default_alpha)
-            continue
-        try:
-            alphas.append(expert_alpha(chosen[name], metadata))
-        except DiffusionBlendError:  # fine-tuned on a mix of rewards: not one reward's expert
-            alphas.append(None)
-    common = alphas[0] if alphas else None
-    if common is None or any(a is None or not math.isclose(a, common, rel_tol=1e-6) for a in alphas):
-        return chosen, None
-    return chosen, common
+    experts = {}
+    for name, source in adapters.items():
+        metadata = expert_metadata(source)
+        given = alphas.get(name)
+        if given is not None:
+            given = positive_number(given, f"--alpha of {name}")
+        experts[name] = _resolve(name, str(source), metadata, rewards.get(name), given, default_alpha)
+    fingerprints = {name: e.metadata.base_fingerprint for name, e in experts.items() if e.metadata is not None}
+    if len(set(fingerprints.values())) > 1:  # before any model loads: experts of different bases cannot blend
+        listed = ", ".join(f"{name}: {value[:12]}" for name, value in fingerprints.items())
+        raise AdapterMismatchError(f"the adapters were fine-tuned on different base models (fingerprints {listed})")
+    return experts
+
+
+def _resolve(name: str, source: str, metadata: AdapterMetadata | None, reward: str | None, given_alpha: float | None,
+             default_alpha: float | None) -> Expert:
+    """One expert: a file without our metadata takes the given reward and alpha (its own, else the default); ours
+    carries both (a per-expert alpha that contradicts it is refused; the default applies to foreign files only)."""
+    if metadata is None:
+        return Expert(name, source, reward, given_alpha if given_alpha is not None else default_alpha, None)
+    if reward is None and len(metadata.rewards) == 1:
+        reward = next(iter(metadata.rewards))
+    alpha = None if reward is None else effective_alpha(name, reward, metadata)
+    if alpha is not None and given_alpha is not None and not math.isclose(alpha, given_alpha, rel_tol=1e-9):
+        raise DiffusionBlendError(f"--alpha {given_alpha:g} for {name!r} contradicts its metadata (effective alpha "
+                                  f"{alpha:g}); drop it")
+    return Expert(name, source, reward, alpha if alpha is not None else given_alpha, metadata)
+
+
+def check_fingerprints(experts: Mapping[str, Expert], denoiser: Any) -> str | None:
+    """Refuse experts of our format that were fine-tuned on another base than ``denoiser`` (one line). The base's
+    fingerprint is computed in float32 only (experts are trained and fingerprinted in float32); returns it, or
+    ``None`` when there is nothing to check or the denoiser is in another dtype."""
+    import torch
+
+    from diffusion_blend.adapters import base_fingerprint
+    from diffusion_blend.pipelines.lora_files import unet_architecture
+
+    ours = {name: expert for name, expert in experts.items() if expert.metadata is not None}
+    if not ours or denoiser.dtype != torch.float32:
+        return None
+    fingerprint = base_fingerprint(denoiser, unet_architecture(denoiser))
+    for name, expert in ours.items():
+        if expert.metadata.base_fingerprint != fingerprint:  # type: ignore[union-attr]
+            raise AdapterMismatchError(
+                f"adapter {name!r} ({expert.source}) was fine-tuned on another base model (fingerprint "
+                f"{expert.metadata.base_fingerprint[:12]}..., this base is {fingerprint[:12]}...)")  # type: ignore[union-attr]
+    return fingerprint

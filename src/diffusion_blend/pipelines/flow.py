@@ -41,12 +41,21 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
+from diffusers.pipelines.stable_diffusion_3.pipeline_output import (
+    StableDiffusion3PipelineOutput,
+)
 
-from ..errors import DiffusionBlendError
-from ..sampling import FlowMatchSDEScheduler
-from .flow_finetune import transformer_conditioning, transformer_forward
-from .stable_diffusion import BlendPipelineMixin, SMCSetup, _derived_switch_generator
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.pipelines.conditioning import (
+    transformer_conditioning,
+    transformer_forward,
+)
+from diffusion_blend.pipelines.stable_diffusion import (
+    BlendPipelineMixin,
+    SMCSetup,
+    _derived_switch_generator,
+)
+from diffusion_blend.sampling import FlowMatchSDEScheduler
 
 SDE_NOISE_SALT = 0x5DE  # separates the SDE noise stream from the initial noise and the DB-MPA-LS draws
 
@@ -101,7 +110,7 @@ class BlendTransformerPipelineMixin(BlendPipelineMixin):
             raise DiffusionBlendError("method 'smc' on FLUX uses its distilled guidance (no CFG batch): a negative "
                                       "prompt would need true CFG, which SMC does not run; drop negative_prompt")
         if guidance_scale is None:
-            guidance_scale = 3.5 if flux else 7.0  # the stock pipelines' defaults
+            guidance_scale = self.spec.guidance_scale  # the stock pipelines' defaults (kinds.SPECS)
         use_cfg = (not flux) and guidance_scale > 1
         if max_sequence_length is None:
             max_sequence_length = 512 if flux else 256  # the stock pipelines' defaults
@@ -149,7 +158,11 @@ class BlendTransformerPipelineMixin(BlendPipelineMixin):
 class BlendStableDiffusion3Pipeline(BlendTransformerPipelineMixin, StableDiffusion3Pipeline):
     """``StableDiffusion3Pipeline`` (SD3, SD3.5) with Diffusion Blend (see :class:`BlendPipelineMixin`)."""
 
+    model_kind = "sd3"
+
 
 class BlendFluxPipeline(BlendTransformerPipelineMixin, FluxPipeline):
     """``FluxPipeline`` with Diffusion Blend; FLUX's distilled guidance is a transformer input, tiled with the
     member batch like the prompt embeddings; its position ids (``txt_ids``, ``img_ids``) pass through unbatched."""
+
+    model_kind = "flux"

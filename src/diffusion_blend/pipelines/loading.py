@@ -26,9 +26,9 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from ..errors import AdapterMismatchError, DiffusionBlendError
-from ..lora import PEFT_BASE, adapter_names
-from ..quiet import no_loading_bars, quiet_third_party
+from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
+from diffusion_blend.lora import PEFT_BASE, adapter_names
+from diffusion_blend.quiet import no_loading_bars, quiet_third_party
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 _PEFT_PREFIXES = ("base_model.model.", "unet.", "transformer.")
@@ -185,67 +185,3 @@ def load_base_pipeline(pipeline_class: type, base: str | os.PathLike, **from_pre
         raise DiffusionBlendError(f"cannot load base model {str(base)!r}: {_short(err)}") from None
 
 
-def is_sdxl_folder(base: str | os.PathLike) -> bool:
-    """Whether a local pipeline folder is an SDXL pipeline (``model_index.json`` names an XL class)."""
-    index = Path(base) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return "XL" in json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError):
-        return False
-
-
-PIPELINE_KINDS = ("sd", "sdxl", "sd3", "flux")
-"""Base pipelines the blend supports: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 / 3.5, FLUX."""
-FLOW_KINDS = ("sd3", "flux")
-
-
-def _model_index(base: str | os.PathLike) -> dict[str, Any] | None:
-    index = Path(base) / "model_index.json"
-    if not index.is_file():
-        return None
-    try:
-        return json.loads(index.read_text())
-    except (OSError, ValueError) as err:
-        raise DiffusionBlendError(f"cannot read {index}: {_short(err)}") from None
-
-
-def pipeline_kind(base: str | os.PathLike, requested: str = "auto") -> str:
-    """The base's pipeline kind: ``requested`` if not ``"auto"``, else from a local folder's ``model_index.json``
-    (``_class_name``); a hub id (no local index to read offline) counts as ``"sd"`` unless ``requested`` says."""
-    if requested != "auto":
-        if requested not in PIPELINE_KINDS:
-            raise DiffusionBlendError(f"unknown pipeline {requested!r}; choose auto or one of {', '.join(PIPELINE_KINDS)}")
-        return requested
-    index = _model_index(base)
-    if index is None:
-        return "sd"
-    name = str(index.get("_class_name", ""))
-    for marker, kind in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("XL", "sdxl"), ("StableDiffusion", "sd")):
-        if marker in name:
-            return kind
-    raise DiffusionBlendError(f"{base} holds a {name or 'unnamed'} pipeline; Diffusion Blend supports Stable Diffusion "
-                              "1.x/2.x, SDXL, SD3/3.5 and FLUX (pass --pipeline if the folder is one of these)")
-
-
-def blend_pipeline_class(kind: str) -> type:
-    """The Diffusion Blend pipeline class of a :data:`PIPELINE_KINDS` entry."""
-    from .flow import BlendFluxPipeline, BlendStableDiffusion3Pipeline
-    from .stable_diffusion import BlendStableDiffusionPipeline, BlendStableDiffusionXLPipeline
-
-    classes = {"sd": BlendStableDiffusionPipeline, "sdxl": BlendStableDiffusionXLPipeline,
-               "sd3": BlendStableDiffusion3Pipeline, "flux": BlendFluxPipeline}
-    if kind not in classes:
-        raise DiffusionBlendError(f"unknown pipeline {kind!r}; choose one of {', '.join(PIPELINE_KINDS)}")
-    return classes[kind]
-
-
-def load_blend_pipeline(base: str | os.PathLike, kind: str, **from_pretrained_kwargs: Any) -> Any:
-    """Load ``base`` as the blend pipeline of ``kind``; an SD3 folder saved without its T5 encoder loads without it."""
-    index = _model_index(base) or {}
-    if kind == "sd3":
-        for part in ("text_encoder_3", "tokenizer_3"):
-            if part in index and not any(index[part] or []):
-                from_pretrained_kwargs.setdefault(part, None)
-    return load_base_pipeline(blend_pipeline_class(kind), base, **from_pretrained_kwargs)

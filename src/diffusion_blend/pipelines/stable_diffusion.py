@@ -52,14 +52,20 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from ..errors import DiffusionBlendError
-from ..lora import LoraFamily, adapter_names
-from ..preference import Preference
-from ..sampling import as_generator
-from ..smc import SMCOutput, check_options, smc_sample
-from .finetune import DECODE_CHUNK, guided_forward, unet_conditioning
-from .loading import load_adapter, load_adapters
-from .unet_blend import DenoiserBlend, blended_denoiser
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.lora import LoraFamily, adapter_names
+from diffusion_blend.pipelines.blend import DenoiserBlend, blended_denoiser
+from diffusion_blend.pipelines.conditioning import (
+    DECODE_CHUNK,
+    guided_forward,
+    unet_conditioning,
+)
+from diffusion_blend.pipelines.kinds import spec_of
+from diffusion_blend.pipelines.loading import load_adapter, load_adapters
+from diffusion_blend.preference import Preference
+from diffusion_blend.sampling import as_generator
+from diffusion_blend.smc import SMCOptions, SMCOutput, smc_sample
+from diffusion_blend.spec import ModelSpec
 
 
 def _derived_switch_generator(generator: Any, salt: int = 0x5EED) -> torch.Generator:
@@ -157,6 +163,12 @@ class BlendPipelineMixin:
     last_smc: SMCOutput | None = None
     routing: str = "auto"
     blend_component = "unet"
+    model_kind = "sd"  # the kind whose spec (:mod:`.kinds`) gives this class's defaults
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model kind's spec (:data:`diffusion_blend.pipelines.kinds.SPECS`): defaults of steps and guidance."""
+        return spec_of(self.model_kind)
 
     @property
     def blend_model(self) -> torch.nn.Module:
@@ -214,13 +226,8 @@ class BlendPipelineMixin:
         preference: Preference,
         reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
         alpha: float,
-        particles: int = 4,
-        proposal: str = "blend",
-        potential: str = "tweedie",
-        ess_threshold: float = 0.5,
-        potential_every: int = 1,
-        proposal_tilt: float = 1.0,
-        num_inference_steps: int = 50,
+        smc: SMCOptions | None = None,
+        num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
         negative_prompt: str | list[str] | None = None,
@@ -233,9 +240,13 @@ class BlendPipelineMixin:
     ) -> Any:
         """SMC on the blend (:mod:`diffusion_blend.smc`), shared by every pipeline: the pipeline-specific parts
         (prompt encoding, guided forward, initial latents, sampler settings, output class) come from
-        :meth:`_smc_setup`. ``reward(images in [0, 1], prompts) -> r_w`` per image; ``options``: the hook's own
-        arguments (``max_sequence_length`` for SD3 / FLUX)."""
-        check_options(particles, proposal, potential, ess_threshold, potential_every, alpha, proposal_tilt)
+        :meth:`_smc_setup`. ``reward(images in [0, 1], prompts) -> r_w`` per image; ``smc``: the
+        :class:`~diffusion_blend.smc.SMCOptions` (default ``SMCOptions()``); ``options``: the hook's own arguments
+        (``max_sequence_length`` for SD3 / FLUX). Unset steps and guidance are the kind's spec's (the stock defaults)."""
+        smc = SMCOptions() if smc is None else smc
+        if not isinstance(smc, SMCOptions):
+            raise DiffusionBlendError(f"smc= takes SMCOptions(...), got {type(smc).__name__}")
+        num_inference_steps = self.spec.steps if num_inference_steps is None else num_inference_steps
         if not callable(reward):
             raise DiffusionBlendError("method 'smc' needs reward=, a callable (images in [0, 1], prompts) -> r_w")
         if not adapter_names(self.blend_model):
@@ -257,7 +268,7 @@ class BlendPipelineMixin:
             guidance_scale = float(guidance_scale)
         generator = as_generator(generator if generator is not None else int(torch.randint(0, 2**62, (1,)).item()))
         device = self._execution_device
-        setup = self._smc_setup(prompts, particles=particles, guidance_scale=guidance_scale, eta=eta,
+        setup = self._smc_setup(prompts, particles=smc.particles, guidance_scale=guidance_scale, eta=eta,
                                 negative_prompt=negative_prompt, height=height, width=width, generator=generator,
                                 device=device, num_inference_steps=num_inference_steps, **options)
         family = LoraFamily(self.blend_model, setup.forward, routing=self.routing if routing is None else routing)
@@ -267,9 +278,7 @@ class BlendPipelineMixin:
             return reward(images, [prompts[i % len(prompts)] for i in range(latents.shape[0])])
 
         out = smc_sample(
-            family, preference, self.scheduler, reward=r_w, alpha=alpha, particles=particles, proposal=proposal,
-            potential=potential, ess_threshold=ess_threshold, potential_every=potential_every,
-            proposal_tilt=proposal_tilt, generator=generator,
+            family, preference, self.scheduler, reward=r_w, alpha=alpha, options=smc, generator=generator,
             particle_latents=setup.latents, num_inference_steps=num_inference_steps, eta=setup.eta, cond=setup.cond,
             noise_generator=setup.noise_generator, timestep_kwargs=setup.timestep_kwargs,
             progress=not getattr(self, "_progress_bar_config", {}).get("disable", False), device=device,
@@ -322,12 +331,10 @@ class _UNetSMCSetup:
     """The SD 1.x/2.x and SDXL hook: stock prompt encoding (:func:`~.finetune.unet_conditioning`), the CFG-guided
     UNet forward (:func:`~.finetune.guided_forward`: both branches in one call) and ``prepare_latents``."""
 
-    default_guidance_scale = 7.5
-
     def _smc_setup(self, prompts: list[str], *, particles: int, guidance_scale: float | None, eta: float | None,
                    negative_prompt: str | list[str] | None, height: int | None, width: int | None,
                    generator: torch.Generator, device: torch.device, num_inference_steps: int) -> SMCSetup:
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        guidance_scale = self.spec.guidance_scale if guidance_scale is None else guidance_scale
         size = getattr(self, "default_sample_size", None) or self.unet.config.sample_size
         height = height or size * self.vae_scale_factor
         width = width or size * self.vae_scale_factor
@@ -348,9 +355,11 @@ class _UNetSMCSetup:
 class BlendStableDiffusionPipeline(_UNetSMCSetup, BlendPipelineMixin, StableDiffusionPipeline):
     """``StableDiffusionPipeline`` with Diffusion Blend (see :class:`BlendPipelineMixin`)."""
 
+    model_kind = "sd"
+
 
 class BlendStableDiffusionXLPipeline(_UNetSMCSetup, BlendPipelineMixin, StableDiffusionXLPipeline):
     """``StableDiffusionXLPipeline`` with Diffusion Blend; SDXL's ``added_cond_kwargs`` (pooled text embeddings,
     time ids) are tiled with the member batch like the prompt embeddings."""
 
-    default_guidance_scale = 5.0  # the stock SDXL pipeline's
+    model_kind = "sdxl"

@@ -1,4 +1,4 @@
-"""Layer 5: the reward contract and registry.
+"""Layer 5: the reward contract (the registry is :mod:`.registry`).
 
 A reward is a callable ``reward(images, prompts=None) -> Tensor[B]``:
 
@@ -13,13 +13,11 @@ and ``value_range`` (a documented ``(low, high)``; ``None`` for an open end).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ..errors import RewardError
+from diffusion_blend.errors import RewardError, check_scores
 
 
 class Reward(ABC):
@@ -71,49 +69,4 @@ def check_images(images: torch.Tensor, name: str) -> None:
 
 
 def check_values(values: torch.Tensor, name: str, batch: int) -> torch.Tensor:
-    values = torch.as_tensor(values)
-    if values.shape != (batch,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(values.shape)}, expected ({batch},)")
-    if not torch.isfinite(values).all():
-        bad = (~torch.isfinite(values)).sum().item()
-        raise RewardError(f"reward {name!r} returned {bad} NaN or infinite value(s)")
-    return values
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    factory: Callable[..., Reward]
-    description: str
-
-
-_REGISTRY: dict[str, RewardSpec] = {}
-
-
-def register_reward(name: str, description: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Decorator registering a reward factory under ``name``."""
-
-    def decorate(factory: Callable[..., Reward]) -> Callable[..., Reward]:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = RewardSpec(factory, description)
-        return factory
-
-    return decorate
-
-
-def get_reward(name: str, **options: Any) -> Reward:
-    """Build the registered reward ``name`` (options go to its factory)."""
-    from . import load_builtin_rewards
-
-    load_builtin_rewards()
-    if name not in _REGISTRY:
-        raise RewardError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name].factory(**options)
-
-
-def available_rewards() -> Mapping[str, str]:
-    """Registered reward names and their one-line descriptions."""
-    from . import load_builtin_rewards
-
-    load_builtin_rewards()
-    return {name: spec.description for name, spec in sorted(_REGISTRY.items())}
+    return check_scores(values, batch, f"reward {name!r}", RewardError)

@@ -24,9 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RewardError
-from .base import Reward, register_reward
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+from diffusion_blend.errors import RewardError
+from diffusion_blend.rewards.base import Reward
+from diffusion_blend.rewards.preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    clip_preprocess,
+)
+from diffusion_blend.rewards.registry import register_reward
 
 REWARDS_EXTRA = "rewards"
 DEFAULT_CLIP_SOURCE = "openai/clip-vit-large-patch14"
@@ -300,12 +305,13 @@ def load_aesthetic_head(source: str, filename: str = DEFAULT_AESTHETIC_HEAD[1]) 
 
 
 def save_aesthetic_head(head: AestheticHead, path: str) -> None:
-    """Write the head as safetensors atomically (temp file + ``os.replace``)."""
+    """Write the head as safetensors atomically (:func:`~diffusion_blend.files.atomic_path`)."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp)
-    os.replace(tmp, path)
+    from diffusion_blend.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, tmp)
 
 
 class AestheticReward(Reward):

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import RewardError
-from .base import Reward, register_reward
+from diffusion_blend.errors import RewardError
+from diffusion_blend.rewards.base import Reward
+from diffusion_blend.rewards.registry import register_reward
 
 BT709_LUMA = (0.2126, 0.7152, 0.0722)
 

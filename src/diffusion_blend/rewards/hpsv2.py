@@ -35,9 +35,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..errors import RewardError
-from .base import Reward, register_reward
-from .clip import (
+from diffusion_blend.errors import RewardError
+from diffusion_blend.rewards.base import Reward
+from diffusion_blend.rewards.clip import (
     ClipBackbone,
     build_model_from_state_dict,
     import_transformers,
@@ -48,6 +48,7 @@ from .clip import (
     preprocessing_from,
     resolve_file,
 )
+from diffusion_blend.rewards.registry import register_reward
 
 DEFAULT_HPS_REPO = "xswu/HPSv2"
 HPS_FILENAMES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import RewardError
-from .base import Reward, register_reward
+from diffusion_blend.errors import RewardError
+from diffusion_blend.rewards.base import Reward
+from diffusion_blend.rewards.registry import register_reward
 
 DEFAULT_JPEG_QUALITY = 95
 

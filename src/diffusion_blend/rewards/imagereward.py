@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import RewardError
-from .base import Reward, register_reward
-from .clip import (
+from diffusion_blend.errors import RewardError
+from diffusion_blend.rewards.base import Reward
+from diffusion_blend.rewards.clip import (
     AestheticHead,
     build_model_from_state_dict,
     import_transformers,
@@ -47,7 +47,8 @@ from .clip import (
     load_weights_file,
     resolve_file,
 )
-from .preprocess import clip_preprocess
+from diffusion_blend.rewards.preprocess import clip_preprocess
+from diffusion_blend.rewards.registry import register_reward
 
 DEFAULT_IMAGEREWARD_REPO = "THUDM/ImageReward"
 IMAGEREWARD_FILE = "ImageReward.pt"

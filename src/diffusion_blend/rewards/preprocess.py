@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import RewardError
+from diffusion_blend.errors import RewardError
 
 #: OpenAI CLIP normalisation constants (also used by open_clip ViT-H-14, HPSv2, PickScore and ImageReward).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

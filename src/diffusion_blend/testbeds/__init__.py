@@ -1,25 +1,6 @@
-"""Testbeds with closed-form answers (layer 4): exact targets to measure the blend against."""
+"""Testbeds, by subject (layer 9): each a complete use of the layers below it, in one folder.
 
-from .gmm import (
-    GaussianMixture,
-    MixtureDenoiser,
-    MixtureVelocity,
-    QuadraticForm,
-    combined_reward,
-    expected_rewards,
-    ideal_expert,
-    ideal_family,
-    tilted_target,
-)
-
-__all__ = [
-    "GaussianMixture",
-    "MixtureDenoiser",
-    "MixtureVelocity",
-    "QuadraticForm",
-    "combined_reward",
-    "expected_rewards",
-    "ideal_expert",
-    "ideal_family",
-    "tilted_target",
-]
+- :mod:`~diffusion_blend.testbeds.gmm`: the 2-D Gaussian mixture, where every expert and tilted target is exact;
+- :mod:`~diffusion_blend.testbeds.digits`: real 8x8 handwritten digits, the embedded base model, its rewards and
+  the end-to-end demo.
+"""

@@ -19,8 +19,8 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from ..adapters import atomic_save_safetensors
-from ..errors import DiffusionBlendError
+from diffusion_blend.adapters import atomic_save_safetensors
+from diffusion_blend.errors import DiffusionBlendError
 
 CHECKPOINT_FORMAT = "diffusion-blend-dpok-checkpoint/1"
 

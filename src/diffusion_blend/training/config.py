@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DiffusionBlendError, positive_int, positive_number
-from ..lora import Forward
+from diffusion_blend.errors import DiffusionBlendError, positive_int, positive_number
+from diffusion_blend.lora import Forward
 
 RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
 """``reward(decoded_samples, prompts) -> Tensor[B]``; need not be differentiable."""

@@ -69,14 +69,25 @@ from accelerate import Accelerator
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from .. import lora
-from ..adapters import base_fingerprint, save_adapter
-from ..denoisers import Denoiser
-from ..errors import DiffusionBlendError, RewardError
-from ..preference import BASE
-from ..sampling import gaussian_log_prob, initial_latents, model_transition, sample, tweedie_x0
-from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
-from .config import DPOKConfig, FinetuneTarget
+from diffusion_blend import lora
+from diffusion_blend.adapters import base_fingerprint, save_adapter
+from diffusion_blend.denoisers import Denoiser
+from diffusion_blend.errors import DiffusionBlendError, RewardError
+from diffusion_blend.files import write_json_atomic
+from diffusion_blend.preference import BASE
+from diffusion_blend.sampling import (
+    gaussian_log_prob,
+    initial_latents,
+    model_transition,
+    sample,
+    tweedie_x0,
+)
+from diffusion_blend.training.checkpoint import (
+    CheckpointState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from diffusion_blend.training.config import DPOKConfig, FinetuneTarget
 
 PairFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``pair(x_t, t, **cond) -> (eps_policy, eps_base)`` evaluated together."""
@@ -590,12 +601,6 @@ def _prepare_frozen_modules(target: FinetuneTarget, config: DPOKConfig, device: 
             module.enable_gradient_checkpointing()  # the VAE decode back-propagates into the reward
 
 
-def _atomic_write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2))
-    os.replace(temporary, path)
-
-
 def finetune(
     target: FinetuneTarget,
     config: DPOKConfig,
@@ -698,6 +703,6 @@ def finetune(
             save_adapter(model, config.adapter_name, adapter_path, rewards=config.reward_weights, alpha=config.alpha,
                          steps=config.iterations, training_config=config.to_dict(), architecture=target.architecture,
                          fingerprint=fingerprint)
-            _atomic_write_json(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves})
+            write_json_atomic(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves}, indent=2)
         accelerator.wait_for_everyone()
     return FinetuneResult(model=model, adapter_name=config.adapter_name, adapter_path=adapter_path, curves=curves)

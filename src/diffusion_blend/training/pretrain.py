@@ -16,14 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers.optimization import get_cosine_schedule_with_warmup, get_constant_schedule_with_warmup
+from diffusers.optimization import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+)
 from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import DiffusionBlendError, positive_int, positive_number
-from ..lora import Forward
-from ..sampling import as_generator
+from diffusion_blend.errors import DiffusionBlendError, positive_int, positive_number
+from diffusion_blend.lora import Forward
+from diffusion_blend.sampling import as_generator
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
 """``sampler(batch_size, generator) -> Tensor[batch_size, ...]``: draws training data on demand."""

@@ -27,9 +27,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..errors import DiffusionBlendError  # noqa: E402
-from ..preference import Preference  # noqa: E402
-from .studio import Studio  # noqa: E402
+from diffusion_blend.errors import DiffusionBlendError  # noqa: E402
+from diffusion_blend.preference import Preference  # noqa: E402
+from diffusion_blend.ui.studio import Studio  # noqa: E402
 
 METHODS = {"DB-MPA (blend every step)": "mpa", "DB-MPA-LS (one model per step)": "ls"}
 MPA_LABEL, LS_LABEL = list(METHODS)

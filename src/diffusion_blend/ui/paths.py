@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError
 
 
 def resolve_within(path: str | os.PathLike, roots: Sequence[str | os.PathLike]) -> Path:

@@ -15,13 +15,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..denoisers import make_denoiser
-from ..errors import DiffusionBlendError
-from ..evaluation.stats import mean_and_standard_error
-from ..lora import Forward, LoraFamily
-from ..preference import Preference
-from ..sampling import sample
-from ..smc import smc_sample
+from diffusion_blend.denoisers import make_denoiser
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.evaluation.stats import mean_and_standard_error
+from diffusion_blend.lora import Forward, LoraFamily
+from diffusion_blend.preference import Preference
+from diffusion_blend.sampling import sample
+from diffusion_blend.smc import SMCOptions, smc_sample
 
 RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
 
@@ -118,9 +118,8 @@ class LoraStudio:
                 return sum(w * self.rewards[n](images, None).double() for n, w in preference.weights.items() if w)
 
             samples = smc_sample(
-                self.family, preference, self.scheduler, reward=r_w, alpha=self.alpha, particles=int(particles),
-                proposal_tilt=float(proposal_tilt),
-                generator=seed, shape=(self.num_images, *self.sample_shape),
+                self.family, preference, self.scheduler, reward=r_w, alpha=self.alpha,
+                options=SMCOptions(particles=int(particles), proposal_tilt=float(proposal_tilt)), generator=seed, shape=(self.num_images, *self.sample_shape),
                 num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
             ).samples
         else:

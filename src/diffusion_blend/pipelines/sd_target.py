@@ -1,0 +1,155 @@
+"""Fine-tuning basis adapters on a Stable Diffusion pipeline (paper section 4 on the SD 1.5 setting of section 5).
+
+:func:`sd_finetune_target` turns a diffusers ``StableDiffusionPipeline`` into a
+:class:`~diffusion_blend.training.config.FinetuneTarget` for the DPOK trainer (``training.dpok.finetune``):
+
+- the policy is the sampler's chain on the VAE latents with the **classifier-free-guided** transition
+  (``eps = eps_uncond + g (eps_cond - eps_uncond)``, as the stock pipeline samples), so the trainer's exact
+  per-step KL compares the guided policy with the guided base, both evaluated by the same UNet (the base with
+  the adapter disabled, in the trainer's one mixed-adapter forward);
+- prompts are drawn uniformly from a list (:func:`read_prompts`: one per line, or a JSON list) and encoded
+  with the pipeline's own ``encode_prompt`` (negative prompt ``""``, as the stock pipeline does);
+- rewards score decoded images: ``VAE decode -> [0, 1] images -> reward(images, prompts)`` (registry rewards).
+
+SDXL bases (``StableDiffusionXLPipeline``) work the same way: both text encoders through the stock
+``encode_prompt``, the pooled text embeddings and micro-conditioning ``time_ids`` as added conditioning in the
+same ``[uncond; cond]`` CFG batch as the stock pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.pipelines.conditioning import (
+    DECODE_CHUNK,
+    check_guidance_scale,
+    guided_forward,
+    unet_conditioning,
+)
+from diffusion_blend.pipelines.kinds import SPECS, UNET_TARGETS
+from diffusion_blend.pipelines.lora_files import unet_architecture
+from diffusion_blend.pipelines.prompts import read_prompts
+from diffusion_blend.training.config import FinetuneTarget, RewardFn
+
+
+def sd_finetune_target(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    rewards: Mapping[str, RewardFn],
+    *,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    target_modules: Sequence[str] = UNET_TARGETS,
+    name: str = "sd",
+) -> FinetuneTarget:
+    """A :class:`FinetuneTarget` for the pipeline's UNet: CFG-guided DDIM policy on latents, rewards on decoded images.
+
+    The scheduler is DDIM built from the pipeline's scheduler config (the paper samples DDIM with ``eta = 1``).
+    ``resolution`` (pixels, square) defaults to the UNet's ``sample_size * vae_scale_factor``. The text encoder
+    and VAE are frozen (``frozen_modules``: the trainer moves them to its device and ``DPOKConfig.dtype``).
+    ``decode`` keeps gradients when grad mode is on, so the pathwise estimator back-propagates a differentiable
+    reward through the VAE decode into the chain.
+    """
+    if isinstance(pipe, type) or not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "encode_prompt")):
+        raise DiffusionBlendError("fine-tuning needs a Stable Diffusion pipeline (unet, vae, text encoder)")
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    prompts = [str(p) for p in prompts]
+    if not prompts or not all(p.strip() for p in prompts):
+        raise DiffusionBlendError("give at least one non-empty training prompt")
+    if not rewards:
+        raise DiffusionBlendError("give at least one reward")
+    kind = "sdxl" if sdxl else "sd"
+    guidance_scale = check_guidance_scale(SPECS[kind].guidance_scale if guidance_scale is None else guidance_scale)
+    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+    factor = int(pipe.vae_scale_factor)
+    if resolution is None:
+        resolution = int(unet.config.sample_size) * factor
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
+        raise DiffusionBlendError(f"resolution must be a positive multiple of {factor} (the VAE's downsampling), "
+                                  f"got {resolution!r}")
+    text_encoders = [module for module in (text_encoder, getattr(pipe, "text_encoder_2", None)) if module is not None]
+    for module in (vae, *text_encoders):
+        module.requires_grad_(False)
+        module.eval()
+    use_cfg = guidance_scale > 1
+
+    def follow_unet(module: torch.nn.Module) -> torch.device:
+        device = unet.device
+        if module.device != device:
+            module.to(device)
+        return device
+
+    @torch.no_grad()
+    def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
+        for module in text_encoders:
+            device = follow_unet(module)
+        return unet_conditioning(pipe, batch, device, use_cfg, resolution, resolution, sdxl=sdxl)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""
+        follow_unet(vae)
+        images = [vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+                  for chunk in latents.split(DECODE_CHUNK)]
+        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+
+    latent_size = resolution // factor
+    return FinetuneTarget(
+        name=name,
+        model=unet,
+        forward=guided_forward(guidance_scale),
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        sample_shape=(int(unet.config.in_channels), latent_size, latent_size),
+        rewards=dict(rewards),
+        target_modules=list(target_modules),
+        decode=decode,
+        architecture=unet_architecture(unet),
+        prompts=prompts,
+        encode_prompts=encode_prompts,
+        frozen_modules=(vae, *text_encoders),
+    )
+
+
+def load_sd_pipeline(base: str | os.PathLike, sdxl: bool | None = None) -> StableDiffusionPipeline:
+    """The stock SD (no safety checker) or SDXL pipeline of ``base`` (``sdxl=None``: SDXL when the local folder's
+    ``model_index.json`` names an XL class); one-line error when it cannot be loaded."""
+    from diffusion_blend.pipelines.kinds import is_sdxl_folder
+    from diffusion_blend.pipelines.loading import load_base_pipeline
+
+    if sdxl or (sdxl is None and is_sdxl_folder(base)):
+        return load_base_pipeline(StableDiffusionXLPipeline, base)
+    return load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+
+
+def load_sd_target(
+    base: str | os.PathLike,
+    prompts_file: str | os.PathLike,
+    reward_names: Sequence[str],
+    *,
+    reward_options: Mapping[str, Mapping[str, Any]] | None = None,
+    guidance_scale: float | None = None,
+    resolution: int | None = None,
+    sdxl: bool | None = None,
+) -> FinetuneTarget:
+    """The ``dblend finetune --target sd|sdxl`` target: rewards and prompts are checked before the base is loaded.
+
+    ``sdxl``: load the base as ``StableDiffusionXLPipeline`` (``None``: when the local folder's
+    ``model_index.json`` names an XL class)."""
+    from diffusion_blend.rewards import get_reward
+
+    options = dict(reward_options or {})
+    unused = sorted(set(options) - set(reward_names))
+    if unused:
+        raise DiffusionBlendError(f"reward options given for {', '.join(unused)}, which are not trained rewards")
+    rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
+    prompts = read_prompts(prompts_file)
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
+    pipe = load_sd_pipeline(base, sdxl)
+    return sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
+                              name="sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd")

@@ -1,1 +1,0 @@
-"""Measurement studies (layer 8): how close the blend gets to its exact target."""

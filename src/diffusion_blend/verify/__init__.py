@@ -1,1 +1,0 @@
-"""Acceptance verification of RL fine-tuning against exact optima on the 2-D Gaussian-mixture testbed."""
