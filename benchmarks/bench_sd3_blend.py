@@ -172,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="timed steps (default 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps (default 1)")
     parser.add_argument("--adapters", default="2,3", help="comma-separated m values (default 2,3)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS)
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--latent", type=int, default=LATENT, help=f"latent side (default {LATENT}; patch 2: side^2/4 tokens)")
-    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help=f"prompt tokens (default {PROMPT_TOKENS})")
+    parser.add_argument(
+        "--latent", type=int, default=LATENT, help=f"latent side (default {LATENT}; patch 2: side^2/4 tokens)"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=PROMPT_TOKENS, help=f"prompt tokens (default {PROMPT_TOKENS})"
+    )
     parser.add_argument("--num-layers", type=int, default=24, help="joint blocks (24 = SD3-Medium; fewer: smoke run)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "M"), help=argparse.SUPPRESS)
@@ -229,13 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line(__file__, argv)
     import torch
 
-    meta = {"command": command, "device": args.device, "dtype": args.dtype, "timed_steps": args.steps,
-            "warmup": args.warmup, "transformer": f"SD3-Medium architecture ({args.num_layers} joint blocks), random weights",
-            "weights_gib": weights / 2**30, "latents": f"1x16x{LATENT}x{LATENT}, CFG batch 2, {PROMPT_TOKENS} prompt tokens",
-            "lora": "rank 4 on " + ", ".join(TARGETS), "memory_method": single["memory_method"],
-            "torch": torch.__version__, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "threads": os.environ.get("OMP_NUM_THREADS", "2"), "skipped": skipped}
-    table = ["| variant | m | s/step | time ratio | peak memory (GiB) | memory ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    meta = {
+        "command": command,
+        "device": args.device,
+        "dtype": args.dtype,
+        "timed_steps": args.steps,
+        "warmup": args.warmup,
+        "transformer": f"SD3-Medium architecture ({args.num_layers} joint blocks), random weights",
+        "weights_gib": weights / 2**30,
+        "latents": f"1x16x{LATENT}x{LATENT}, CFG batch 2, {PROMPT_TOKENS} prompt tokens",
+        "lora": "rank 4 on " + ", ".join(TARGETS),
+        "memory_method": single["memory_method"],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": os.environ.get("OMP_NUM_THREADS", "2"),
+        "skipped": skipped,
+    }
+    table = [
+        "| variant | m | s/step | time ratio | peak memory (GiB) | memory ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in results:
         table.append(f"| {row['variant']} | {row['m'] if row['variant'] != 'single' else '-'} | "
                      f"{row['seconds_per_step']:.2f} | {row['time_ratio']:.2f}x | "
@@ -244,10 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         why = (f"needs ~{row['needed_gib']:.1f} GiB, {row['available_gib']:.1f} GiB available" if "needed_gib" in row
                else f"killed (exit {row['failed_exit_code']})")
         table.append(f"| {row['variant']} | {row['m']} | not run: {why} | | | |")
-    markdown = "\n".join([f"Command: `{command}`", "",
-                          f"Device {args.device}, {args.dtype}, {args.steps} timed step(s) after {args.warmup} warm-up, "
-                          f"{meta['latents']}; weights {meta['weights_gib']:.2f} GiB. Memory: {meta['memory_method']}.",
-                          "", *table, ""])
+    markdown = "\n".join(
+        [
+            f"Command: `{command}`",
+            "",
+            f"Device {args.device}, {args.dtype}, {args.steps} timed step(s) after {args.warmup} warm-up, "
+            f"{meta['latents']}; weights {meta['weights_gib']:.2f} GiB. Memory: {meta['memory_method']}.",
+            "",
+            *table,
+            "",
+        ]
+    )
     print(markdown)
     write_results(args.out, f"sd3_blend_{args.device.split(':')[0]}_{args.dtype}", meta, results, markdown)
     return 0

@@ -18,7 +18,8 @@ steps (eta = 1) at 64x64 latents with classifier-free guidance (CFG batch 2), ba
 
 Each variant runs in its own subprocess, so peak memory is not polluted by the others: on CPU the peak is the
 subprocess's peak resident set size (``ru_maxrss``, includes the Python/torch runtime); on CUDA it is
-``torch.cuda.max_memory_allocated``. Results are printed as ratios to ``single`` and written as JSON and Markdown, with the process CPU time per
+``torch.cuda.max_memory_allocated``. Results are printed as ratios to ``single`` and written as JSON and Markdown,
+with the process CPU time per
 step and the load average before each variant (on a shared machine, wall-time ratios across processes are only as
 good as the load was steady). The *paired ratio* is robust to slow load changes: right after each step, the same
 process times one forward of the single model (adapters disabled) on the same input, and the ratio is the step's
@@ -40,6 +41,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 from _common import command_line, emit_result, worker_result, write_results
 
@@ -221,14 +223,14 @@ def run_variant(variant: str, m: int, steps: int, warmup: int, device: str, dtyp
     x = latents
     with torch.no_grad():
         for index, t in enumerate(scheduler.timesteps):
-            def step():
+            def step(x: torch.Tensor = x, t: Any = t) -> torch.Tensor:  # this iteration's x and t
                 eps = predict(torch.cat([x, x]), t)
                 uncond, cond = eps.chunk(2)
                 guided = uncond + 7.5 * (cond - uncond)
                 return scheduler.step(guided, t, x, eta=1.0, generator=generator).prev_sample
 
             new_x, seconds, cpu_seconds = timed(step)
-            _, base_seconds, _ = timed(lambda: base_forward(torch.cat([x, x]), t))
+            _, base_seconds, _ = timed(lambda x=x, t=t: base_forward(torch.cat([x, x]), t))
             x = new_x
             if index >= warmup:
                 times.append(seconds)

@@ -37,7 +37,6 @@ def run_method(method: str, device: str, resolution: int, steps: int, samples: i
 
     sys.path.insert(0, str(HERE))
     from bench_sd_train import build_pipeline
-
     from diffusion_blend.evaluation.sd_setting import sd_setting
     from diffusion_blend.evaluation.sweep import Cell, SweepConfig, run_cell
     from diffusion_blend.pipelines.tiny import perturbed_lora, save_diffusers_lora

@@ -8,7 +8,8 @@ through the same :class:`~diffusion_blend.lora.LoraFamily` and guided SD3 forwar
 (:class:`~diffusion_blend.sampling.FlowMatchSDEScheduler`, noise level 0.7), small latents (default 16 x 8 x 8: 16
 image tokens), 16 prompt tokens, one prompt. ``--family sd15``: ``bench_sd_blend.py``'s SD 1.5 UNet (random weights,
 rank-4 LoRA on the attention projections), the guided UNet forward of ``BlendStableDiffusionPipeline(method="smc")``
-(:func:`~diffusion_blend.pipelines.sd_target.guided_forward`, guidance 7.5), DDIM eta = 1 with SD's settings, 4 x 64 x 64
+(:func:`~diffusion_blend.pipelines.sd_target.guided_forward`, guidance 7.5), DDIM eta = 1 with SD's settings, 4 x 64 x
+64
 latents, 77 prompt tokens. Variants:
 
 - ``single``: ``proposal="base"``, one particle: the base model's own sampler (one guided forward per step; ratio 1);
@@ -41,7 +42,6 @@ import time
 from pathlib import Path
 
 from _common import command_line, emit_result, worker_result, write_results
-
 from diffusion_blend.smc import SMCOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,11 +94,24 @@ def run_variant(family_name: str, particles: int, base_only: bool, steps: int, d
         torch.cuda.reset_peak_memory_stats()
     setup_bytes = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     start = time.perf_counter()
-    out = smc_sample(family, Preference({name: 1.0 / EXPERTS for name in names}), scheduler,
-                     reward=lambda x: x.float().mean((1, 2, 3)), alpha=0.1, generator=seed, options=SMCOptions(particles=particles, proposal="base" if base_only else proposal, proposal_tilt=1.0 if base_only else tilt), 
-                     
-                     shape=shape, num_inference_steps=steps,
-                     eta=eta, cond=cond, progress=False, device=device, dtype=dtype)
+    out = smc_sample(
+        family,
+        Preference({name: 1.0 / EXPERTS for name in names}),
+        scheduler,
+        reward=lambda x: x.float().mean((1, 2, 3)),
+        alpha=0.1,
+        generator=seed,
+        options=SMCOptions(
+            particles=particles, proposal="base" if base_only else proposal, proposal_tilt=1.0 if base_only else tilt
+        ),
+        shape=shape,
+        num_inference_steps=steps,
+        eta=eta,
+        cond=cond,
+        progress=False,
+        device=device,
+        dtype=dtype,
+    )
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -120,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="sampler steps per variant (default 2)")
     parser.add_argument("--particles", default="1,2", help="comma-separated N values (default 1,2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--proposal", default="blend", choices=("blend", "twisted"), help="the smc_N variants' proposal")
+    parser.add_argument(
+        "--proposal", default="blend", choices=("blend", "twisted"), help="the smc_N variants' proposal"
+    )
     parser.add_argument("--proposal-tilt", type=float, default=1.0, help="the smc_N variants' proposal tilt")
     parser.add_argument("--latent", type=int, default=sd3.LATENT, help=f"latent side (default {sd3.LATENT})")
     parser.add_argument("--prompt-tokens", type=int, default=sd3.PROMPT_TOKENS)
@@ -177,15 +192,19 @@ def main(argv: list[str] | None = None) -> int:
     table = ["| variant | guided rows / step | s/step | time ratio | peak memory (GiB) | memory ratio |",
              "| --- | --- | --- | --- | --- | --- |"]
     for row in results:
-        table.append(f"| {row['variant']} | {row['network_evaluations'] / args.steps:g} | {row['seconds_per_step']:.2f} | "
-                     f"{row['time_ratio']:.2f}x | {row['peak_memory_bytes'] / 2**30:.2f} | {row['peak_memory_ratio']:.2f}x |")
+        table.append(
+            f"| {row['variant']} | {row['network_evaluations'] / args.steps:g} | {row['seconds_per_step']:.2f} | "
+            f"{row['time_ratio']:.2f}x | {row['peak_memory_bytes'] / 2**30:.2f} | {row['peak_memory_ratio']:.2f}x |"
+        )
     markdown = "\n".join([f"Command: `{command}`", "",
                           f"Device {args.device}, {args.dtype}, {args.steps} steps per variant, {meta['latents']}, "
                           f"m = {EXPERTS} experts, {args.proposal} proposal (tilt {args.proposal_tilt:g}); {network}. "
                           f"Memory: {meta['memory_method']}.",
                           "", *table, ""])
     print(markdown)
-    suffix = "" if (args.proposal, args.proposal_tilt) == ("blend", 1.0) else f"_{args.proposal}_t{args.proposal_tilt:g}"
+    suffix = (
+        "" if (args.proposal, args.proposal_tilt) == ("blend", 1.0) else f"_{args.proposal}_t{args.proposal_tilt:g}"
+    )
     write_results(args.out, f"smc_{args.family}_{args.device.split(':')[0]}_{args.dtype}{suffix}", meta, results,
                   markdown)
     return 0

@@ -34,7 +34,11 @@ def main() -> None:
             ("Euler ODE", FlowMatchEulerDiscreteScheduler(shift=3.0), 0.0),
             ("SDE eta=0.7", FlowMatchSDEScheduler(shift=3.0), 0.7),
             ("SDE eta=1.0", FlowMatchSDEScheduler(shift=3.0), 1.0),
-            ("diffusers stochastic_sampling", FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True), 0.0),
+            (
+                "diffusers stochastic_sampling",
+                FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True),
+                0.0,
+            ),
         ]:
             x = sample(velocity, scheduler, generator=0, shape=(N, 2), num_inference_steps=steps, eta=eta,
                        progress=False).samples

@@ -44,9 +44,9 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str],
     from diffusion_blend.preference import Preference
     from diffusion_blend.sampling import sample
     from diffusion_blend.smc import smc_sample
+    from diffusion_blend.testbeds.digits.config import DemoConfig
     from diffusion_blend.testbeds.digits.data import IMAGE_SHAPE, to_image_space
-    from diffusion_blend.testbeds.digits.demo.adapters import ensure_demo_adapters
-    from diffusion_blend.testbeds.digits.demo.config import DemoConfig
+    from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters
     from diffusion_blend.testbeds.digits.model import digits_scheduler
     from diffusion_blend.testbeds.digits.setting import load_demo_models
 
@@ -83,9 +83,17 @@ def measure(w: float, samples: int, particles: list[int], potentials: list[str],
     runs += [("fk", "base", 1, "tweedie", None), ("fk-equal", "base", equal, "tweedie", None)]
     for n in particles:
         for method, proposal, factor, potential, tilt in runs:
-            out = smc_sample(models.family, preference, digits_scheduler("ddim"), reward=r_w, alpha=demo.alpha,
-                             options=SMCOptions(particles=factor * n, proposal=proposal, potential=potential, proposal_tilt=tilt or 1.0), 
-                             **common)
+            out = smc_sample(
+                models.family,
+                preference,
+                digits_scheduler("ddim"),
+                reward=r_w,
+                alpha=demo.alpha,
+                options=SMCOptions(
+                    particles=factor * n, proposal=proposal, potential=potential, proposal_tilt=tilt or 1.0
+                ),
+                **common,
+            )
             record(method, n, out.samples, out.network_evaluations, potential, float(out.final_ess.mean()),
                    out.reward_evaluations, tilt)
     return rows
@@ -139,7 +147,9 @@ def table() -> str:
                  for w in WEIGHTS}
         first = found[WEIGHTS[0]]
         name = "SMC on blend" + smc_suffix(*variant) if method == "smc" else names[method]
-        if method == "fk-equal":  # FK has one member per particle: its particles are its NFE over FK-at-N's per particle
+        if (
+            method == "fk-equal"
+        ):  # FK has one member per particle: its particles are its NFE over FK-at-N's per particle
             same_n = next(r for r in rows[WEIGHTS[0]] if r["method"] == "fk" and r["particles"] == n)
             n = round(first["nfe"] / same_n["nfe"] * n)
         shown_n = "-" if n is None else str(n)

@@ -61,7 +61,9 @@ def test_soup_with_one_hot_weights_is_that_adapter(variant, expert):
         expected = net(x)
     torch.testing.assert_close(soup(x, 10), expected, rtol=1e-6, atol=1e-6)
     for layer in (net.conv, net.proj):
-        torch.testing.assert_close(layer.get_delta_weight("rewarded_soup"), _delta_by_hand(layer, expert), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            layer.get_delta_weight("rewarded_soup"), _delta_by_hand(layer, expert), rtol=1e-6, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("kl_scale", [1.0, 1.7])
@@ -92,7 +94,11 @@ def test_factor_soup_is_product_of_averaged_factors_not_the_delta_average():
     layer = net.proj
     a = {e: layer.lora_A[e].weight for e in w}
     b = {e: layer.scaling[e] * layer.lora_B[e].weight for e in w}
-    expected = 2.0 * (w["aesthetic"] * b["aesthetic"] + w["align"] * b["align"]) @ (w["aesthetic"] * a["aesthetic"] + w["align"] * a["align"])
+    expected = (
+        2.0
+        * (w["aesthetic"] * b["aesthetic"] + w["align"] * b["align"])
+        @ (w["aesthetic"] * a["aesthetic"] + w["align"] * a["align"])
+    )
     torch.testing.assert_close(layer.get_delta_weight("soup"), expected, rtol=1e-5, atol=1e-6)
     interpolation = 2.0 * sum(w[e] * _delta_by_hand(layer, e) for e in w)
     assert (layer.get_delta_weight("soup") - interpolation).abs().max() > 1e-2
@@ -102,7 +108,9 @@ def test_soup_is_replaced_and_validates():
     net = _lora_net()
     add_soup_adapter(net, Preference({"aesthetic": 1.0, "align": 0.0}), name="soup")
     add_soup_adapter(net, Preference({"aesthetic": 0.0, "align": 1.0}), name="soup")
-    torch.testing.assert_close(net.proj.get_delta_weight("soup"), _delta_by_hand(net.proj, "align"), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        net.proj.get_delta_weight("soup"), _delta_by_hand(net.proj, "align"), rtol=1e-6, atol=1e-6
+    )
     with pytest.raises(AdapterMismatchError, match="no adapter 'nope'"):
         add_soup_adapter(net, Preference({"nope": 1.0}))
     with pytest.raises(DiffusionBlendError, match="variant"):
@@ -160,11 +168,17 @@ def test_code_counts_and_selects_higher_reward():
 def test_code_softmax_selection_needs_alpha_and_zero_lambda_ignores_reward():
     scheduler = make_scheduler("ddim")
     denoiser = _base_denoiser(scheduler)
-    kwargs = dict(rewards=GMM_REWARDS, generator=1, shape=(256, 2), num_inference_steps=20, num_candidates=6, progress=False)
+    kwargs = dict(
+        rewards=GMM_REWARDS, generator=1, shape=(256, 2), num_inference_steps=20, num_candidates=6, progress=False
+    )
     with pytest.raises(DiffusionBlendError, match="alpha"):
         code_sample(denoiser, scheduler, preference=Preference({"right": 1.0}), selection="softmax", **kwargs)
-    flat = code_sample(denoiser, scheduler, preference=Preference({"right": 1.0}, 0.0), selection="softmax", alpha=1.0, **kwargs)
-    strong = code_sample(denoiser, scheduler, preference=Preference({"right": 1.0}, 5.0), selection="softmax", alpha=1.0, **kwargs)
+    flat = code_sample(
+        denoiser, scheduler, preference=Preference({"right": 1.0}, 0.0), selection="softmax", alpha=1.0, **kwargs
+    )
+    strong = code_sample(
+        denoiser, scheduler, preference=Preference({"right": 1.0}, 5.0), selection="softmax", alpha=1.0, **kwargs
+    )
     assert strong.samples[:, 0].mean() > flat.samples[:, 0].mean() + 0.5
 
 
@@ -174,8 +188,15 @@ def test_guidance_with_zero_scale_is_plain_sampling(zero):
     denoiser = _base_denoiser(scheduler)
     plain = sample(denoiser, scheduler, generator=5, shape=(16, 2), num_inference_steps=20, progress=False).samples
     out = guided_sample(
-        denoiser, scheduler, rewards=GMM_REWARDS, preference=Preference({"right": 1.0}, 0.0 if zero == "kl_scale" else 1.0),
-        alpha=0.5, generator=5, shape=(16, 2), num_inference_steps=20, progress=False,
+        denoiser,
+        scheduler,
+        rewards=GMM_REWARDS,
+        preference=Preference({"right": 1.0}, 0.0 if zero == "kl_scale" else 1.0),
+        alpha=0.5,
+        generator=5,
+        shape=(16, 2),
+        num_inference_steps=20,
+        progress=False,
         guidance_scale=0.0 if zero == "guidance_scale" else 1.0,
     )
     torch.testing.assert_close(out.samples, plain, rtol=0, atol=0)
@@ -190,7 +211,9 @@ def test_guidance_moves_samples_along_the_reward_gradient():
     guided = guided_sample(denoiser, scheduler, preference=Preference({"right": 1.0}), **kwargs)
     assert guided.samples[:, 0].mean() > plain[:, 0].mean() + 0.2
     assert guided.reward_evaluations == sum(tempering_schedule(i) > 0 for i in range(50)) - 1  # last step: sigma = 0
-    normalized = guided_sample(denoiser, scheduler, preference=Preference({"up": 1.0}), normalize_gradient=True, **kwargs)
+    normalized = guided_sample(
+        denoiser, scheduler, preference=Preference({"up": 1.0}), normalize_gradient=True, **kwargs
+    )
     assert normalized.samples[:, 1].mean() > plain[:, 1].mean() + 0.1
 
 
@@ -209,11 +232,24 @@ def test_guidance_refuses_non_differentiable_rewards():
         def __call__(self, images):
             return images.sum(1)
 
-    kwargs = dict(preference=Preference({"jpeg": 1.0}), alpha=1.0, generator=0, shape=(4, 2), num_inference_steps=5, progress=False)
+    kwargs = dict(
+        preference=Preference({"jpeg": 1.0}),
+        alpha=1.0,
+        generator=0,
+        shape=(4, 2),
+        num_inference_steps=5,
+        progress=False,
+    )
     with pytest.raises(RewardError, match="not"):
         guided_sample(_base_denoiser(scheduler), scheduler, rewards={"jpeg": Compressibility()}, **kwargs)
     with pytest.raises(RewardError, match="without a gradient"):
-        guided_sample(_base_denoiser(scheduler), scheduler, rewards={"jpeg": lambda x: x.sum(1).detach()}, tempering=False, **kwargs)
+        guided_sample(
+            _base_denoiser(scheduler),
+            scheduler,
+            rewards={"jpeg": lambda x: x.sum(1).detach()},
+            tempering=False,
+            **kwargs,
+        )
 
 
 # ----------------------------------------------------------------------------------------------- MORL oracle cache

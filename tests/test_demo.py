@@ -19,8 +19,9 @@ torch.set_num_threads(1)  # docs/demo.md: 1 thread is much faster than 2 for thi
 
 from diffusion_blend.adapters import load_adapter, read_adapter  # noqa: E402
 from diffusion_blend.errors import DiffusionBlendError  # noqa: E402
-from diffusion_blend.testbeds.digits.demo import DemoConfig, ensure_demo_adapters  # noqa: E402
-from diffusion_blend.testbeds.digits.demo.pipeline import run_demo  # noqa: E402
+from diffusion_blend.testbeds.digits.config import DemoConfig  # noqa: E402
+from diffusion_blend.testbeds.digits.demo import run_demo  # noqa: E402
+from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters  # noqa: E402
 
 CONFIG = DemoConfig.quick()
 REWARDS = list(CONFIG.rewards)
@@ -104,7 +105,7 @@ def test_numbers_satisfy_invariants(demo):
     kla1 = next(p for p in points if p["method"] == "DB-KLA" and p["expert"] == first and p["kl_scale"] == 1.0)
     for name in REWARDS:
         assert mpa1[f"mean_{name}"] == pytest.approx(kla1[f"mean_{name}"], abs=1e-12)
-    for reward, e in summary["experts"].items():
+    for e in summary["experts"].values():
         expected = (e["expert_reward"] - CONFIG.alpha * e["path_kl"] - e["base_reward"]) / (
             e["best_objective"] - e["base_reward"])
         assert e["achieved_fraction"] == pytest.approx(expected, rel=1e-9)
@@ -141,7 +142,9 @@ def test_corrupt_adapter_is_retrained_and_config_change_retrains(demo, tmp_path)
     work = tmp_path / "copy"
     (work / "adapters").mkdir(parents=True)
     for reward in REWARDS:
-        (work / "adapters" / f"{reward}.safetensors").write_bytes((out / "adapters" / f"{reward}.safetensors").read_bytes())
+        (work / "adapters" / f"{reward}.safetensors").write_bytes(
+            (out / "adapters" / f"{reward}.safetensors").read_bytes()
+        )
     ink = work / "adapters" / f"{REWARDS[0]}.safetensors"
     ink.write_bytes(ink.read_bytes()[: ink.stat().st_size // 2])  # truncated
     other = work / "adapters" / f"{REWARDS[1]}.safetensors"
@@ -213,7 +216,7 @@ def test_finetune_command_on_the_digits_target(tmp_path):
 
 def test_interrupted_training_of_another_configuration_does_not_block(tmp_path):
     """A checkpoint left by a killed run with another configuration is discarded, not resumed (which would fail)."""
-    from diffusion_blend.testbeds.digits.demo.adapters import ADAPTER_DIR
+    from diffusion_blend.testbeds.digits.experts import ADAPTER_DIR
     from diffusion_blend.testbeds.digits.target import digits_finetune_target
     from diffusion_blend.training.dpok import TrainingInterrupted, finetune
 
@@ -234,7 +237,7 @@ def test_smoke_run_is_labelled_and_full_budget_checks_are_judged(demo, capsys):
     from dataclasses import replace
 
     from diffusion_blend.cli import main
-    from diffusion_blend.testbeds.digits.demo.report import quality_checks
+    from diffusion_blend.testbeds.digits.report import quality_checks
 
     out, summary, _ = demo
     judged = quality_checks(replace(CONFIG, smoke_run=False), summary["points"], summary["experts"])

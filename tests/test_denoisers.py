@@ -67,7 +67,9 @@ def test_zero_kl_scale_reproduces_the_base_exactly():
     assert all(e.calls == 0 for e in fam.experts.values())
 
 
-@pytest.mark.parametrize("weights", [{"a": 1.0}, {"a": 0.3, "b": 0.7}, {"a": 0.2, "b": 0.3, "c": 0.5}, {"a": -1, "b": 2}])
+@pytest.mark.parametrize(
+    "weights", [{"a": 1.0}, {"a": 0.3, "b": 0.7}, {"a": 0.2, "b": 0.3, "c": 0.5}, {"a": -1, "b": 2}]
+)
 def test_identical_experts_make_the_result_independent_of_w(weights):
     fam = family(identical=True)
     torch.testing.assert_close(BlendedDenoiser(fam, Preference(weights))(X, 100), fam.experts["a"](X, 100))

@@ -1,4 +1,5 @@
-"""`dblend evaluate --setting digits --quick`: the paper's Table 1 on digits (files, rows, RGG, MORL cache, invariants)."""
+"""`dblend evaluate --setting digits --quick`: the paper's Table 1 on digits (files, rows, RGG, MORL cache,
+invariants)."""
 
 import csv
 import json

@@ -138,7 +138,7 @@ def test_sd_sweep_full_table_fronts_report_and_a_rerun_recomputes_nothing(expert
         assert np.allclose(one_hot["rewards"]["saturation"], saturation(stock_expert).tolist(), atol=1e-4)
         assert not np.allclose(one_hot["rewards"]["brightness"], base_cell["rewards"]["brightness"], atol=1e-4)
         # lambda = 0 is the base model for every weight (DB-KLA with c_0 = 1)
-        for (m, k), c in cells.items():
+        for (m, _k), c in cells.items():
             if m in ("mpa", "ls", "rs-factors", "rs-deltas", "rgg") and c["kl_scale"] == 0.0 and c["seed"] == seed:
                 assert np.allclose(c["rewards"]["brightness"], base_cell["rewards"]["brightness"], atol=1e-5), m
         # one-hot Rewarded Soup (both variants) is the expert itself
@@ -273,7 +273,9 @@ def test_sdxl_sweep_in_chunks_matches_the_stock_sdxl_pipeline(tmp_path, capsys):
     pipe.load_lora_weights(files["brightness"], adapter_name="expert")
     expected_blend = stock(0) + stock(1)
     assert np.allclose(base, expected_base, rtol=0, atol=2e-6) and np.allclose(blend, expected_blend, rtol=0, atol=2e-6)
-    assert np.abs(np.array(base) - blend).max() > 1e-4  # the expert changes the images (measured ~4e-4): teeth  # the expert changes the images: the check has teeth
+    assert (
+        np.abs(np.array(base) - blend).max() > 1e-4
+    )  # the expert changes the images (measured ~4e-4): teeth  # the expert changes the images: the check has teeth
     assert expected_base[0] != pytest.approx(expected_base[2], abs=1e-6)  # the two chunks draw different noise
     switching = next(c for (m, _), c in cells.items() if m == "ls")["rewards"]["brightness"]
     assert np.allclose(switching, blend, rtol=0, atol=2e-6)  # one expert with weight 1: LS always draws it

@@ -146,7 +146,7 @@ def test_rollout_kl_is_the_exact_gaussian_kl_of_the_guided_sde_steps(sd3_run):
         with torch.no_grad():
             def guided(model):
                 def run(embeds, pooled):
-                    return model(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,
+                    return model(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,  # noqa: B023
                                  pooled_projections=pooled, return_dict=False)[0]
                 c = run(cond["encoder_hidden_states"], cond["pooled_projections"])
                 u = run(cond["negative_encoder_hidden_states"], cond["negative_pooled_projections"])

@@ -100,7 +100,8 @@ def sd3_reference(files, preference, latents, guidance_scale, prompt):
             velocity = 0.0
             for coefficient, transformer in copies:
                 def run(embeds, pooled_embeds):
-                    return transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=embeds,
+                    return transformer(hidden_states=x, timestep=t.expand(x.shape[0]),  # noqa: B023 - used at once
+                                       encoder_hidden_states=embeds,
                                        pooled_projections=pooled_embeds, return_dict=False)[0]
                 cond, uncond = run(pos, pooled), run(neg, neg_pooled)
                 velocity = velocity + coefficient * (uncond + guidance_scale * (cond - uncond))
@@ -221,7 +222,9 @@ def test_sde_blend_equals_stock_pipeline_with_the_same_sde_noise(sd3_pipe, sd3_f
         sd3_pipe.scheduler = FlowMatchSDEScheduler.from_config(ode.config)
         stock.scheduler = FlowMatchSDEScheduler.from_config(ode.config)
         latents = sd3_latents(5)
-        ours = call(sd3_pipe, latents, preference=Preference({"aesthetic": 1.0}), generator=torch.Generator().manual_seed(9))
+        ours = call(
+            sd3_pipe, latents, preference=Preference({"aesthetic": 1.0}), generator=torch.Generator().manual_seed(9)
+        )
         stock.scheduler.set_noise_generator(sd3_pipe.scheduler.noise_generator)  # restored to None after the call
         assert stock.scheduler.noise_generator is None
         from diffusion_blend.pipelines.flow import SDE_NOISE_SALT
@@ -282,7 +285,9 @@ def test_cli_sample_detects_the_flow_pipeline_and_writes_images_and_settings(whi
     assert flow_cli(files, tmp_path / "twisted", *smc, "--smc-proposal", "twisted") == 0
     twisted = json.loads((tmp_path / "twisted" / "settings.json").read_text())
     assert twisted["network_evaluations_per_image"] == 3 * 2 * 3 and twisted["smc"]["proposal"] == "twisted"
-    pixels = [np.asarray(Image.open(tmp_path / run / name)) for run in ("smc", "twisted") for name in settings["images"]]
+    pixels = [
+        np.asarray(Image.open(tmp_path / run / name)) for run in ("smc", "twisted") for name in settings["images"]
+    ]
     assert any(not np.array_equal(a, b) for a, b in zip(pixels[:2], pixels[2:]))
 
 
@@ -369,7 +374,9 @@ def test_flow_grpo_peft_folder_equals_the_diffusers_file(sd3_files, tmp_path):
     peft_model.save_pretrained(tmp_path / "flow_grpo_ckpt")
     from safetensors.torch import load_file
 
-    assert all(k.startswith("base_model.model.") for k in load_file(tmp_path / "flow_grpo_ckpt" / "adapter_model.safetensors"))
+    assert all(
+        k.startswith("base_model.model.") for k in load_file(tmp_path / "flow_grpo_ckpt" / "adapter_model.safetensors")
+    )
     pipe = BlendStableDiffusion3Pipeline.from_pretrained(root / "base", **SD3_KW)
     pipe.load_adapter(tmp_path / "flow_grpo_ckpt", "grpo")
     pipe.set_progress_bar_config(disable=True)

@@ -89,7 +89,9 @@ def test_tilted_expectation_matches_importance_weighting(reward: QuadraticForm, 
 
 def test_expectation_matches_monte_carlo() -> None:
     m = mixture().tilt(QuadraticForm.linear_reward([0.5, 1.0]), 2.0)
-    reward = QuadraticForm.quadratic_reward([1.0, -1.0], [[2.0, 0.5], [0.5, 1.0]]) + QuadraticForm.linear_reward([1.0, 2.0], 3.0)
+    reward = QuadraticForm.quadratic_reward([1.0, -1.0], [[2.0, 0.5], [0.5, 1.0]]) + QuadraticForm.linear_reward(
+        [1.0, 2.0], 3.0
+    )
     values = reward(m.sample(200_000, torch.Generator().manual_seed(2)))
     standard_error = float(values.std()) / math.sqrt(len(values))
     assert m.expectation(reward) == pytest.approx(float(values.mean()), abs=4 * standard_error)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_pathwise import gaussian_target, stochastic_ddim
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from diffusion_blend import lora
@@ -30,6 +29,7 @@ from diffusion_blend.training.dpok import (
     rollout,
     score_rewards,
 )
+from test_pathwise import gaussian_target, stochastic_ddim
 
 PROMPTS = ["a cat", "a red house", "a dog"]
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -246,7 +246,7 @@ def test_bfloat16_first_gradient_matches_float32_on_tiny_sd(tmp_path):
         grads_seen = {}
 
         def keep(optimizer, args, kwargs):
-            grads_seen["g"] = torch.cat([p.grad.reshape(-1) for group in optimizer.param_groups
+            grads_seen["g"] = torch.cat([p.grad.reshape(-1) for group in optimizer.param_groups  # noqa: B023
                                          for p in group["params"] if p.grad is not None])
 
         handle = register_optimizer_step_pre_hook(keep)

@@ -14,7 +14,8 @@ from diffusion_blend.evaluation.oracle import (
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.preference import Preference
 
-# base N(0, I) in 2-D, r1 = x_1, r2 = x_2: target N(lambda w / alpha, I), log E[exp(lambda r_w/alpha)] = |lambda w/alpha|^2/2
+# base N(0, I) in 2-D, r1 = x_1, r2 = x_2: target N(lambda w / alpha, I), log E[exp(lambda r_w/alpha)] = |lambda
+# w/alpha|^2/2
 X = torch.randn(400_000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 REWARDS = {"r1": X[:, 0], "r2": X[:, 1]}
 

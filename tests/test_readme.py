@@ -45,7 +45,8 @@ def test_block_parser_on_a_sample():
 def test_readme_code_blocks_run_as_written(tmp_path, monkeypatch, capfd):
     """Python blocks run in this process (``exec`` in a fresh namespace: each needs its own imports; the import
     time of a new interpreter per block would triple the test's time on 2 cores), bash blocks in a shell."""
-    from diffusion_blend.testbeds.digits.demo import DemoConfig, ensure_demo_adapters
+    from diffusion_blend.testbeds.digits.config import DemoConfig
+    from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters
 
     blocks = readme_blocks((ROOT / "README.md").read_text())
     runnable = [(lang, code) for lang, code, skipped in blocks if lang in ("python", "bash") and not skipped]

@@ -127,11 +127,15 @@ def test_routing_leaves_no_hook_and_peft_state_unchanged_even_after_an_error():
     net = token_net()
     layers = lora_layers(net)
     with active_adapter(net, "b"):
-        before = [(layer.disable_adapters, list(layer.active_adapters), dict(layer._forward_pre_hooks)) for layer in layers]
+        before = [
+            (layer.disable_adapters, list(layer.active_adapters), dict(layer._forward_pre_hooks)) for layer in layers
+        ]
         with pytest.raises(RuntimeError, match="boom"), routed_adapters(net, [(0, 1, "a"), (1, 2, None)]):
             assert "forward" in vars(layers[0])
             raise RuntimeError("boom")
-        after = [(layer.disable_adapters, list(layer.active_adapters), dict(layer._forward_pre_hooks)) for layer in layers]
+        after = [
+            (layer.disable_adapters, list(layer.active_adapters), dict(layer._forward_pre_hooks)) for layer in layers
+        ]
         assert after == before and not any("forward" in vars(layer) for layer in layers)
         x, _ = inputs(2)
         torch.testing.assert_close(net(x, 10), peft_single(net, "b", x, 10), rtol=0, atol=0)  # peft's path again

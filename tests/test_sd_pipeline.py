@@ -149,7 +149,9 @@ def test_ls_routings_agree_when_samples_draw_different_members(sd_pipe):
 
 def test_db_mpa_one_batched_forward_holds_members_times_cfg_rows(sd_pipe):
     batches = []
-    handle = sd_pipe.unet.register_forward_pre_hook(lambda m, args, kw: batches.append(kw.get("sample", args[0] if args else None)), with_kwargs=True)
+    handle = sd_pipe.unet.register_forward_pre_hook(
+        lambda m, args, kw: batches.append(kw.get("sample", args[0] if args else None)), with_kwargs=True
+    )
     try:
         run(sd_pipe, preference=Preference({"aesthetic": 0.5, "align": 0.5}), num_images_per_prompt=2)
     finally:
@@ -204,7 +206,10 @@ def test_ls_step_uses_exactly_the_drawn_members_prediction(sd_pipe):
     ours = run(sd_pipe, preference=preference, method="ls", switch_generator=3)
     members, probabilities = preference.coefficients(sd_pipe.adapter_names).probabilities()
     replay = torch.Generator().manual_seed(3)
-    draws = [members[int(torch.multinomial(probabilities, 1, replacement=True, generator=replay))] for _ in range(CALL["num_inference_steps"])]
+    draws = [
+        members[int(torch.multinomial(probabilities, 1, replacement=True, generator=replay))]
+        for _ in range(CALL["num_inference_steps"])
+    ]
     unet, original = sd_pipe.unet, sd_pipe.unet.forward
     step = iter(draws)
 
@@ -443,15 +448,31 @@ def test_smc_with_one_particle_is_the_blend_in_the_stock_loop(sd_pipe):
     """method='smc', N = 1: the stock diffusers loop with the DB-MPA blend (same noise stream, CFG commutes)."""
     preference = Preference({"aesthetic": 0.4, "align": 0.6})
     blend = run(sd_pipe, seed=3, preference=preference, method="mpa")
-    smc = run(sd_pipe, seed=3, preference=preference, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), )
+    smc = run(
+        sd_pipe,
+        seed=3,
+        preference=preference,
+        method="smc",
+        reward=_mean_red,
+        alpha=0.1,
+        smc=SMCOptions(particles=1),
+    )
     assert torch.allclose(smc, blend, atol=BATCHED_VS_SEQUENTIAL_ATOL)
     assert sd_pipe.last_smc.network_evaluations == 3 * CALL["num_inference_steps"]  # 2 experts + the base
 
 
 def test_smc_particles_report_cost_and_refuse_bad_input(sd_pipe):
     preference = Preference({"aesthetic": 0.5, "align": 0.5})
-    out = run(sd_pipe, seed=1, preference=preference, method="smc", reward=_mean_red, alpha=0.05, smc=SMCOptions(particles=3), 
-              prompt=["a cat", "a dog"])
+    out = run(
+        sd_pipe,
+        seed=1,
+        preference=preference,
+        method="smc",
+        reward=_mean_red,
+        alpha=0.05,
+        smc=SMCOptions(particles=3),
+        prompt=["a cat", "a dog"],
+    )
     assert out.shape[0] == 2 and torch.isfinite(out).all()
     stats = sd_pipe.last_smc
     assert stats.network_evaluations == 3 * 3 * CALL["num_inference_steps"]
@@ -496,9 +517,19 @@ def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_p
     assert settings["smc"]["proposal"] == "blend" and settings["smc"]["proposal_tilt"] == 1.0
     images = {}
     for proposal, run_dir in (("blend", "smc"), ("twisted", "twisted")):
-        expected = pipe(["a cat"] * 2, preference=Preference({"aesthetic": 0.3, "align": 0.7}), method="smc",
-                        reward=r_w, alpha=0.5, smc=SMCOptions(particles=2, proposal=proposal), generator=7, num_inference_steps=3, guidance_scale=7.5,
-                        eta=1.0, output_type="np", ).images
+        expected = pipe(
+            ["a cat"] * 2,
+            preference=Preference({"aesthetic": 0.3, "align": 0.7}),
+            method="smc",
+            reward=r_w,
+            alpha=0.5,
+            smc=SMCOptions(particles=2, proposal=proposal),
+            generator=7,
+            num_inference_steps=3,
+            guidance_scale=7.5,
+            eta=1.0,
+            output_type="np",
+        ).images
         saved = np.stack([np.asarray(Image.open(tmp_path / run_dir / name)) for name in settings["images"]])
         assert np.abs(saved.astype(int) - (expected * 255).round().astype(int)).max() <= 1, proposal
         images[proposal] = saved

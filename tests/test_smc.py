@@ -69,9 +69,19 @@ def test_smc_converges_to_the_exact_tilted_target(proposal, potential, tilt) -> 
     target_mean, target_variance = moments(tilted_target(base, rewards, PREFERENCE, ALPHA))
     errors = {}
     for n in (1, 8, 64):
-        out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0,
-                         options=SMCOptions(particles=n, proposal=proposal, potential=potential, proposal_tilt=tilt), shape=(400, 1),
-                         num_inference_steps=50, progress=False, dtype=F64)
+        out = smc_sample(
+            family,
+            PREFERENCE,
+            stochastic_ddim(),
+            reward=reward,
+            alpha=ALPHA,
+            generator=0,
+            options=SMCOptions(particles=n, proposal=proposal, potential=potential, proposal_tilt=tilt),
+            shape=(400, 1),
+            num_inference_steps=50,
+            progress=False,
+            dtype=F64,
+        )
         samples = out.samples.flatten()
         errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
     assert errors[1][0] > 0.7  # the proposal alone misses the target by far here
@@ -146,9 +156,18 @@ def test_twisted_proposal_evens_the_path_weights_of_continuous_time_experts() ->
     reward = combined_reward(setting.rewards, preference)
     ess = {}
     for proposal in ("blend", "twisted"):
-        out = smc_sample(setting.family, preference, setting.scheduler_factory(), reward=reward, alpha=setting.alpha,
-                         generator=0, options=SMCOptions(particles=2000, proposal=proposal, potential="none", ess_threshold=0.0), 
-                         shape=(1, 2), num_inference_steps=20, progress=False)
+        out = smc_sample(
+            setting.family,
+            preference,
+            setting.scheduler_factory(),
+            reward=reward,
+            alpha=setting.alpha,
+            generator=0,
+            options=SMCOptions(particles=2000, proposal=proposal, potential="none", ess_threshold=0.0),
+            shape=(1, 2),
+            num_inference_steps=20,
+            progress=False,
+        )
         ess[proposal] = float(out.final_ess[0]) / 2000
     assert ess["twisted"] > 0.4 and ess["twisted"] > 3 * ess["blend"], ess
 
@@ -198,9 +217,19 @@ def test_experts_potential_step_weight_is_the_jensen_gap_of_the_blend() -> None:
     particle_latents = torch.randn(n * batch, 1, generator=torch.Generator().manual_seed(5), dtype=F64) * 1.5
     for preference in (PREFERENCE, Preference({"right": 0.3, "bump": 0.7}, 0.6)):
         family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
-        out = smc_sample(family, preference, stochastic_ddim(), reward=combined_reward(rewards, preference),
-                         alpha=ALPHA, generator=2, options=SMCOptions(particles=n, potential="experts", ess_threshold=0.0), 
-                         particle_latents=particle_latents, num_inference_steps=steps, progress=False, dtype=F64)
+        out = smc_sample(
+            family,
+            preference,
+            stochastic_ddim(),
+            reward=combined_reward(rewards, preference),
+            alpha=ALPHA,
+            generator=2,
+            options=SMCOptions(particles=n, potential="experts", ess_threshold=0.0),
+            particle_latents=particle_latents,
+            num_inference_steps=steps,
+            progress=False,
+            dtype=F64,
+        )
         scheduler = stochastic_ddim()
         scheduler.set_timesteps(steps)
         t = scheduler.timesteps[0]
@@ -224,9 +253,19 @@ def test_base_proposal_without_potential_is_importance_resampling() -> None:
     family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
     reward = combined_reward(rewards, PREFERENCE)
     n, batch, steps = 8, 30, 10
-    out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=7, options=SMCOptions(particles=n, proposal="base", potential="none", ess_threshold=0.0), 
-                     shape=(batch, 1), num_inference_steps=steps,
-                     progress=False, dtype=F64)
+    out = smc_sample(
+        family,
+        PREFERENCE,
+        stochastic_ddim(),
+        reward=reward,
+        alpha=ALPHA,
+        generator=7,
+        options=SMCOptions(particles=n, proposal="base", potential="none", ess_threshold=0.0),
+        shape=(batch, 1),
+        num_inference_steps=steps,
+        progress=False,
+        dtype=F64,
+    )
     reference = sample(family.member(BASE), stochastic_ddim(), generator=7, shape=(n * batch, 1),
                        num_inference_steps=steps, record_trajectory=True, progress=False, dtype=F64).samples
     assert torch.equal(out.particles.reshape(n * batch, 1), reference)
@@ -256,9 +295,19 @@ def test_one_particle_is_the_blend_sampler(tilt) -> None:
     """N = 1 is the blend sampler at KL scale ``proposal_tilt x lambda`` (same generator stream)."""
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, stochastic_ddim())
-    out = smc_sample(family, PREFERENCE, stochastic_ddim(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
-                     generator=4, options=SMCOptions(particles=1, proposal_tilt=tilt), shape=(16, 1), num_inference_steps=6,
-                     progress=False, dtype=F64)
+    out = smc_sample(
+        family,
+        PREFERENCE,
+        stochastic_ddim(),
+        reward=combined_reward(rewards, PREFERENCE),
+        alpha=ALPHA,
+        generator=4,
+        options=SMCOptions(particles=1, proposal_tilt=tilt),
+        shape=(16, 1),
+        num_inference_steps=6,
+        progress=False,
+        dtype=F64,
+    )
     tilted = Preference(PREFERENCE.weights, tilt * PREFERENCE.kl_scale)
     blend = sample(BlendedDenoiser(family, tilted), stochastic_ddim(), generator=4, shape=(16, 1),
                    num_inference_steps=6, record_trajectory=True, progress=False, dtype=F64).samples
@@ -280,9 +329,18 @@ def test_cost_accounting(proposal, members, potential, every, reward_calls) -> N
         return rw(x)
 
     n, batch, steps = 4, 5, 6
-    out = smc_sample(counting, PREFERENCE, stochastic_ddim(), reward=reward, alpha=ALPHA, generator=0, options=SMCOptions(particles=n, proposal=proposal, potential=potential, potential_every=every), 
-                     shape=(batch, 1),
-                     num_inference_steps=steps, progress=False)
+    out = smc_sample(
+        counting,
+        PREFERENCE,
+        stochastic_ddim(),
+        reward=reward,
+        alpha=ALPHA,
+        generator=0,
+        options=SMCOptions(particles=n, proposal=proposal, potential=potential, potential_every=every),
+        shape=(batch, 1),
+        num_inference_steps=steps,
+        progress=False,
+    )
     assert counting.rows == members * n * batch * steps
     assert out.network_evaluations == members * n * steps
     assert calls == [n * batch] * reward_calls

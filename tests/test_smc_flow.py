@@ -13,8 +13,6 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from test_flow_sampling import COV, MEAN, gaussian_velocity
-from test_smc import ALPHA, F64, PREFERENCE, bimodal, moments
 
 from diffusion_blend.denoisers import BlendedDenoiser
 from diffusion_blend.errors import DiffusionBlendError
@@ -29,6 +27,8 @@ from diffusion_blend.testbeds.gmm import (
     ideal_family,
     tilted_target,
 )
+from test_flow_sampling import COV, MEAN, gaussian_velocity
+from test_smc import ALPHA, F64, PREFERENCE, bimodal, moments
 
 LEVEL = 1.0  # the flow SDE's noise level (Flow-GRPO's eta)
 
@@ -60,9 +60,20 @@ def test_smc_on_the_flow_sde_converges_to_the_exact_tilted_target(proposal) -> N
     target_mean, target_variance = moments(tilted_target(base, rewards, PREFERENCE, ALPHA))
     errors = {}
     for n in (1, 8, 64):
-        out = smc_sample(family, PREFERENCE, sde(), reward=reward, alpha=ALPHA, generator=0, options=SMCOptions(particles=n, proposal=proposal), 
-                         shape=(400, 1), num_inference_steps=50, eta=LEVEL, progress=False,
-                         dtype=F64)
+        out = smc_sample(
+            family,
+            PREFERENCE,
+            sde(),
+            reward=reward,
+            alpha=ALPHA,
+            generator=0,
+            options=SMCOptions(particles=n, proposal=proposal),
+            shape=(400, 1),
+            num_inference_steps=50,
+            eta=LEVEL,
+            progress=False,
+            dtype=F64,
+        )
         samples = out.samples.flatten()
         errors[n] = (abs(float(samples.mean()) - target_mean), abs(float(samples.var()) - target_variance))
     assert errors[1][0] > 0.6  # the proposal alone misses the target by far here
@@ -122,16 +133,39 @@ def test_exact_tilted_flow_chain_as_proposal_gives_uniform_weights() -> None:
 def test_one_particle_is_the_blend_on_the_flow_sde() -> None:
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, sde())
-    out = smc_sample(family, PREFERENCE, sde(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
-                     generator=4, options=SMCOptions(particles=1), shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
-                     dtype=F64)
+    out = smc_sample(
+        family,
+        PREFERENCE,
+        sde(),
+        reward=combined_reward(rewards, PREFERENCE),
+        alpha=ALPHA,
+        generator=4,
+        options=SMCOptions(particles=1),
+        shape=(16, 1),
+        num_inference_steps=6,
+        eta=LEVEL,
+        progress=False,
+        dtype=F64,
+    )
     blend = sample(BlendedDenoiser(family, PREFERENCE), sde(), generator=4, shape=(16, 1), num_inference_steps=6,
                    eta=LEVEL, record_trajectory=True, progress=False, dtype=F64).samples
     assert torch.equal(out.samples, blend)
     # a separate step-noise stream: x_T still from the generator, the steps from noise_generator
-    split = smc_sample(family, PREFERENCE, sde(), reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA,
-                       generator=4, options=SMCOptions(particles=1), shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
-                       dtype=F64, noise_generator=torch.Generator().manual_seed(99))
+    split = smc_sample(
+        family,
+        PREFERENCE,
+        sde(),
+        reward=combined_reward(rewards, PREFERENCE),
+        alpha=ALPHA,
+        generator=4,
+        options=SMCOptions(particles=1),
+        shape=(16, 1),
+        num_inference_steps=6,
+        eta=LEVEL,
+        progress=False,
+        dtype=F64,
+        noise_generator=torch.Generator().manual_seed(99),
+    )
     assert not torch.equal(split.samples, blend)
 
 

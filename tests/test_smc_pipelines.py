@@ -120,19 +120,19 @@ def test_one_particle_is_the_db_mpa_blend_in_the_stock_loop(which, request):
     outputs = {}
     for output_type in ("latent", "np"):
         blend = run(pipe, 3, preference=DB_MPA, method="mpa", output_type=output_type, **extra)
-        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
+        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1),
                   output_type=output_type, **extra)
         blend, smc = (torch.as_tensor(np.asarray(v)) for v in (blend, smc))
         assert smc.shape == blend.shape
         assert torch.allclose(smc, blend, atol=ATOL), float((smc - blend).abs().max())
         outputs[output_type] = smc
     assert pipe.last_smc.network_evaluations == 3 * STEPS  # 2 experts + the base, one particle
-    other = run(pipe, 4, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
+    other = run(pipe, 4, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1),
                 output_type="latent", **extra)
     assert (other - outputs["latent"]).abs().max() > 1e-2  # the seed matters: the comparison is not vacuous
     if which != "flux":  # a negative prompt reaches the unconditional branch as in the stock loop
         blend = run(pipe, 3, preference=DB_MPA, method="mpa", output_type="latent", negative_prompt="blurry", **extra)
-        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
+        smc = run(pipe, 3, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1),
                   output_type="latent", negative_prompt="blurry", **extra)
         assert torch.allclose(smc, blend, atol=ATOL) and (smc - outputs["latent"]).abs().max() > 1e-3
 
@@ -152,7 +152,7 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
 
     counter = RowCounter(pipe.unet if which == "sdxl" else pipe.transformer)
     try:
-        out = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, smc=SMCOptions(particles=3), 
+        out = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, smc=SMCOptions(particles=3),
                   prompt=["a cat", "a dog"], output_type="latent", **extra)
     finally:
         counter.remove()
@@ -166,16 +166,37 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
     # one batched forward per step (members x particles x prompts x CFG rows) gives the same images
     counter = RowCounter(pipe.unet if which == "sdxl" else pipe.transformer)
     try:
-        batched = run(pipe, 1, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.05, smc=SMCOptions(particles=3), 
-                      prompt=["a cat", "a dog"], output_type="latent", routing="batched", **extra)
+        batched = run(
+            pipe,
+            1,
+            preference=DB_MPA,
+            method="smc",
+            reward=_mean_red,
+            alpha=0.05,
+            smc=SMCOptions(particles=3),
+            prompt=["a cat", "a dog"],
+            output_type="latent",
+            routing="batched",
+            **extra,
+        )
     finally:
         counter.remove()
     assert counter.forwards == STEPS and counter.rows == 3 * 3 * 2 * cfg_copies * STEPS
     assert torch.allclose(batched, out, atol=ATOL)
     # the experts' potential: the same network rows, r_w only at x_0 (no decode before the end)
     calls.clear()
-    experts = run(pipe, 1, preference=DB_MPA, method="smc", reward=reward, alpha=0.05, smc=SMCOptions(particles=3, potential="experts"), 
-                  prompt=["a cat", "a dog"], output_type="latent", **extra)
+    experts = run(
+        pipe,
+        1,
+        preference=DB_MPA,
+        method="smc",
+        reward=reward,
+        alpha=0.05,
+        smc=SMCOptions(particles=3, potential="experts"),
+        prompt=["a cat", "a dog"],
+        output_type="latent",
+        **extra,
+    )
     assert torch.isfinite(experts).all() and len(calls) == 1
     assert pipe.last_smc.network_evaluations == 3 * 3 * STEPS and pipe.last_smc.reward_evaluations == 3
 
@@ -184,7 +205,9 @@ def test_costs_match_hand_counts_and_the_network_rows(which, cfg_copies, request
 def test_flow_smc_refuses_the_ode_and_noise_level_zero(which, request):
     pipe = request.getfixturevalue(f"{which}_pipe")
     sde = pipe.scheduler
-    common = dict(preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=2), output_type="latent")
+    common = dict(
+        preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=2), output_type="latent"
+    )
     try:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sde.config)
         with pytest.raises(DiffusionBlendError, match="Euler ODE.*FlowMatchSDEScheduler") as info:
@@ -231,7 +254,7 @@ def test_flux_without_guidance_embedding_runs_like_its_stock_loop(tmp_path):
     pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config, noise_level=0.7)
     pipe.set_progress_bar_config(disable=True)
     blend = run(pipe, 5, preference=DB_MPA, method="mpa", output_type="latent", guidance_scale=0.0)
-    smc = run(pipe, 5, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1), 
+    smc = run(pipe, 5, preference=DB_MPA, method="smc", reward=_mean_red, alpha=0.1, smc=SMCOptions(particles=1),
               output_type="latent", guidance_scale=0.0)
     assert torch.allclose(smc, blend, atol=ATOL)
 

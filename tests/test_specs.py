@@ -27,7 +27,12 @@ def bases(tmp_path_factory):
     """A tiny base of every kind and two random experts each (diffusers LoRA files)."""
     import shutil
 
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        FluxPipeline,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     from diffusion_blend.pipelines import tiny
 

@@ -126,7 +126,9 @@ def test_same_seed_same_images_and_the_preference_moves_them(studio):
 def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio):
     app = build_app(studio)
     generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0)  # particles, tilt last
+    images, scores, pareto, status, shown = generate(
+        1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0
+    )  # particles, tilt last
     assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
     assert "| small |" in scores and "| big |" in scores and "standard error" in scores
     assert status.startswith("Result for weights small 1, big 0, KL scale 1, DB-MPA, seed 5")
@@ -188,9 +190,21 @@ def test_ui_command_builds_the_sd_studio_and_exits_2_on_bad_input(files, capsys)
                                       "--adapter-dir", str(files)])
     built = sd_studio(args)
     assert built.reward_names == ("small",) and built.text_conditioned and built.alpha == 1.0  # from metadata
-    foreign = ["ui", "--sd-base", str(files / "base"), "--adapter", f"small={files / 'small.safetensors'}",
-               "--adapter", f"big={files / 'big.safetensors'}", "--reward", "big=jpeg_incompressibility", "--steps", "1",
-               "--num-images", "1"]
+    foreign = [
+        "ui",
+        "--sd-base",
+        str(files / "base"),
+        "--adapter",
+        f"small={files / 'small.safetensors'}",
+        "--adapter",
+        f"big={files / 'big.safetensors'}",
+        "--reward",
+        "big=jpeg_incompressibility",
+        "--steps",
+        "1",
+        "--num-images",
+        "1",
+    ]
     assert not sd_studio(build_parser().parse_args(foreign)).supports_smc  # 'big' has no metadata: alpha unknown
     assert sd_studio(build_parser().parse_args([*foreign, "--alpha", "1.0"])).alpha == 1.0  # --alpha fills it in
     assert not sd_studio(build_parser().parse_args([*foreign, "--alpha", "2.0"])).supports_smc  # 1.0 vs 2.0 differ

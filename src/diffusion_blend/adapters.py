@@ -96,7 +96,9 @@ class AdapterMetadata:
         try:
             values = {key: json.loads(value) for key, value in header.items()}
             if values["format"] != FORMAT:
-                raise DiffusionBlendError(f"{path} has adapter format {values['format']!r}; this version reads {FORMAT!r}")
+                raise DiffusionBlendError(
+                    f"{path} has adapter format {values['format']!r}; this version reads {FORMAT!r}"
+                )
             known = cls.__dataclass_fields__
             return cls(**{key: value for key, value in values.items() if key in known})
         except (json.JSONDecodeError, KeyError, TypeError) as err:
@@ -113,7 +115,9 @@ def _lora_config(model: nn.Module, name: str) -> tuple[int, float, Any]:
     return int(config.r), float(config.lora_alpha), targets
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+def atomic_save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]
+) -> Path:
     """``safetensors.torch.save_file``, atomically (:func:`~diffusion_blend.files.atomic_path`)."""
     path = Path(path)
     with atomic_path(path) as temporary:
@@ -191,7 +195,9 @@ def load_adapter(
     if name in lora.adapter_names(model):
         rank, _, _ = _lora_config(model, name)
         if rank != metadata.rank:
-            raise AdapterMismatchError(f"adapter {path} has rank {metadata.rank} but the model's {name!r} has rank {rank}")
+            raise AdapterMismatchError(
+                f"adapter {path} has rank {metadata.rank} but the model's {name!r} has rank {rank}"
+            )
     else:
         try:
             lora.add_lora(

@@ -63,7 +63,9 @@ def _give_every_default_a_help_line(parser: argparse.ArgumentParser) -> None:
         if isinstance(action, argparse._SubParsersAction):
             for subparser in action.choices.values():
                 _give_every_default_a_help_line(subparser)
-        elif action.help is None and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+        elif (
+            action.help is None and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
+        ):
             action.help = "(default: %(default)s)"
 
 

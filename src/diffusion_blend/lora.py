@@ -214,7 +214,9 @@ def _adapter_rows(layer: LoraLinear, x: torch.Tensor, name: str | None, out: tor
     return result.add_(F.linear(hidden, lora_b).to(result.dtype), alpha=scaling)
 
 
-def _routed_linear(layer: LoraLinear, blocks: Sequence[Block], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _routed_linear(
+    layer: LoraLinear, blocks: Sequence[Block], x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """The forward installed by :func:`routed_adapters` on a LoRA ``Linear``: rows of block ``(a, b, name)``
     go through the base plus adapter ``name``; each block is a slice of the batch, never a mask."""
     if args or kwargs:
@@ -245,7 +247,9 @@ def _routed_linear(layer: LoraLinear, blocks: Sequence[Block], x: torch.Tensor, 
 
 
 @contextmanager
-def routed_adapters(model: nn.Module, blocks: Sequence[Block], layers: Sequence[LoraLayer] | None = None) -> Iterator[None]:
+def routed_adapters(
+    model: nn.Module, blocks: Sequence[Block], layers: Sequence[LoraLayer] | None = None
+) -> Iterator[None]:
     """Within the context, batch rows ``[a, b)`` of every forward of ``model`` go through adapter ``name`` for each
     block ``(a, b, name)`` (``name=None``: the base), whatever adapters peft has active.
 
@@ -363,7 +367,9 @@ class LoraFamily(DenoiserFamily):
             self._cuda_choice[key] = "batched" if batched_fits(activation, len(groups), free) else "sequential"
         return out
 
-    def _forward(self, layers: list[LoraLayer], blocks: list[Block], x_t: torch.Tensor, t: Any, cond: dict) -> torch.Tensor:
+    def _forward(
+        self, layers: list[LoraLayer], blocks: list[Block], x_t: torch.Tensor, t: Any, cond: dict
+    ) -> torch.Tensor:
         """One network forward of ``x_t`` with rows ``[a, b)`` through member ``name`` for each block; a forward
         that stacks ``c`` copies of its rows (:func:`stacked_copies`) gets the blocks repeated for every copy."""
         self.forwards += 1

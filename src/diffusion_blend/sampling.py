@@ -158,7 +158,8 @@ def transition_distribution(
 
 
 class FlowMatchSDEScheduler(FlowMatchEulerDiscreteScheduler):
-    """Flow matching sampled with the marginal-preserving SDE of Flow-GRPO (``sde_step_with_logprob``, ``sde_type='sde'``).
+    """Flow matching sampled with the marginal-preserving SDE of Flow-GRPO (``sde_step_with_logprob``,
+    ``sde_type='sde'``).
 
     A drop-in for diffusers' ``FlowMatchEulerDiscreteScheduler`` (same sigmas, shifts, ``set_timesteps``
     arguments, so stock SD3/FLUX pipelines run with it unchanged) whose ``step`` draws from the Gaussian of

@@ -53,7 +53,8 @@ in the proposal's tail (docs/method.md, "Proposal tilt"; measured in docs/evalua
 The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
 batched :meth:`~diffusion_blend.denoisers.DenoiserFamily.predict_all` (one more member, still one forward).
 
-Any sampler whose steps are Gaussian with an explicit mean and std runs (:func:`~diffusion_blend.sampling.model_transition`):
+Any sampler whose steps are Gaussian with an explicit mean and std runs
+(:func:`~diffusion_blend.sampling.model_transition`):
 DDIM (``eta > 0``) and DDPM on noise / v / sample predictions, and flow-matching models (SD3, FLUX: velocity
 predictions) on :class:`~diffusion_blend.sampling.FlowMatchSDEScheduler`, the marginal-preserving SDE whose step is
 affine in the velocity (:func:`~diffusion_blend.sampling.flow_transition`); the Tweedie look-ahead of a flow model
@@ -261,10 +262,12 @@ class _Members:
         return cls(members, members.index(BASE), [coef for _, coef in active], dict(coefficients.active()))
 
 
-def _initial_particles(scheduler: Any, generator: torch.Generator, n: int, shape: tuple[int, ...] | None,
-                       latents: torch.Tensor | None, particle_latents: torch.Tensor | None,
-                       device: torch.device | str, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """``x_T`` of all ``N x B`` particles, particle-major (row ``n B + b``: particle ``n`` of output ``b``), and ``B``."""
+def _initial_particles(
+    scheduler: Any, generator: torch.Generator, n: int, shape: tuple[int, ...] | None, latents: torch.Tensor | None,
+    particle_latents: torch.Tensor | None, device: torch.device | str, dtype: torch.dtype,
+) -> tuple[torch.Tensor, int]:
+    """``x_T`` of all ``N x B`` particles, particle-major (row ``n B + b``: particle ``n`` of output ``b``), and
+    ``B``."""
     if sum(given is not None for given in (shape, latents, particle_latents)) > 1:
         raise DiffusionBlendError("give one of the sample shape, the shared latents or the particle latents")
     if particle_latents is not None:
@@ -426,7 +429,8 @@ def smc_sample(
     drawn by the caller (a pipeline's own ``prepare_latents``, so that ``N = 1`` is its stock loop).
     ``noise_generator``: the stream of the step noise (default ``generator``, which also draws ``x_T``, the resampling
     and the final selection). ``timestep_kwargs``: extra ``scheduler.set_timesteps`` arguments (FLUX's ``sigmas`` and
-    ``mu``). ``eta``: DDIM's stochasticity or the flow SDE's noise level (as in :func:`~diffusion_blend.sampling.sample`).
+    ``mu``). ``eta``: DDIM's stochasticity or the flow SDE's noise level (as in
+    :func:`~diffusion_blend.sampling.sample`).
     """
     scale = preference.kl_scale / check_alpha(alpha)
     if not callable(reward):

@@ -89,7 +89,9 @@ def code_sample(
     if selection not in ("argmax", "softmax"):
         raise DiffusionBlendError(f"unknown CoDe selection {selection!r}; choose 'argmax' or 'softmax'")
     if selection == "softmax" and not (alpha is not None and alpha > 0 and math.isfinite(alpha)):
-        raise DiffusionBlendError("softmax selection needs the experts' KL weight alpha > 0 (temperature alpha / lambda)")
+        raise DiffusionBlendError(
+            "softmax selection needs the experts' KL weight alpha > 0 (temperature alpha / lambda)"
+        )
     active_rewards(rewards, preference)
     decode = decode or (lambda x: x)
     generator = as_generator(generator)

@@ -87,9 +87,14 @@ class MorlOracle:
 
 
 def morl_denoiser(
-    oracle: MorlOracle, preference: Preference, model: Any, forward: Callable[..., Any], architecture: Mapping[str, Any] | None = None
+    oracle: MorlOracle,
+    preference: Preference,
+    model: Any,
+    forward: Callable[..., Any],
+    architecture: Mapping[str, Any] | None = None,
 ) -> Callable[..., Any]:
-    """The MORL oracle's denoiser for ``preference`` on ``model`` (adapter loaded as ``morl-<key>``; base if lambda = 0)."""
+    """The MORL oracle's denoiser for ``preference`` on ``model`` (adapter loaded as ``morl-<key>``; the base if
+    lambda = 0)."""
     from diffusion_blend.adapters import load_adapter
     from diffusion_blend.lora import active_adapter, adapter_names
 

@@ -39,16 +39,23 @@ VARIANTS = ("factors", "deltas")
 def _layer_factors(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
     """``(A, B, scaling)`` of adapter ``name`` in one LoRA layer (``None`` if the layer lacks it)."""
     if name in getattr(layer, "lora_embedding_A", {}):
-        raise AdapterMismatchError(f"adapter {name!r} targets an embedding layer; Rewarded Soup supports Linear/Conv LoRA")
+        raise AdapterMismatchError(
+            f"adapter {name!r} targets an embedding layer; Rewarded Soup supports Linear/Conv LoRA"
+        )
     if name not in layer.lora_A:
         return None
     if getattr(layer, "use_dora", {}).get(name, False):
-        raise AdapterMismatchError(f"adapter {name!r} uses DoRA: its magnitude vector cannot be averaged as a LoRA update")
+        raise AdapterMismatchError(
+            f"adapter {name!r} uses DoRA: its magnitude vector cannot be averaged as a LoRA update"
+        )
     return layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach(), float(layer.scaling[name])
 
 
 def _soup_factors(
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None], coefficients: Sequence[float], weights: Sequence[float], variant: str
+    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float] | None],
+    coefficients: Sequence[float],
+    weights: Sequence[float],
+    variant: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New ``(A, B)`` (scaling 1) of one layer: see the module docstring. ``coefficients = lambda * w``."""
     present = [(f, c, w) for f, c, w in zip(factors, coefficients, weights) if f is not None]
@@ -58,7 +65,9 @@ def _soup_factors(
         return a, b
     ranks = {f[0].shape[0] for f, _, _ in present}
     if len(ranks) != 1:
-        raise AdapterMismatchError(f"the 'factors' soup needs equal LoRA ranks per layer, got {sorted(ranks)}; use 'deltas'")
+        raise AdapterMismatchError(
+            f"the 'factors' soup needs equal LoRA ranks per layer, got {sorted(ranks)}; use 'deltas'"
+        )
     a = sum(w * f[0] for f, _, w in present)
     b = sum(c * f[2] * f[1] for f, c, _ in present)
     return a, b
@@ -83,7 +92,9 @@ def add_soup_adapter(
     available = adapter_names(model)
     missing = [e for e in experts if e not in available]
     if missing:
-        raise AdapterMismatchError(f"the model has no adapter {', '.join(map(repr, missing))}; it has {', '.join(available)}")
+        raise AdapterMismatchError(
+            f"the model has no adapter {', '.join(map(repr, missing))}; it has {', '.join(available)}"
+        )
     if name in experts:
         raise DiffusionBlendError(f"the soup adapter cannot reuse the expert name {name!r}")
     coefficients = preference.coefficients(experts).experts

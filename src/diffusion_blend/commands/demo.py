@@ -27,13 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from diffusion_blend.errors import DiffusionBlendError
-    from diffusion_blend.testbeds.digits.demo.config import DemoConfig
-    from diffusion_blend.testbeds.digits.demo.pipeline import run_demo
+    from diffusion_blend.testbeds.digits.config import DemoConfig
+    from diffusion_blend.testbeds.digits.demo import run_demo
 
     if args.seed < 0:
         raise DiffusionBlendError(f"--seed must be >= 0, got {args.seed}")
     config = (DemoConfig.quick() if args.quick else DemoConfig()).with_seed(args.seed)
-    from diffusion_blend.testbeds.digits.demo.report import SMOKE_NOTE
+    from diffusion_blend.testbeds.digits.report import SMOKE_NOTE
 
     summary = run_demo(args.out, config, progress=not args.quiet)
     if config.smoke_run:

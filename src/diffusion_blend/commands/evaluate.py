@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "b mod P)")
     parser.add_argument("--batch-size", type=int,
                         help="rows per network batch within a cell (default gmm: the whole cell; sd: 8)")
-    parser.add_argument("--steps", type=int, help="sampling steps, DDIM eta = 1 (default: the setting's: gmm 20, sd 50)")
+    parser.add_argument(
+        "--steps", type=int, help="sampling steps, DDIM eta = 1 (default: the setting's: gmm 20, sd 50)"
+    )
     parser.add_argument("--alpha", type=float,
                         help="the experts' KL weight alpha (gmm: default 1; sd: read from the adapters' metadata, "
                         "needed only for foreign LoRA files)")
@@ -232,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     names = result["reward_names"]
     if args.setting == "sd":
         print(f"alpha = {setting.alpha:g}, {setting.name} base {args.base}, {len(setting.prompts)} prompt(s)")
-    print(f"{'method':>10s}  {'weights':>24s}  {'λ':>4s}  {'r_w':>8s}  {'Δr_w':>8s}  {'win':>5s}  {'NFE':>6s}  {'ESS':>6s}")
+    print(f"{'method':>10s}  {'weights':>24s}  {'λ':>4s}  {'r_w':>8s}  {'Δr_w':>8s}  "
+          f"{'win':>5s}  {'NFE':>6s}  {'ESS':>6s}")
     for row in result["rows"]:
         weights = ",".join(f"{n}={row['weights'].get(n, 0.0):g}" for n in names)
         win = "-" if row["win_rate"] is None else f"{row['win_rate']:.2f}"

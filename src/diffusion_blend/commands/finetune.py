@@ -148,10 +148,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eta", type=float, help="DDIM eta > 0; sd3/flux: the flow SDE's noise level (Flow-GRPO: 0.7)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--estimator", choices=("score", "pathwise"),
-                        help="score: REINFORCE/PPO, any reward; pathwise: backprop through the chain (differentiable rewards)")
-    parser.add_argument("--backprop-steps", type=int, metavar="K",
-                        help="pathwise: backprop through the last K steps only (DRaFT-K; a different, biased objective)")
+    parser.add_argument(
+        "--estimator",
+        choices=("score", "pathwise"),
+        help="score: REINFORCE/PPO, any reward; pathwise: backprop through the chain (differentiable rewards)",
+    )
+    parser.add_argument(
+        "--backprop-steps",
+        type=int,
+        metavar="K",
+        help="pathwise: backprop through the last K steps only (DRaFT-K; a different, biased objective)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="precision of the frozen weights (LoRA, Adam, log-probs and KL stay float32)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,

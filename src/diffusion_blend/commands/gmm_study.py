@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise DiffusionBlendError(f"--out {str(out_dir)!r} exists and is not a folder")
     settings = StudySettings.quick(args.seed) if args.quick else StudySettings.default(args.seed)
     command = "dblend gmm-study " + " ".join(
-        shlex.quote(part) for part in ["--out", str(out_dir), *(["--quick"] if args.quick else []), "--seed", str(args.seed)]
+        shlex.quote(part)
+        for part in ["--out", str(out_dir), *(["--quick"] if args.quick else []), "--seed", str(args.seed)]
     )
     rows = run_study(settings, progress=not args.no_progress)
     report = write_outputs(rows, settings, out_dir, command)

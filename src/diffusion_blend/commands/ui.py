@@ -26,9 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the demo's sampler for digits, so results sit on its Pareto "
                         "plot; the base kind's for --sd-base)")
-    parser.add_argument("--sd-base", metavar="PATH_OR_ID",
-                        help="blend a Stable Diffusion (1.x/2.x, 3/3.5) or FLUX base's LoRA experts (--adapter NAME=PATH "
-                        "each) with a prompt box; the pipeline class comes from the folder's model_index.json")
+    parser.add_argument(
+        "--sd-base",
+        metavar="PATH_OR_ID",
+        help="blend a Stable Diffusion (1.x/2.x, 3/3.5) or FLUX base's LoRA experts (--adapter NAME=PATH "
+        "each) with a prompt box; the pipeline class comes from the folder's model_index.json",
+    )
     parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
                         help="sd: the registry reward that scores adapter NAME (default: from the adapter's metadata)")
     parser.add_argument("--reward-options", help='sd: JSON per-reward factory options, e.g. {"aesthetic": {...}}')
@@ -38,7 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="sd: guidance scale (default: the base kind's, dblend sample --help lists them)")
     parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the base's)")
-    parser.add_argument("--device", default="auto", help="sd: torch device: auto (cuda if available, else cpu), cpu, cuda")
+    parser.add_argument(
+        "--device", default="auto", help="sd: torch device: auto (cuda if available, else cpu), cpu, cuda"
+    )
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                         help="sd: weights dtype; auto: float16 on cuda, float32 on cpu")
     parser.set_defaults(func=run)
@@ -97,13 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if not adapters:
         adapters = adapters_in(demo_dir / "adapters")
         if not adapters:
-            from diffusion_blend.testbeds.digits.demo import (
-                ensure_demo_adapters,  # trains the demo's experts once (minutes), then cached
-            )
+            # trains the demo's experts once (minutes), then cached
+            from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters
 
             adapters = ensure_demo_adapters(demo_dir)
     adapters = {name: resolve_within(path, roots) for name, path in adapters.items()}
-    from diffusion_blend.testbeds.digits.demo import DemoConfig
+    from diffusion_blend.testbeds.digits.config import DemoConfig
 
     steps = args.steps or DemoConfig().num_inference_steps
     studio = digits_studio(adapters, num_images=args.num_images, num_inference_steps=steps)

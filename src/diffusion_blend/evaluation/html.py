@@ -57,15 +57,21 @@ def render_html(result: Mapping[str, Any]) -> str:
         cells = [html.escape(row["method"]), html.escape(weights), format_cell(row["kl_scale"])]
         cells += [f"{format_cell(row[f'mean_{n}'])} ± {format_cell(row[f'se_{n}'])}" for n in names]
         cells += [format_cell(row[f"gain_{n}"]) for n in names]
-        cells += [f"{format_cell(row['weighted_reward'])} ± {format_cell(row['se_weighted_reward'])}", format_cell(row["gain_weighted_reward"]),
-                  format_cell(row["win_rate"]), format_cell(row["network_evaluations_per_sample"]), format_cell(row["wall_time_per_sample"])]
+        cells += [
+            f"{format_cell(row['weighted_reward'])} ± {format_cell(row['se_weighted_reward'])}",
+            format_cell(row["gain_weighted_reward"]),
+            format_cell(row["win_rate"]),
+            format_cell(row["network_evaluations_per_sample"]),
+            format_cell(row["wall_time_per_sample"]),
+        ]
         rows_html.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     fronts = "".join(
         f"<tr><td>{html.escape(m)}</td><td>{format_cell(f['hypervolume'])}</td><td>{len(f['points'])}</td></tr>"
         for m, f in result["fronts"].items()
     )
     plots = "".join(
-        f'<figure><img src="{html.escape(name)}" alt="{html.escape(kind)}"><figcaption>{html.escape(kind)}</figcaption></figure>'
+        f'<figure><img src="{html.escape(name)}" alt="{html.escape(kind)}">'
+        f"<figcaption>{html.escape(kind)}</figcaption></figure>"
         for kind, name in result.get("plots", {}).items()
     )
     grid_rows = []
@@ -73,7 +79,9 @@ def render_html(result: Mapping[str, Any]) -> str:
         if not row.get("images"):
             continue
         weights = ", ".join(f"{n}={w:g}" for n, w in row["weights"].items())
-        pictures = "".join(f'<img class="strip" src="{html.escape(src)}" alt="{html.escape(src)}">' for src in row["images"])
+        pictures = "".join(
+            f'<img class="strip" src="{html.escape(src)}" alt="{html.escape(src)}">' for src in row["images"]
+        )
         grid_rows.append(f"<tr><td>{html.escape(row['method'])}</td><td>{html.escape(weights)}</td>"
                          f"<td>{format_cell(row['kl_scale'])}</td><td>{pictures}</td></tr>")
     grid = ""
@@ -82,18 +90,21 @@ def render_html(result: Mapping[str, Any]) -> str:
                 "noise and prompts in every row).</p><table><tr><th>method</th><th>weights</th><th>λ</th>"
                 f"<th>samples</th></tr>{''.join(grid_rows)}</table>")
     setting = result.get("setting", {})
+    name = html.escape(str(setting.get("name", "")))
+    reference = html.escape(str([round(v, 4) for v in result["reference_point"]]))
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>diffusion-blend evaluation: {html.escape(str(setting.get('name', '')))}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}
-figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:520px}}img.strip{{margin-right:6px;height:96px;image-rendering:pixelated}}</style></head><body>
-<h1>Evaluation: {html.escape(str(setting.get('name', '')))}</h1>
-<p>Setting: {html.escape(str(setting))}. Sweep: {html.escape(str(result.get('sweep', {})))}.</p>
+<html lang="en"><head><meta charset="utf-8"><title>diffusion-blend evaluation: {name}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}} figure{{display:inline-block;margin:0 1em 1em 0}}
+img{{max-width:520px}} img.strip{{margin-right:6px;height:96px;image-rendering:pixelated}}</style></head><body>
+<h1>Evaluation: {name}</h1>
+<p>Setting: {html.escape(str(setting))}. Sweep: {html.escape(str(result.get("sweep", {})))}.</p>
 <h2>Per method and preference</h2>
 <p>Means over seeds × samples with standard errors; Δ = gain over the base model; win rate against the base paired by
 seed and sample (same initial noise); NFE = network evaluations per sample.</p>
-<table><tr>{''.join(f'<th>{html.escape(h)}</th>' for h in head)}</tr>{''.join(rows_html)}</table>
+<table><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>{"".join(rows_html)}</table>
 <h2>Pareto fronts</h2>
-<p>Hypervolume against the common reference point {html.escape(str([round(v, 4) for v in result['reference_point']]))}.</p>
+<p>Hypervolume against the common reference point {reference}.</p>
 <table><tr><th>method</th><th>hypervolume</th><th>front size</th></tr>{fronts}</table>
 <h2>Plots</h2>{plots}
 {grid}

@@ -67,7 +67,9 @@ def plot_reward_vs_kl_scale(result: Mapping[str, Any], path: Path) -> str:
     for method in _methods(rows):
         mine = [r for r in rows if r["method"] == method]
         for weights in {tuple(sorted(r["weights"].items())) for r in mine}:
-            line = sorted((r for r in mine if tuple(sorted(r["weights"].items())) == weights), key=lambda r: r["kl_scale"])
+            line = sorted(
+                (r for r in mine if tuple(sorted(r["weights"].items())) == weights), key=lambda r: r["kl_scale"]
+            )
             label = f"{method} " + ",".join(f"{n}={w:g}" for n, w in weights)
             ax.plot([r["kl_scale"] for r in line], [r["weighted_reward"] for r in line], "o-", label=label)
     ax.set_xlabel("KL scale λ")

@@ -76,7 +76,9 @@ def parse_morl(items: Sequence[str], reward_names: Sequence[str]) -> list[tuple[
     return parsed
 
 
-def morl_tilt(weights: Mapping[str, float], metadata: Any, alpha: float, reward_names: Sequence[str]) -> dict[str, float]:
+def morl_tilt(
+    weights: Mapping[str, float], metadata: Any, alpha: float, reward_names: Sequence[str]
+) -> dict[str, float]:
     """The tilt ``u = lambda w`` a MORL adapter targets, ``p_pre exp(sum_i u_i r_i / alpha)``: fine-tuned on
     ``sum_i v_i r_i`` at KL weight ``alpha'`` it has ``u = v alpha / alpha'``; without metadata ``u = w`` (assumed
     fine-tuned on ``r_w`` at the experts' ``alpha``). The given ``w`` must point the same way as ``v``."""

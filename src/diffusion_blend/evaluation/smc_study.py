@@ -64,7 +64,9 @@ def run_smc_study(setting: Setting, preferences: Sequence[Preference], base_rewa
     done_blends = False
     for n in config.particles:
         methods = ("base", "smc", "fk") if done_blends else ("base", "mpa", "ls", "smc", "fk")
-        result = run_sweep(setting, SweepConfig(methods=methods, particles=n, **common), out / f"n{n}", progress=progress)
+        result = run_sweep(
+            setting, SweepConfig(methods=methods, particles=n, **common), out / f"n{n}", progress=progress
+        )
         sweeps = [("", result)]
         if config.equal_nfe:
             members = members_per_particle(setting.family, preferences[0])
@@ -77,18 +79,25 @@ def run_smc_study(setting: Setting, preferences: Sequence[Preference], base_rewa
                     continue
                 w = float(row["weights"][first_reward])
                 method = row["method"] + suffix
-                rows.append({
-                    "method": method, "label": LABELS[method], "w": w,
-                    "particles": row.get("particles"), "smc_particles": n if method != "mpa" and method != "ls" else None,
-                    "weighted_reward": row["weighted_reward"], "se_weighted_reward": row["se_weighted_reward"],
-                    "gain": row["weighted_reward"] - base_reward[w], "oracle_gain": oracle_gain[w],
-                    "oracle_fraction": (row["weighted_reward"] - base_reward[w]) / oracle_gain[w],
-                    "oracle_fraction_se": row["se_weighted_reward"] / abs(oracle_gain[w]),
-                    "network_evaluations_per_sample": row["network_evaluations_per_sample"],
-                    "reward_evaluations_per_sample": row.get("reward_evaluations_per_sample"),
-                    "final_ess_mean": row.get("final_ess_mean"),
-                    "wall_time_per_sample": row["wall_time_per_sample"],
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "label": LABELS[method],
+                        "w": w,
+                        "particles": row.get("particles"),
+                        "smc_particles": n if method != "mpa" and method != "ls" else None,
+                        "weighted_reward": row["weighted_reward"],
+                        "se_weighted_reward": row["se_weighted_reward"],
+                        "gain": row["weighted_reward"] - base_reward[w],
+                        "oracle_gain": oracle_gain[w],
+                        "oracle_fraction": (row["weighted_reward"] - base_reward[w]) / oracle_gain[w],
+                        "oracle_fraction_se": row["se_weighted_reward"] / abs(oracle_gain[w]),
+                        "network_evaluations_per_sample": row["network_evaluations_per_sample"],
+                        "reward_evaluations_per_sample": row.get("reward_evaluations_per_sample"),
+                        "final_ess_mean": row.get("final_ess_mean"),
+                        "wall_time_per_sample": row["wall_time_per_sample"],
+                    }
+                )
         done_blends = True
     write_outputs(rows, out, config)
     return rows
@@ -119,7 +128,9 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out: Path, config: SMCStudy
     for method, particles in keys:
         cells = []
         for w in config.weights:
-            match = [r for r in rows if r["method"] == method and r["particles"] == particles and abs(r["w"] - w) < 1e-9]
+            match = [
+                r for r in rows if r["method"] == method and r["particles"] == particles and abs(r["w"] - w) < 1e-9
+            ]
             cells.append(f"{match[0]['oracle_fraction']:.2f} ± {match[0]['oracle_fraction_se']:.2f} "
                          f"({match[0]['network_evaluations_per_sample']:.0f})" if match else "")
         lines.append(f"| {LABELS[method]} | {particles or '-'} | " + " | ".join(cells) + " |")

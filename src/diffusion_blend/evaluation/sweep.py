@@ -94,7 +94,8 @@ class Setting:
     ``prompts`` (text models) are cycled over the rows of a batch; ``encode_prompts(prompts) -> cond kwargs``.
     ``morl_denoiser(preference)`` returns the MORL oracle's denoiser (e.g. via
     :class:`~diffusion_blend.baselines.morl.MorlOracle`). ``draw_base_samples(n, generator)`` gives exact base draws
-    for the importance-weighted oracle when available (else the base model is sampled). ``options`` are recorded in every cell's fingerprint.
+    for the importance-weighted oracle when available (else the base model is sampled). ``options`` are recorded in
+    every cell's fingerprint.
 
     ``morl_covers(preference)``: whether the MORL oracle has a model for that preference (MORL cells run only
     there; ``None``: every preference). ``oracle_from_base``: the ``is-oracle`` rows reweight the sweep's own
@@ -302,7 +303,9 @@ def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str,
                 cond=cond, progress=False, device=setting.device,
             ).samples
     scores, _ = _score(setting, samples, prompts)
-    estimate = importance_weighted_oracle({k: torch.tensor(v) for k, v in scores.items()}, cell.preference, setting.alpha)
+    estimate = importance_weighted_oracle(
+        {k: torch.tensor(v) for k, v in scores.items()}, cell.preference, setting.alpha
+    )
     return {
         "expected_rewards": estimate.expected_rewards,
         "standard_errors": estimate.standard_errors,
@@ -423,7 +426,9 @@ def oracle_record_from_base(base_records: Sequence[Mapping[str, Any]], preferenc
     }
 
 
-def run_cell(setting: Setting, config: SweepConfig, cell: Cell, out_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def run_cell(
+    setting: Setting, config: SweepConfig, cell: Cell, out_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Evaluate one cell; returns its JSON record (without the fingerprint).
 
     The cell's ``samples_per_seed`` rows go through the network in chunks of ``config.batch_size`` rows (each chunk
@@ -558,7 +563,9 @@ def aggregate(records: Sequence[Mapping[str, Any]], reward_names: Sequence[str])
                                base, reward_names, base_all)
         base_row["network_evaluations_per_sample"] = _mean_field(
             [r for r in records if r["method"] == "base"], "network_evaluations_per_sample")
-        base_row["wall_time_per_sample"] = _mean_field([r for r in records if r["method"] == "base"], "wall_time_per_sample")
+        base_row["wall_time_per_sample"] = _mean_field(
+            [r for r in records if r["method"] == "base"], "wall_time_per_sample"
+        )
         rows.append(base_row)
         for (method, label), group in groups.items():
             if label != pref_label:
@@ -668,7 +675,9 @@ def parse_preference_grid(
         bases = [Preference.parse(part).weights for part in weights.split(";") if part.strip()]
     elif grid:
         if len(reward_names) != 2:
-            raise DiffusionBlendError(f"--grid needs exactly 2 rewards, the setting has {len(reward_names)}; use --weights")
+            raise DiffusionBlendError(
+                f"--grid needs exactly 2 rewards, the setting has {len(reward_names)}; use --weights"
+            )
         if int(grid) < 2:
             raise DiffusionBlendError("--grid needs at least 2 points")
         first, second = reward_names

@@ -25,10 +25,16 @@ DECODE_CHUNK = 8
 
 
 def check_guidance_scale(guidance_scale: Any) -> float:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) or not math.isfinite(guidance_scale):
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, int | float)
+        or not math.isfinite(guidance_scale)
+    ):
         raise DiffusionBlendError(f"guidance scale must be a finite number, got {guidance_scale!r}")
     if guidance_scale < 1:
-        raise DiffusionBlendError(f"guidance scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}")
+        raise DiffusionBlendError(
+            f"guidance scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}"
+        )
     return float(guidance_scale)
 
 
@@ -69,8 +75,16 @@ def guided_forward(guidance_scale: float):
 
 
 @torch.no_grad()
-def unet_conditioning(pipe: Any, prompts: Sequence[str], device: torch.device, use_cfg: bool, height: int, width: int,
-                      negative_prompt: str | list[str] | None = None, sdxl: bool | None = None) -> dict[str, torch.Tensor]:
+def unet_conditioning(
+    pipe: Any,
+    prompts: Sequence[str],
+    device: torch.device,
+    use_cfg: bool,
+    height: int,
+    width: int,
+    negative_prompt: str | list[str] | None = None,
+    sdxl: bool | None = None,
+) -> dict[str, torch.Tensor]:
     """The keyword conditioning of :func:`guided_forward` for ``prompts`` (one row each), encoded as the stock SD / SDXL
     pipeline encodes it, in the UNet's dtype (the trainer's prompts and ``method="smc"``'s).
 

@@ -70,10 +70,11 @@ class BlendTransformerPipelineMixin(BlendPipelineMixin):
             return
         scheduler = self.scheduler
         if not isinstance(scheduler, FlowMatchSDEScheduler) or scheduler.config.noise_level <= 0:
+            level = " (noise_level 0)" if isinstance(scheduler, FlowMatchSDEScheduler) else ""
             raise DiffusionBlendError(
                 "method 'ls' (DB-MPA-LS) needs a stochastic sampler that keeps the flow's marginals, not "
-                f"{type(scheduler).__name__}{' (noise_level 0)' if isinstance(scheduler, FlowMatchSDEScheduler) else ''}"
-                ": set pipe.scheduler = FlowMatchSDEScheduler.from_config(pipe.scheduler.config), or use method 'mpa'"
+                f"{type(scheduler).__name__}{level}: set pipe.scheduler = "
+                "FlowMatchSDEScheduler.from_config(pipe.scheduler.config), or use method 'mpa'"
             )
         if float(kwargs.get("true_cfg_scale") or 1.0) > 1.0:
             raise DiffusionBlendError("method 'ls' with true CFG (true_cfg_scale > 1) would draw members twice per "
@@ -97,8 +98,9 @@ class BlendTransformerPipelineMixin(BlendPipelineMixin):
                    negative_prompt: str | list[str] | None, height: int | None, width: int | None,
                    generator: torch.Generator, device: torch.device, num_inference_steps: int,
                    max_sequence_length: int | None = None) -> SMCSetup:
-        """SD3 / FLUX hook of ``method="smc"``: the stock ``encode_prompt`` (:func:`~.flow_finetune.transformer_conditioning`),
-        the guided velocity (:func:`~.flow_finetune.transformer_forward`: SD3 with both CFG branches in one call,
+        """SD3 / FLUX hook of ``method="smc"``: the stock ``encode_prompt``
+        (:func:`~.conditioning.transformer_conditioning`),
+        the guided velocity (:func:`~.conditioning.transformer_forward`: SD3 with both CFG branches in one call,
         FLUX with its distilled guidance input and no CFG batch), ``prepare_latents`` (FLUX: packed tokens and their
         position ids) and the stock loop's timesteps (FLUX: ``sigmas = linspace(1, 1/n, n)`` and the resolution's
         ``mu``; SD3: ``mu`` under dynamic shifting). The sampler must be :class:`FlowMatchSDEScheduler` (the Euler

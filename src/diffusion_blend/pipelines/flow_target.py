@@ -17,7 +17,8 @@
 - FLUX's dynamic timestep shift is resolved once for the training resolution into the equivalent static shift
   (``exp(mu)``: the exponential time shift and the static shift are the same map), so the trainer's
   ``set_timesteps(n)`` needs no ``mu``;
-- adapters go on the attention projections Flow-GRPO trains; :func:`~diffusion_blend.pipelines.sd_target.export_run_adapter`
+- adapters go on the attention projections Flow-GRPO trains;
+:func:`~diffusion_blend.pipelines.sd_target.export_run_adapter`
   with the pipeline class writes a file stock diffusers loads with ``load_lora_weights``.
 """
 
@@ -44,6 +45,27 @@ from diffusion_blend.sampling import FlowMatchSDEScheduler
 from diffusion_blend.training.config import FinetuneTarget, RewardFn
 
 
+def _flow_chain(pipe: Any, flux: bool, resolution: int) -> tuple[tuple[int, ...], Any, torch.Tensor | None]:
+    """The policy's sample shape, its sampler (the flow SDE; FLUX's dynamic shift resolved once for this resolution
+    into the equivalent static shift ``exp(mu)``) and FLUX's packed-latent position ids."""
+    latent_side = resolution // int(pipe.vae_scale_factor)
+    channels = int(pipe.vae.config.latent_channels)
+    scheduler_config = dict(pipe.scheduler.config)
+    if not flux:
+        return (channels, latent_side, latent_side), FlowMatchSDEScheduler.from_config(scheduler_config), None
+    tokens = (latent_side // 2) ** 2
+    if scheduler_config.get("use_dynamic_shifting"):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        mu = calculate_shift(tokens, scheduler_config.get("base_image_seq_len", 256),
+                             scheduler_config.get("max_image_seq_len", 4096),
+                             scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15))
+        scheduler_config.update(use_dynamic_shifting=False, shift=math.exp(mu))
+    image_ids = pipe._prepare_latent_image_ids(1, latent_side // 2, latent_side // 2, torch.device("cpu"),
+                                               torch.float32)
+    return (tokens, channels * 4), FlowMatchSDEScheduler.from_config(scheduler_config), image_ids
+
+
 def flow_finetune_target(
     pipe: Any,
     prompts: Sequence[str],
@@ -56,8 +78,8 @@ def flow_finetune_target(
 ) -> FinetuneTarget:
     """A :class:`FinetuneTarget` for the pipeline's transformer (SD3 or FLUX), rewards on decoded images.
 
-    ``guidance_scale`` defaults to the kind's spec (the stock pipeline's: 7 for SD3, 3.5 for FLUX); ``resolution`` (pixels,
-    square) to the transformer's native size.
+    ``guidance_scale`` defaults to the kind's spec (the stock pipeline's: 7 for SD3, 3.5 for FLUX); ``resolution``
+    (pixels, square) to the transformer's native size.
     """
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
@@ -84,24 +106,7 @@ def flow_finetune_target(
         module.requires_grad_(False)
         module.eval()
     use_cfg = (not flux) and guidance_scale > 1
-    latent_side = resolution // int(pipe.vae_scale_factor)
-    channels = int(vae.config.latent_channels)
-    scheduler_config = dict(pipe.scheduler.config)
-    if flux:
-        tokens = (latent_side // 2) ** 2
-        sample_shape: tuple[int, ...] = (tokens, channels * 4)
-        if scheduler_config.get("use_dynamic_shifting"):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            mu = calculate_shift(tokens, scheduler_config.get("base_image_seq_len", 256),
-                                 scheduler_config.get("max_image_seq_len", 4096),
-                                 scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15))
-            scheduler_config.update(use_dynamic_shifting=False, shift=math.exp(mu))
-        image_ids = pipe._prepare_latent_image_ids(1, latent_side // 2, latent_side // 2, torch.device("cpu"),
-                                                   torch.float32)
-    else:
-        sample_shape = (channels, latent_side, latent_side)
-    scheduler = FlowMatchSDEScheduler.from_config(scheduler_config)
+    sample_shape, scheduler, image_ids = _flow_chain(pipe, flux, resolution)
 
     def follow(module: torch.nn.Module) -> torch.device:
         device = transformer.device
@@ -115,7 +120,7 @@ def flow_finetune_target(
             follow(module)
         return transformer_conditioning(pipe, batch, transformer.device, use_cfg, max_sequence_length)
 
-    forward = transformer_forward(flux, guidance_scale, use_cfg, image_ids if flux else None)
+    forward = transformer_forward(flux, guidance_scale, use_cfg, image_ids)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""

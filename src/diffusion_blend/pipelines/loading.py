@@ -107,7 +107,9 @@ def _load_diffusers_lora(pipe: Any, path: Path, name: str) -> int:
 def _load_peft_folder(pipe: Any, folder: Path, name: str) -> int:
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
-        raise AdapterMismatchError(f"adapter {name!r}: {folder} has adapter_config.json but no adapter_model.safetensors")
+        raise AdapterMismatchError(
+            f"adapter {name!r}: {folder} has adapter_config.json but no adapter_model.safetensors"
+        )
     try:
         config = LoraConfig(**{
             key: value

@@ -83,7 +83,8 @@ def export_diffusers_lora(
 
 
 def lora_file(source: str | os.PathLike) -> Path:
-    """The weights file of a diffusers LoRA source (a file, or a folder holding ``pytorch_lora_weights.safetensors``)."""
+    """The weights file of a diffusers LoRA source: a file, or a folder holding
+    ``pytorch_lora_weights.safetensors``."""
     path = Path(source)
     return path / DIFFUSERS_LORA_NAME if path.is_dir() else path
 

@@ -56,7 +56,9 @@ def sd_finetune_target(
     ``decode`` keeps gradients when grad mode is on, so the pathwise estimator back-propagates a differentiable
     reward through the VAE decode into the chain.
     """
-    if isinstance(pipe, type) or not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "encode_prompt")):
+    if isinstance(pipe, type) or not all(
+        hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "encode_prompt")
+    ):
         raise DiffusionBlendError("fine-tuning needs a Stable Diffusion pipeline (unet, vae, text encoder)")
     sdxl = getattr(pipe, "text_encoder_2", None) is not None
     prompts = [str(p) for p in prompts]

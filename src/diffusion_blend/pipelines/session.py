@@ -114,7 +114,7 @@ class BlendSession:
         if scheduler not in SCHEDULER_CHOICES:
             raise DiffusionBlendError(f"--scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {scheduler!r}")
         noise_level = spec.noise_level if noise_level is None else float(noise_level)
-        pipe = loaded if loaded is not None else load_blend_pipeline(base, spec.kind, torch_dtype=getattr(torch, dtype))
+        pipe = loaded if loaded is not None else load_blend_pipeline(base, spec.kind, dtype=getattr(torch, dtype))
         load_adapters(pipe, {name: expert.source for name, expert in experts.items()})
         fingerprint = check_fingerprints(experts, getattr(pipe, spec.denoiser))
         set_sampler(pipe, spec, scheduler, noise_level)

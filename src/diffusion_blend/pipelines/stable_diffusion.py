@@ -1,7 +1,7 @@
 """Diffusion Blend pipelines for the Stable Diffusion family (paper section 3: SD 1.5 with LoRA experts).
 
 :class:`BlendPipelineMixin` adds ``preference=`` / ``method=`` to any diffusers pipeline whose denoiser is
-``self.unet`` (see :mod:`.unet_blend` for how the stock loop is reused). Two ready classes:
+``self.unet`` (see :mod:`.blend` for how the stock loop is reused). Two ready classes:
 
     pipe = BlendStableDiffusionPipeline.from_pretrained("runwayml/stable-diffusion-v1-5")
     pipe.load_adapter("aesthetic.safetensors", "aesthetic")
@@ -87,7 +87,8 @@ def takes_eta(scheduler: Any) -> bool:
 
 
 def is_stochastic_sampler(scheduler: Any, eta: float | None) -> bool:
-    """Whether every step of ``scheduler`` (at ``eta``) draws fresh noise: what DB-MPA-LS needs (paper Proposition 2)."""
+    """Whether every step of ``scheduler`` (at ``eta``) draws fresh noise: what DB-MPA-LS needs (paper
+    Proposition 2)."""
     name = type(scheduler).__name__
     if takes_eta(scheduler):
         return bool(eta)
@@ -242,7 +243,8 @@ class BlendPipelineMixin:
         (prompt encoding, guided forward, initial latents, sampler settings, output class) come from
         :meth:`_smc_setup`. ``reward(images in [0, 1], prompts) -> r_w`` per image; ``smc``: the
         :class:`~diffusion_blend.smc.SMCOptions` (default ``SMCOptions()``); ``options``: the hook's own arguments
-        (``max_sequence_length`` for SD3 / FLUX). Unset steps and guidance are the kind's spec's (the stock defaults)."""
+        (``max_sequence_length`` for SD3 / FLUX). Unset steps and guidance are the kind's spec's (the stock
+        defaults)."""
         smc = SMCOptions() if smc is None else smc
         if not isinstance(smc, SMCOptions):
             raise DiffusionBlendError(f"smc= takes SMCOptions(...), got {type(smc).__name__}")

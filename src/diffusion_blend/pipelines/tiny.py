@@ -303,7 +303,9 @@ def perturbed_transformer_lora(transformer: torch.nn.Module, name: str, seed: in
     perturbed_lora(transformer, name, seed, target_modules=TRANSFORMER_PROJECTIONS)
 
 
-def write_transformer_adapters(pipe_class, base_folder: Path, out: Path, names_and_seeds: dict[str, int]) -> dict[str, Path]:
+def write_transformer_adapters(
+    pipe_class, base_folder: Path, out: Path, names_and_seeds: dict[str, int]
+) -> dict[str, Path]:
     """Load the saved base transformer, give it one perturbed LoRA per name, save each as a diffusers LoRA file."""
     transformer_class = SD3Transformer2DModel if pipe_class is StableDiffusion3Pipeline else FluxTransformer2DModel
     transformer = transformer_class.from_pretrained(Path(base_folder) / "transformer")

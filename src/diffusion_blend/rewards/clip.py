@@ -68,7 +68,9 @@ def load_failure(what: str, source: str, exc: BaseException) -> RewardError:
     if os.path.exists(source):  # a local path that is there but broken: the loader's own reason
         return RewardError(f"cannot load {what} from local path {source!r}: {one_line(exc)}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off")
-    where = "not a local path, not in the hub cache, and HF_HUB_OFFLINE=1 forbids downloads" if offline else one_line(exc)
+    where = (
+        "not a local path, not in the hub cache, and HF_HUB_OFFLINE=1 forbids downloads" if offline else one_line(exc)
+    )
     return RewardError(
         f"cannot load {what} from {source!r}: {where}; pass a local folder/file or download it first "
         f"(hf download {source})"
@@ -271,7 +273,8 @@ class ClipScoreReward(Reward):
 
 
 class AestheticHead(nn.Module):
-    """LAION improved-aesthetic-predictor MLP (``sac+logos+ava1-l14-linearMSE``): state-dict keys ``layers.{0,2,4,6,7}``."""
+    """LAION improved-aesthetic-predictor MLP (``sac+logos+ava1-l14-linearMSE``): state-dict keys
+    ``layers.{0,2,4,6,7}``."""
 
     def __init__(self, embed_dim: int = 768):
         super().__init__()

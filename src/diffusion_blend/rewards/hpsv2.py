@@ -12,7 +12,8 @@ Key mapping (open_clip -> transformers; ``{t}`` = ``vision_model.`` under ``visu
 ``visual.conv1.weight``                                ``vision_model.embeddings.patch_embedding.weight``
 ``visual.class_embedding``                             ``vision_model.embeddings.class_embedding``
 ``visual.positional_embedding``                        ``vision_model.embeddings.position_embedding.weight``
-``visual.ln_pre.*`` / ``visual.ln_post.*``             ``vision_model.pre_layrnorm.*`` / ``vision_model.post_layernorm.*``
+``visual.ln_pre.*`` / ``visual.ln_post.*``             ``vision_model.pre_layrnorm.*`` /
+``vision_model.post_layernorm.*``
 ``visual.proj`` (width x dim)                          ``visual_projection.weight`` (transposed)
 ``token_embedding.weight``                             ``text_model.embeddings.token_embedding.weight``
 ``positional_embedding``                               ``text_model.embeddings.position_embedding.weight``
@@ -25,7 +26,8 @@ Key mapping (open_clip -> transformers; ``{t}`` = ``vision_model.`` under ``visu
 ``...resblocks.{i}.mlp.c_fc.* / mlp.c_proj.*``         ``{t}encoder.layers.{i}.mlp.fc1.* / mlp.fc2.*``
 =====================================================  ====================================================
 
-Score (as ``hpsv2.score``): the cosine of the normalised image and text embeddings, no logit scale; range ``[-1, 1]`` times ``scale`` (default 1).
+Score (as ``hpsv2.score``): the cosine of the normalised image and text embeddings, no logit scale; range ``[-1, 1]``
+times ``scale`` (default 1).
 """
 
 from __future__ import annotations

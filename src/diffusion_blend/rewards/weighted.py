@@ -15,13 +15,17 @@ from diffusion_blend.errors import DiffusionBlendError, check_scores
 from diffusion_blend.preference import Preference
 
 
-def call_reward(reward: Callable[..., torch.Tensor], images: torch.Tensor, prompts: Sequence[str] | None) -> torch.Tensor:
+def call_reward(
+    reward: Callable[..., torch.Tensor], images: torch.Tensor, prompts: Sequence[str] | None
+) -> torch.Tensor:
     """``reward(images, prompts)`` (or ``reward(images)`` without prompts), checked: one finite value per row."""
     values = reward(images) if prompts is None else reward(images, list(prompts))
     return check_scores(values, images.shape[0], "a reward")
 
 
-def active_rewards(rewards: Mapping[str, Callable[..., torch.Tensor]], preference: Preference) -> list[tuple[str, float]]:
+def active_rewards(
+    rewards: Mapping[str, Callable[..., torch.Tensor]], preference: Preference
+) -> list[tuple[str, float]]:
     """``(name, w_i)`` for every reward with a non-zero weight; unknown names raise."""
     unknown = [name for name in preference.weights if name not in rewards]
     if unknown:

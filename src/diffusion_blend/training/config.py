@@ -150,11 +150,15 @@ class DPOKConfig:
         if self.dtype not in DTYPES:
             raise DiffusionBlendError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.gradient_checkpointing, bool):
-            raise DiffusionBlendError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+            raise DiffusionBlendError(
+                f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}"
+            )
         if self.backprop_steps is not None:
             positive_int(self.backprop_steps, "backprop_steps")
             if self.estimator != "pathwise":
-                raise DiffusionBlendError("backprop_steps applies to the pathwise estimator only (estimator='pathwise')")
+                raise DiffusionBlendError(
+                    "backprop_steps applies to the pathwise estimator only (estimator='pathwise')"
+                )
         if self.minibatch_size > self.batch_size:
             raise DiffusionBlendError(f"minibatch_size {self.minibatch_size} exceeds batch_size {self.batch_size}")
 
@@ -170,7 +174,9 @@ class DPOKConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise DiffusionBlendError(f"unknown fine-tuning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise DiffusionBlendError(
+                f"unknown fine-tuning option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         try:
             return cls(**values)
         except TypeError as err:

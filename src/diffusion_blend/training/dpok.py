@@ -23,7 +23,8 @@ visited states. ``b_k`` is the leave-one-out batch mean of the return at step ``
 baseline: unbiased); with ``baseline="tweedie"`` it is ``c_k h_k(x_k) + mean_{j != b}(return_k - c_k h_k)`` with
 ``h_k = r_w(decode(x0_hat(x_k)))`` the reward of the policy's Tweedie estimate at the visited state: it depends on
 the state, not on the action taken there, so the estimator stays unbiased, and it tracks ``E[r | x_k]`` closely
-at late steps, where most of the variance of the plain baseline comes from. Advantages are NOT divided by their standard deviation: that would rescale the
+at late steps, where most of the variance of the plain baseline comes from. Advantages are NOT divided by their
+standard deviation: that would rescale the
 policy-gradient term against the KL term and move the optimum away from ``p_pre exp(r/alpha)``. The
 policy-gradient term uses PPO's clipped importance ratio so that several updates can reuse one batch
 (``ratio = 1`` on the first update: plain REINFORCE).
@@ -58,7 +59,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ import torch
 import torch.utils.checkpoint
 from accelerate import Accelerator
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 from tqdm.auto import tqdm
 
 from diffusion_blend import lora
@@ -445,7 +447,9 @@ def _policy_update(
             steps = stochastic
             if config.timestep_fraction < 1.0:
                 keep = max(1, round(config.timestep_fraction * len(stochastic)))
-                steps = [stochastic[i] for i in sorted(torch.randperm(len(stochastic), generator=generator)[:keep].tolist())]
+                steps = [
+                    stochastic[i] for i in sorted(torch.randperm(len(stochastic), generator=generator)[:keep].tolist())
+                ]
             optimizer.zero_grad(set_to_none=True)
             cond = {key: value[rows.to(value.device)]
                     if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_rows else value
@@ -500,7 +504,7 @@ def pathwise_gradient(
         cond = target.encode(chunk_prompts)
 
         def step(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            policy_out, base_out = pair(scheduler.scale_model_input(x, t), t, **cond)
+            policy_out, base_out = pair(scheduler.scale_model_input(x, t), t, **cond)  # noqa: B023 - this chunk's
             mean, std = model_transition(scheduler, policy_out, t, x, config.eta)
             if float(std) == 0.0:
                 raise DiffusionBlendError(
@@ -597,8 +601,61 @@ def _prepare_frozen_modules(target: FinetuneTarget, config: DPOKConfig, device: 
             dtype = torch.float32
         module.to(device)
         cast_frozen(module, dtype)  # parameter-wise: diffusers' .to(dtype) warns on every cast
-        if config.gradient_checkpointing and config.estimator == "pathwise" and hasattr(module, "enable_gradient_checkpointing"):
+        if (
+            config.gradient_checkpointing
+            and config.estimator == "pathwise"
+            and hasattr(module, "enable_gradient_checkpointing")
+        ):
             module.enable_gradient_checkpointing()  # the VAE decode back-propagates into the reward
+
+
+def _attach_policy(target: FinetuneTarget, config: DPOKConfig, accelerator: Accelerator) -> nn.Module:
+    """The target's model on the accelerator with the policy's LoRA (the same init on every process), frozen weights
+    in ``config.dtype`` and the LoRA in float32, and the memory controls of ``config`` (module docstring)."""
+    model = target.model.to(accelerator.device)
+    model.eval()  # no dropout: the log-probs of the recorded trajectories must be reproducible
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # identical LoRA init on every process
+        lora.add_lora(model, config.adapter_name, rank=config.lora_rank, alpha=config.lora_alpha,
+                      target_modules=target.target_modules)
+    model.to(accelerator.device)
+    cast_frozen(model, config.torch_dtype)  # frozen weights in config.dtype, LoRA float32
+    _prepare_frozen_modules(target, config, accelerator.device)
+    block_checkpointing = config.gradient_checkpointing and config.estimator == "score"
+    if block_checkpointing and hasattr(model, "enable_gradient_checkpointing"):
+        # block-level checkpointing for the policy update only: the pathwise chain checkpoints whole sampler
+        # steps instead (a block recomputed after its mixed-adapter batch has exited would lose its routing)
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def _resume(checkpoint: Path, model: nn.Module, config: DPOKConfig, optimizer: torch.optim.Optimizer,
+            generator: torch.Generator, scaler: Any, accelerator: Accelerator) -> tuple[int, list[dict[str, float]]]:
+    """Continue from ``checkpoint``: the LoRA and Adam state, every process's generator and the curves so far; a
+    checkpoint of another config or process count is refused in one line."""
+    state = load_checkpoint(checkpoint, model, config.adapter_name, optimizer)
+    if state.config != json.loads(json.dumps(config.to_dict(), default=str)):
+        raise DiffusionBlendError(f"checkpoint {checkpoint} belongs to a run with another config; "
+                                  "use a fresh output folder or the same config")
+    if state.generator_states.shape[0] != accelerator.num_processes:
+        raise DiffusionBlendError(f"checkpoint {checkpoint} was written by {state.generator_states.shape[0]} "
+                                  f"process(es); resume with the same number ({accelerator.num_processes} now)")
+    generator.set_state(state.generator_states[accelerator.process_index].clone())
+    if state.extra.get("grad_scaler"):
+        scaler.load_state_dict(state.extra["grad_scaler"])
+    return state.iteration, state.curves
+
+
+def _curve_row(iteration: int, config: DPOKConfig, reward: torch.Tensor, path_kl: torch.Tensor,
+               rewards: Mapping[str, torch.Tensor], accelerator: Accelerator) -> dict[str, float]:
+    """One row of the curves: reward, path KL and objective ``E[r] - alpha KL`` averaged over every process."""
+    names = list(config.reward_weights)
+    stats = torch.stack([reward.mean(), path_kl.mean(), *[rewards[n].mean() for n in names]])
+    stats = accelerator.reduce(stats.to(accelerator.device), reduction="mean").cpu()
+    row = {"iteration": iteration + 1, "reward": float(stats[0]), "kl": float(stats[1]),
+           "objective": float(stats[0] - config.alpha * stats[1])}
+    row.update({f"reward/{n}": float(v) for n, v in zip(names, stats[2:])})
+    return row
 
 
 def finetune(
@@ -635,55 +692,23 @@ def finetune(
     # the base's identity as given (before any cast to config.dtype): the adapter is bound to these weights
     fingerprint = (base_fingerprint(target.model, target.architecture)
                    if out is not None and accelerator.is_main_process else None)
-    model = target.model.to(accelerator.device)
-    model.eval()  # no dropout: the log-probs of the recorded trajectories must be reproducible
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # identical LoRA init on every process
-        lora.add_lora(model, config.adapter_name, rank=config.lora_rank, alpha=config.lora_alpha,
-                      target_modules=target.target_modules)
-    model.to(accelerator.device)
-    cast_frozen(model, config.torch_dtype)  # frozen weights in config.dtype, LoRA float32
-    _prepare_frozen_modules(target, config, accelerator.device)
-    if config.gradient_checkpointing and config.estimator == "score" and hasattr(model, "enable_gradient_checkpointing"):
-        # block-level checkpointing for the policy update only: the pathwise chain checkpoints whole sampler
-        # steps instead (a block recomputed after its mixed-adapter batch has exited would lose its routing)
-        model.enable_gradient_checkpointing()
+    model = _attach_policy(target, config, accelerator)
     target = dataclasses.replace(target, forward=precision_forward(target.forward, config.torch_dtype))
     parameters = [p for n, p in model.named_parameters() if p.requires_grad and f".{config.adapter_name}." in n]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=config.torch_dtype == torch.float16)
     generator = torch.Generator().manual_seed(process_seed(config.seed, accelerator.process_index))
     pair = adapter_pair(model, target.forward, config.adapter_name, routing=routing)
-    names = list(config.reward_weights)
-    curves: list[dict[str, float]] = []
-    start = 0
+    update = _pathwise_update if config.estimator == "pathwise" else _score_function_update
     checkpoint = out / CHECKPOINT_NAME if out is not None else None
+    start, curves = 0, []
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, model, config.adapter_name, optimizer)
-        if state.config != json.loads(json.dumps(config.to_dict(), default=str)):
-            raise DiffusionBlendError(f"checkpoint {checkpoint} belongs to a run with another config; "
-                                      "use a fresh output folder or the same config")
-        if state.generator_states.shape[0] != accelerator.num_processes:
-            raise DiffusionBlendError(f"checkpoint {checkpoint} was written by {state.generator_states.shape[0]} "
-                                      f"process(es); resume with the same number ({accelerator.num_processes} now)")
-        generator.set_state(state.generator_states[accelerator.process_index].clone())
-        if state.extra.get("grad_scaler"):
-            scaler.load_state_dict(state.extra["grad_scaler"])
-        start, curves = state.iteration, state.curves
+        start, curves = _resume(checkpoint, model, config, optimizer, generator, scaler, accelerator)
     bar = tqdm(range(start, config.iterations), desc=f"finetune {target.name}", initial=start,
                total=config.iterations, disable=not (progress and accelerator.is_main_process))
     for iteration in bar:
-        if config.estimator == "pathwise":
-            reward, path_kl, rewards = _pathwise_update(target, config, pair, parameters, optimizer, accelerator,
-                                                        generator, scaler)
-        else:
-            reward, path_kl, rewards = _score_function_update(target, config, pair, parameters, optimizer,
-                                                              accelerator, generator, scaler)
-        stats = torch.stack([reward.mean(), path_kl.mean(), *[rewards[n].mean() for n in names]])
-        stats = accelerator.reduce(stats.to(accelerator.device), reduction="mean").cpu()
-        row = {"iteration": iteration + 1, "reward": float(stats[0]), "kl": float(stats[1]),
-               "objective": float(stats[0] - config.alpha * stats[1])}
-        row.update({f"reward/{n}": float(v) for n, v in zip(names, stats[2:])})
+        reward, path_kl, rewards = update(target, config, pair, parameters, optimizer, accelerator, generator, scaler)
+        row = _curve_row(iteration, config, reward, path_kl, rewards, accelerator)
         curves.append(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}", objective=f"{row['objective']:.3f}")
         done = iteration + 1
@@ -703,6 +728,7 @@ def finetune(
             save_adapter(model, config.adapter_name, adapter_path, rewards=config.reward_weights, alpha=config.alpha,
                          steps=config.iterations, training_config=config.to_dict(), architecture=target.architecture,
                          fingerprint=fingerprint)
-            write_json_atomic(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves}, indent=2)
+            write_json_atomic(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves},
+                              indent=2)
         accelerator.wait_for_everyone()
     return FinetuneResult(model=model, adapter_name=config.adapter_name, adapter_path=adapter_path, curves=curves)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +110,102 @@ def method_state(weights: list[float], kl_scale: float, names: tuple[str, ...]) 
     )
 
 
-def format_scores(scores: Mapping[str, float], seconds: float, standard_errors: Mapping[str, float] | None = None) -> str:
+def format_scores(
+    scores: Mapping[str, float], seconds: float, standard_errors: Mapping[str, float] | None = None
+) -> str:
     se = standard_errors or {}
     rows = "\n".join(f"| {name} | {value:.4f} | {se[name]:.4f} |" if name in se else f"| {name} | {value:.4f} | |"
                      for name, value in scores.items())
     return f"| reward | mean score | standard error |\n| --- | --- | --- |\n{rows}\n\nGenerated in {seconds:.2f} s."
+
+
+@dataclass
+class Controls:
+    """The app's input and output components (what :func:`build_app` wires together)."""
+
+    weights: list[Any]
+    kl_scale: Any
+    method: Any
+    method_note: Any
+    particles: Any
+    tilt: Any
+    seed: Any
+    prompt: Any
+    button: Any
+    status: Any
+    last_settings: Any
+    image: Any
+    scores: Any
+    pareto: Any
+
+    @property
+    def inputs(self) -> list[Any]:
+        return [*self.weights, self.kl_scale, self.method, self.seed, self.prompt, self.particles, self.tilt]
+
+    @property
+    def outputs(self) -> list[Any]:
+        return [self.image, self.scores, self.pareto, self.status, self.last_settings]
+
+
+def _inputs_column(studio: Studio, names: tuple[str, ...]) -> dict[str, Any]:
+    """The left column: a slider per reward weight, the KL scale, the method, SMC's controls, seed, prompt."""
+    smc = getattr(studio, "supports_smc", False)
+    weights = [checked_slider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
+                              elem_id=f"weight-{name}") for name in names]
+    kl_scale = checked_slider(*KL_RANGE, value=1.0, step=0.05, label="KL scale (lambda)", elem_id="kl-scale",
+                              info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
+    method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
+    method_note = gr.Markdown(elem_id="method-note")
+    particles = checked_slider(*PARTICLE_RANGE, value=1, step=1, label="SMC particles", elem_id="particles",
+                               visible=smc, info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, reweighted "
+                               "to the exact target (N x (experts + 1) network evaluations per image)")
+    tilt = checked_slider(*TILT_RANGE, value=1.0, step=0.25, label="SMC proposal tilt", elem_id="proposal-tilt",
+                          visible=smc, info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 "
+                          "where DB-MPA falls short of the preference, < 1 where it overshoots")
+    seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
+    prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
+    button = gr.Button("Generate", variant="primary", elem_id="generate")
+    return dict(weights=weights, kl_scale=kl_scale, method=method, method_note=method_note, particles=particles,
+                tilt=tilt, seed=seed, prompt=prompt, button=button)
+
+
+def _outputs_column(pareto_reference: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The right column: status line, samples, scores and the result on the demo's Pareto plot."""
+    status = gr.Markdown(elem_id="status")
+    last_settings = gr.State(None)  # the control values of the result on show
+    image = gr.Image(label="samples", type="numpy", elem_id="samples", interactive=False)
+    scores = gr.Markdown(elem_id="scores")
+    gr.Markdown("**Where this lies on the demo's Pareto plot** (the star: this result, ± 2 standard errors)",
+                visible=pareto_reference is not None, elem_id="pareto-caption")
+    # no block label: gradio draws it over the image's top edge, where it hid the plot's top tick
+    pareto = gr.Image(value=pareto_figure(pareto_reference, None), show_label=False, type="numpy",
+                      elem_id="pareto", interactive=False, visible=pareto_reference is not None)
+    return dict(status=status, last_settings=last_settings, image=image, scores=scores, pareto=pareto)
+
+
+def checked_request(studio: Studio, names: tuple[str, ...], weights: list[float], kl_scale: float, method_label: str,
+                    seed_value: Any, prompt_text: str | None, particle_count: Any,
+                    tilt_value: Any) -> tuple[Preference, str, int, dict[str, Any]]:
+    """The page's values as a preference, method, seed and SMC options; one readable line for a bad value."""
+    check_ranges(weights, kl_scale, names)
+    if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
+        raise DiffusionBlendError(f"the seed must be a non-negative whole number, got {seed_value}")
+    if studio.text_conditioned and not (prompt_text or "").strip():
+        raise DiffusionBlendError("enter a prompt")
+    if method_label not in METHODS:
+        raise DiffusionBlendError(f"unknown method {method_label!r}")
+    preference = Preference(dict(zip(names, weights)), kl_scale)
+    if (particle_count is None or float(particle_count) != int(particle_count)
+            or not PARTICLE_RANGE[0] <= int(particle_count) <= PARTICLE_RANGE[1]):
+        raise DiffusionBlendError(f"SMC particles must be a whole number from {PARTICLE_RANGE[0]} to "
+                                  f"{PARTICLE_RANGE[1]}, got {particle_count}")
+    if tilt_value is None or not TILT_RANGE[0] <= tilt_value <= TILT_RANGE[1]:
+        raise DiffusionBlendError(f"SMC proposal tilt must be between {TILT_RANGE[0]:g} and {TILT_RANGE[1]:g}, "
+                                  f"got {tilt_value}")
+    smc = {"particles": int(particle_count), "proposal_tilt": float(tilt_value)} if int(particle_count) > 1 else {}
+    if smc and not getattr(studio, "supports_smc", False):
+        raise DiffusionBlendError("SMC particles are not available for this model (set particles to 1)")
+    return preference, METHODS[method_label], int(seed_value), smc
 
 
 def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None) -> gr.Blocks:
@@ -122,37 +214,10 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
         gr.Markdown(f"## Diffusion Blend: choose a preference at inference time\n{studio.description}")
         with gr.Row():
             with gr.Column(scale=1):
-                weight_sliders = [
-                    checked_slider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
-                                   elem_id=f"weight-{name}")
-                    for name in names
-                ]
-                kl_slider = checked_slider(*KL_RANGE, value=1.0, step=0.05, label="KL scale (lambda)",
-                                           elem_id="kl-scale",
-                                           info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
-                method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
-                method_note = gr.Markdown(elem_id="method-note")
-                particles = checked_slider(*PARTICLE_RANGE, value=1, step=1, label="SMC particles", elem_id="particles",
-                                           visible=getattr(studio, "supports_smc", False),
-                                           info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, reweighted to "
-                                                "the exact target (N x (experts + 1) network evaluations per image)")
-                tilt = checked_slider(*TILT_RANGE, value=1.0, step=0.25, label="SMC proposal tilt",
-                                      elem_id="proposal-tilt", visible=getattr(studio, "supports_smc", False),
-                                      info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 where "
-                                           "DB-MPA falls short of the preference, < 1 where it overshoots")
-                seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
-                prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                inputs = _inputs_column(studio, names)
             with gr.Column(scale=2):
-                status = gr.Markdown(elem_id="status")
-                last_settings = gr.State(None)  # the control values of the result on show
-                image = gr.Image(label="samples", type="numpy", elem_id="samples", interactive=False)
-                scores_md = gr.Markdown(elem_id="scores")
-                gr.Markdown("**Where this lies on the demo's Pareto plot** (the star: this result, ± 2 standard "
-                            "errors)", visible=pareto_reference is not None, elem_id="pareto-caption")
-                # no block label: gradio draws it over the image's top edge, where it hid the plot's top tick
-                pareto = gr.Image(value=pareto_figure(pareto_reference, None), show_label=False, type="numpy",
-                                  elem_id="pareto", interactive=False, visible=pareto_reference is not None)
+                outputs = _outputs_column(pareto_reference)
+        ui = Controls(**inputs, **outputs)
 
         def update_method(*values: float) -> tuple[dict, str]:
             return method_state(list(values[:-1]), values[-1], names)
@@ -160,36 +225,18 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
         def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None, str, dict]:
             *weights, kl_scale, method_label, seed_value, prompt_text, particle_count, tilt_value = values
             try:
-                check_ranges(weights, kl_scale, names)
-                if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
-                    raise DiffusionBlendError(f"the seed must be a non-negative whole number, got {seed_value}")
-                if studio.text_conditioned and not (prompt_text or "").strip():
-                    raise DiffusionBlendError("enter a prompt")
-                if method_label not in METHODS:
-                    raise DiffusionBlendError(f"unknown method {method_label!r}")
-                preference = Preference(dict(zip(names, weights)), kl_scale)
-                if (particle_count is None or float(particle_count) != int(particle_count)
-                        or not PARTICLE_RANGE[0] <= int(particle_count) <= PARTICLE_RANGE[1]):
-                    raise DiffusionBlendError(f"SMC particles must be a whole number from {PARTICLE_RANGE[0]} to "
-                                              f"{PARTICLE_RANGE[1]}, got {particle_count}")
-                if tilt_value is None or not TILT_RANGE[0] <= tilt_value <= TILT_RANGE[1]:
-                    raise DiffusionBlendError(f"SMC proposal tilt must be between {TILT_RANGE[0]:g} and "
-                                              f"{TILT_RANGE[1]:g}, got {tilt_value}")
-                smc = ({"particles": int(particle_count), "proposal_tilt": float(tilt_value)}
-                       if int(particle_count) > 1 else {})
-                if smc and not getattr(studio, "supports_smc", False):
-                    raise DiffusionBlendError("SMC particles are not available for this model (set particles to 1)")
-                result = studio.generate(preference, METHODS[method_label], int(seed_value), prompt_text or None,
-                                         **smc)
+                preference, method, seed, smc = checked_request(studio, names, weights, kl_scale, method_label,
+                                                                seed_value, prompt_text, particle_count, tilt_value)
+                result = studio.generate(preference, method, seed, prompt_text or None, **smc)
             except (DiffusionBlendError, ValueError) as err:
                 # in the status line, with the last result kept: a raised gr.Error would also put "Error" pills
                 # over every output
                 return gr.update(), gr.update(), gr.update(), f"⚠️ Invalid input: {err}", gr.update()
             weights_text = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
-            smc_text = f" with SMC, {int(particle_count)} particles" if smc else ""
+            smc_text = f" with SMC, {smc['particles']} particles" if smc else ""
             smc_text += f", proposal tilt {tilt_value:g}" if smc and tilt_value != 1 else ""
             shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}"
-                     f"{smc_text}, seed {int(seed_value)}.")
+                     f"{smc_text}, seed {seed}.")
             return (result.images, format_scores(result.scores, result.seconds, result.standard_errors),
                     pareto_figure(pareto_reference, result.scores, result.standard_errors), shown,
                     {"values": list(values), "shown": shown})
@@ -206,15 +253,14 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                 return gr.update()
             return last["shown"] if list(current) == last["values"] else STALE
 
-        controls = [*weight_sliders, kl_slider, method, seed, prompt, particles, tilt]
-        outputs = [image, scores_md, pareto, status, last_settings]
-        for control in [*weight_sliders, kl_slider]:
-            control.change(update_method, [*weight_sliders, kl_slider], [method, method_note])
-        for control in controls:
-            control.change(mark_stale, [*controls, last_settings], [status], show_progress="hidden")
-        button.click(generate, controls, outputs)
-        app.load(update_method, [*weight_sliders, kl_slider], [method, method_note])
-        app.load(first_result, controls, outputs)
+        blend_controls = [*ui.weights, ui.kl_scale]
+        for control in blend_controls:
+            control.change(update_method, blend_controls, [ui.method, ui.method_note])
+        for control in ui.inputs:
+            control.change(mark_stale, [*ui.inputs, ui.last_settings], [ui.status], show_progress="hidden")
+        ui.button.click(generate, ui.inputs, ui.outputs)
+        app.load(update_method, blend_controls, [ui.method, ui.method_note])
+        app.load(first_result, ui.inputs, ui.outputs)
     return app
 
 

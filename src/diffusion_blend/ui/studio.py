@@ -118,9 +118,17 @@ class LoraStudio:
                 return sum(w * self.rewards[n](images, None).double() for n, w in preference.weights.items() if w)
 
             samples = smc_sample(
-                self.family, preference, self.scheduler, reward=r_w, alpha=self.alpha,
-                options=SMCOptions(particles=int(particles), proposal_tilt=float(proposal_tilt)), generator=seed, shape=(self.num_images, *self.sample_shape),
-                num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
+                self.family,
+                preference,
+                self.scheduler,
+                reward=r_w,
+                alpha=self.alpha,
+                options=SMCOptions(particles=int(particles), proposal_tilt=float(proposal_tilt)),
+                generator=seed,
+                shape=(self.num_images, *self.sample_shape),
+                num_inference_steps=self.num_inference_steps,
+                eta=self.eta,
+                progress=False,
             ).samples
         else:
             denoiser = make_denoiser(self.family, preference, method, generator=seed + 1_000_003)

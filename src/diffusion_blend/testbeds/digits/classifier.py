@@ -1,7 +1,7 @@
 """A small CNN digit classifier trained on the real digits (scikit-learn ``load_digits``).
 
 It reads images in image space ``[0, 1]`` of shape ``(B, 1, 8, 8)`` (the reward contract) and returns
-10 logits. It serves two jobs: the ``digit_prob`` reward (rewards/digits.py) and the sample-quality check
+10 logits. It serves two jobs: the ``digit_prob`` reward (testbeds/digits/rewards.py) and the sample-quality check
 (digits/quality.py: a good generator's samples get confident predictions, like real digits do).
 
 Training: a seeded stratified 80/20 split (digits/data.py ``split_indices``), AdamW, light augmentation by

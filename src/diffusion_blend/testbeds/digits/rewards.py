@@ -119,7 +119,9 @@ def digit_prob(digit: int, classifier_dir: str | os.PathLike | None = None) -> R
 
 
 def _register_digit(digit: int) -> None:
-    @register_reward(f"digit_prob_{digit}", f"digits: classifier probability of a {digit} (digit_prob with digit={digit})")
+    @register_reward(
+        f"digit_prob_{digit}", f"digits: classifier probability of a {digit} (digit_prob with digit={digit})"
+    )
     def factory(classifier_dir: str | os.PathLike | None = None) -> Reward:
         return DigitProbability(digit, classifier_dir)
 

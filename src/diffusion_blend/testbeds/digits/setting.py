@@ -18,8 +18,8 @@ from diffusion_blend.lora import LoraFamily
 from diffusion_blend.preference import BASE, Preference
 from diffusion_blend.rewards.registry import get_reward
 from diffusion_blend.sampling import sample
+from diffusion_blend.testbeds.digits.config import DemoConfig
 from diffusion_blend.testbeds.digits.data import IMAGE_SHAPE, to_image_space
-from diffusion_blend.testbeds.digits.demo.config import DemoConfig
 from diffusion_blend.testbeds.digits.model import digits_forward, digits_scheduler
 from diffusion_blend.testbeds.digits.train import load_default_digits_model
 
@@ -84,8 +84,8 @@ def base_rewards(models: DemoModels, config: DemoConfig, progress: bool) -> dict
 def smc_study_inputs(demo_dir: str, config: Any, progress: bool):
     """The demo's experts, setting, and the IS oracle's gain at each w (demo's 20,000 base samples)."""
     from diffusion_blend.evaluation.oracle import importance_weighted_oracle
-    from diffusion_blend.testbeds.digits.demo.adapters import ensure_demo_adapters
-    from diffusion_blend.testbeds.digits.demo.config import DemoConfig
+    from diffusion_blend.testbeds.digits.config import DemoConfig
+    from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters
     from diffusion_blend.testbeds.digits.setting import (
         base_rewards,
         digits_setting,

@@ -53,8 +53,8 @@ from diffusion_blend.errors import DiffusionBlendError, RewardError
 from diffusion_blend.evaluation.sweep import Setting, SweepConfig, run_sweep
 from diffusion_blend.files import atomic_path, copy_atomic, write_text_atomic
 from diffusion_blend.preference import BASE, Preference
-from diffusion_blend.testbeds.digits.demo.adapters import ensure_demo_adapters
-from diffusion_blend.testbeds.digits.demo.config import DemoConfig
+from diffusion_blend.testbeds.digits.config import DemoConfig
+from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters
 from diffusion_blend.testbeds.digits.model import digits_forward
 from diffusion_blend.testbeds.digits.setting import (
     DemoModels,
@@ -173,8 +173,12 @@ def _train_morl(weights: dict[str, float], effective_alpha: float, config: DemoC
 
     torch.set_num_threads(config.threads)
     label = "MORL " + ",".join(f"{n}={w:g}" for n, w in weights.items()) + f" alpha'={effective_alpha:.3g}"
-    train = dpok_adapter_trainer(partial(_morl_target, config.rewards, config.lora_targets, label), _morl_template(config),
-                                 runs_dir, progress=progress)
+    train = dpok_adapter_trainer(
+        partial(_morl_target, config.rewards, config.lora_targets, label),
+        _morl_template(config),
+        runs_dir,
+        progress=progress,
+    )
     return str(train(dict(weights), float(effective_alpha)))
 
 
@@ -398,7 +402,11 @@ def run_digits_table(
         "config": {**asdict(config), "demo_dir": str(demo_dir)},
         "rewards": list(config.demo.rewards),
         "alpha": config.demo.alpha,
-        "sampler": {"scheduler": "ddim", "num_inference_steps": config.demo.num_inference_steps, "eta": config.demo.eta},
+        "sampler": {
+            "scheduler": "ddim",
+            "num_inference_steps": config.demo.num_inference_steps,
+            "eta": config.demo.eta,
+        },
         "sweep": {k: v for k, v in common.items()},
         "table": build_table(table, config, TABLE_METHODS, refusals),
         "reference_point": table["reference_point"],
@@ -439,7 +447,7 @@ def table_markdown(summary: Mapping[str, Any]) -> str:
         by_method.setdefault(row["method"], {})[row["w"]] = row
     head = ["method", *[f"r_w (w={w:g})" for w in weights], "hypervolume", "NFE / base", "time / base"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for method, cells in by_method.items():
+    for cells in by_method.values():
         first = next(iter(cells.values()))
         if "na" in first:
             lines.append(f"| {first['label']} | " + " | ".join([f"n/a: {first['na']}"] + [""] * (len(head) - 2)) + " |")
@@ -515,7 +523,9 @@ def write_plot(summary: Mapping[str, Any], path: Path) -> None:
         axes[0].plot([r[f"mean_{first}"] for r in rows], [r[f"mean_{second}"] for r in rows], "o-", label=label)
         axes[1].errorbar([r["w"] for r in rows], [r["gain_weighted_reward"] for r in rows],
                          yerr=[r["se_weighted_reward"] or 0.0 for r in rows], marker="o", capsize=3, label=label)
-    axes[0].set(xlabel=first, ylabel=second, title="rewards at w = " + ", ".join(f"{w:g}" for w in summary["config"]["weights"]))
+    axes[0].set(
+        xlabel=first, ylabel=second, title="rewards at w = " + ", ".join(f"{w:g}" for w in summary["config"]["weights"])
+    )
     axes[1].set(xlabel=f"w (weight of {first})", ylabel="r_w gain over the base", title="weighted reward")
     axes[0].legend(fontsize=7)
     kl_reward = summary["config"]["kl_reward"]

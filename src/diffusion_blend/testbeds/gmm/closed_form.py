@@ -102,7 +102,9 @@ class QuadraticForm:
         center = _tensor(center, "center", 1)
         curvature = _tensor(curvature, "curvature Q", 2)
         if curvature.shape != (len(center), len(center)):
-            raise DiffusionBlendError(f"curvature Q must be ({len(center)}, {len(center)}), got {tuple(curvature.shape)}")
+            raise DiffusionBlendError(
+                f"curvature Q must be ({len(center)}, {len(center)}), got {tuple(curvature.shape)}"
+            )
         curvature = (curvature + curvature.T) / 2
         return cls(curvature, curvature @ center, float(-0.5 * center @ curvature @ center))
 
@@ -341,7 +343,9 @@ class MixtureVelocity:
             return (x - self.mixture.mean()).to(x_s.dtype)
         mixture = self.mixture
         eye = torch.eye(mixture.dim, dtype=DTYPE)
-        marginal = GaussianMixture(mixture.weights, (1 - s) * mixture.means, (1 - s) ** 2 * mixture.covariances + s**2 * eye)
+        marginal = GaussianMixture(
+            mixture.weights, (1 - s) * mixture.means, (1 - s) ** 2 * mixture.covariances + s**2 * eye
+        )
         return (-(x + s * marginal.score(x)) / (1 - s)).to(x_s.dtype)
 
 
@@ -384,7 +388,9 @@ def ideal_family(
         experts = {name: MixtureVelocity(ideal_expert(base, reward, alpha), steps) for name, reward in rewards.items()}
         return CallableFamily(MixtureVelocity(base, steps), experts)
     alphas_cumprod = _alphas_cumprod(scheduler_or_alphas_cumprod)
-    experts = {name: MixtureDenoiser(ideal_expert(base, reward, alpha), alphas_cumprod) for name, reward in rewards.items()}
+    experts = {
+        name: MixtureDenoiser(ideal_expert(base, reward, alpha), alphas_cumprod) for name, reward in rewards.items()
+    }
     return CallableFamily(MixtureDenoiser(base, alphas_cumprod), experts)
 
 

@@ -50,7 +50,11 @@ def gmm_setting(num_inference_steps: int = GMM_SPEC.steps, alpha: float = 1.0) -
         morl_denoiser=morl,
         draw_base_samples=lambda n, generator: base.sample(n, generator).float(),
         smc_proposal="twisted",
-        options={"num_inference_steps": num_inference_steps, "alpha": alpha, "ddim": "steps_offset=1,final_alpha=abar_0"},
+        options={
+            "num_inference_steps": num_inference_steps,
+            "alpha": alpha,
+            "ddim": "steps_offset=1,final_alpha=abar_0",
+        },
     )
 
 

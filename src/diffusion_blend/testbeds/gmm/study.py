@@ -356,8 +356,13 @@ def write_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
             axes[panel].plot(alphas, kl, style, marker="o", ms=3, label=_case_label(key))
         if key[0] != "DB-KLA" or key[3] in (0.5, 2.0):
             line = axes[2].errorbar(
-                alphas, [row[f"blend_err_{RIGHT}"] for row in series], yerr=[2 * row[f"blend_err_{RIGHT}_se"] for row in series],
-                marker="o", ms=3, capsize=2, label=_case_label(key),
+                alphas,
+                [row[f"blend_err_{RIGHT}"] for row in series],
+                yerr=[2 * row[f"blend_err_{RIGHT}_se"] for row in series],
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=_case_label(key),
             )
             axes[2].plot(alphas, [row[f"control_err_{RIGHT}"] for row in series], ":", color=line[0].get_color())
     titles = ("DB-MPA (lambda = 1) over w\n(w = 0, 1 are exact: KL = 0, not drawn)",

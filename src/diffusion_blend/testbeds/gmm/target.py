@@ -1,8 +1,9 @@
 """The 2-D Gaussian-mixture fine-tuning target: a learned MLP base model and the testbed's quadratic rewards.
 
-The base ``p_pre`` (paper section 1) is a :class:`~diffusion_blend.testbeds.gmm.model.TimeMLP` trained by denoising score
+The base ``p_pre`` (paper section 1) is a :class:`~diffusion_blend.testbeds.gmm.model.TimeMLP` trained by denoising
+score
 matching (``training.pretrain.pretrain_denoiser``) on samples of the study mixture
-(``studies.gmm_study.study_testbed``). It is trained once per settings and cached as safetensors under a key
+(``testbeds.gmm.study.study_testbed``). It is trained once per settings and cached as safetensors under a key
 that hashes the settings, so every run that asks for the same settings gets bit-identical base weights.
 """
 

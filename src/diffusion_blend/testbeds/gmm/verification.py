@@ -176,8 +176,13 @@ def _blend(settings: VerifySettings, trained: dict, base_rewards: dict, cache_di
     row = {"weights": weights, "alpha": alpha, "path_kl": _mean_and_error(batch.path_kl)[0]}
     for name in (first, second):
         mean, error = _mean_and_error(blend_rewards[name])
-        row[name] = {"blend": mean, "blend_se": error, "target_IS": oracle.expected_rewards[name],
-                     "target_IS_se": oracle.standard_errors[name], "target_exact_mixture": exact.expectation(forms[name])}
+        row[name] = {
+            "blend": mean,
+            "blend_se": error,
+            "target_IS": oracle.expected_rewards[name],
+            "target_IS_se": oracle.standard_errors[name],
+            "target_exact_mixture": exact.expectation(forms[name]),
+        }
     r_w = weighted_reward(blend_rewards, weights)
     row["r_w"] = {"blend": float(r_w.mean()),
                   "target_IS": float(sum(w * oracle.expected_rewards[n] for n, w in weights.items())),
@@ -203,8 +208,10 @@ def markdown_report(report: dict[str, Any]) -> str:
     for c in [*report["cases"], report["morl_oracle"]]:
         lines.append(
             f"| {c['case']} | {c['alpha']:g} | {c['E_pre[r]']:.3f} | {c['E_ft[r]']:.3f} ± {c['E_ft[r]_se']:.3f} | "
-            f"{c['E_target[r]_IS']:.3f} | {c['E_target[r]_exact_mixture']:.3f} | {c['path_kl']:.3f} | {c['J_ft']:.3f} | "
-            f"{c['best_objective']:.3f} | {c['fraction']:.3f} |")
+            f"{c['E_target[r]_IS']:.3f} | {c['E_target[r]_exact_mixture']:.3f} | {c['path_kl']:.3f} | "
+            f"{c['J_ft']:.3f} | "
+            f"{c['best_objective']:.3f} | {c['fraction']:.3f} |"
+        )
     blend = report["blend"]
     lines += ["", f"DB-MPA blend, weights {blend['weights']}, alpha {blend['alpha']:g} (path KL to base "
               f"{blend['path_kl']:.3f}):", "",

@@ -2,7 +2,7 @@
 
 :func:`run_demo` (``dblend demo``) does, on the committed digits base model:
 
-1. :func:`~diffusion_blend.testbeds.digits.demo.adapters.ensure_demo_adapters`: one LoRA expert per basis reward at KL weight
+1. :func:`~diffusion_blend.testbeds.digits.experts.ensure_demo_adapters`: one LoRA expert per basis reward at KL weight
    ``alpha`` (cached);
 2. loads both experts into ONE network (:class:`~diffusion_blend.lora.LoraFamily`) and sweeps, with the shared
    evaluation code (:func:`~diffusion_blend.evaluation.sweep.run_sweep`, resumable cells): DB-MPA and DB-MPA-LS
@@ -12,7 +12,7 @@
    samples (:func:`~diffusion_blend.evaluation.oracle.importance_weighted_oracle`, with its effective sample
    size), and each expert's achieved fraction of its best objective with the trainer's exact path-KL estimator
    (:func:`~diffusion_blend.training.dpok.rollout`);
-4. writes the report (:mod:`diffusion_blend.testbeds.digits.demo.report`).
+4. writes the report (:mod:`diffusion_blend.testbeds.digits.report`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep
 from diffusion_blend.preference import Preference
 from diffusion_blend.sampling import sample
+from diffusion_blend.testbeds.digits.config import DemoConfig
 from diffusion_blend.testbeds.digits.data import IMAGE_SHAPE, to_image_space
-from diffusion_blend.testbeds.digits.demo.adapters import ensure_demo_adapters
-from diffusion_blend.testbeds.digits.demo.config import DemoConfig
+from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters
 from diffusion_blend.testbeds.digits.model import digits_forward, digits_scheduler
 from diffusion_blend.testbeds.digits.setting import (
     DemoModels,
@@ -148,7 +148,7 @@ def run_demo(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The whole demo (module docstring); returns the report's summary (also in ``report/results.json``)."""
-    from diffusion_blend.testbeds.digits.demo.report import write_report
+    from diffusion_blend.testbeds.digits.report import write_report
 
     config = config or DemoConfig()
     printer = log or (lambda message: print(message, file=sys.stderr))

@@ -24,7 +24,7 @@ import torch
 
 from diffusion_blend.adapters import base_fingerprint, read_adapter
 from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.testbeds.digits.demo.config import DemoConfig
+from diffusion_blend.testbeds.digits.config import DemoConfig
 
 ADAPTER_DIR = "adapters"
 

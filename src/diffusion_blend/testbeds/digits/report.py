@@ -31,7 +31,7 @@ from diffusion_blend.evaluation.html import format_cell  # noqa: E402
 from diffusion_blend.evaluation.oracle import importance_weighted_oracle  # noqa: E402
 from diffusion_blend.evaluation.plots import save_figure  # noqa: E402
 from diffusion_blend.preference import Preference  # noqa: E402
-from diffusion_blend.testbeds.digits.demo.config import DemoConfig  # noqa: E402
+from diffusion_blend.testbeds.digits.config import DemoConfig  # noqa: E402
 
 MPA, LS, KLA, COMBINED, BASE_LABEL, ORACLE = "DB-MPA", "DB-MPA-LS", "DB-KLA", "DB-MPA+KLA", "base", "oracle (IS)"
 SMC = "SMC"
@@ -156,6 +156,19 @@ SMOKE_NOTE = ("Smoke run (--quick): tiny training and sampling budgets, to check
 def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
                    experts: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
     """The demo's acceptance checks (docs/demo.md), each with its measured value and PASS/FAIL."""
+    checks = [*_expert_checks(config, experts), *_blend_checks(config, points), *_smc_checks(config, points),
+              *_kla_checks(config, points)]
+    for check in checks:
+        check["bar_met"] = check["status"] == "PASS"
+        if config.smoke_run:  # a verdict at a smoke budget means nothing: the value is shown, not judged
+            check["status"] = SMOKE
+    return checks
+
+
+
+
+def _expert_checks(config: DemoConfig, experts: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    """Each expert's achieved fraction of the best objective ``alpha log E_pre exp(r / alpha)``."""
     checks = []
     for reward, e in experts.items():
         fraction = e["achieved_fraction"]
@@ -166,19 +179,32 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
                        f"= {e['objective']:.4f}; E_pre[r] = {e['base_reward']:.4f}; best alpha log E_pre exp(r/alpha)"
                        f" = {e['best_objective']:.4f}"),
         })
+    return checks
+
+
+def _blend_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """DB-MPA's gain as a fraction of the oracle's, and DB-MPA-LS against DB-MPA, at the check weights."""
+    checks = []
     for w in config.check_weights:
         mpa, ls = _find(points, MPA, w=float(w)), _find(points, LS, w=float(w))
         if mpa is None:
             continue
         ratio = mpa["gain_weighted_reward"] / mpa["oracle_gain_weighted_reward"] \
             if mpa["oracle_gain_weighted_reward"] > 0 else float("nan")
-        checks.append({
-            "name": f"DB-MPA at w={w:g}: gain in r_w over the base / the oracle's gain", "value": ratio,
-            "threshold": f">= {MPA_ORACLE_BAR}", "status": "PASS" if ratio >= MPA_ORACLE_BAR else "FAIL",
-            "detail": (f"DB-MPA gain {mpa['gain_weighted_reward']:.4f} (se of its mean r_w {mpa['se_weighted_reward']:.4f}; "
-                       f"base sampled on the same seeds); oracle gain {mpa['oracle_gain_weighted_reward']:.4f}"
-                       f" (ESS {mpa['oracle_ess']:.0f} of {config.oracle_samples})"),
-        })
+        checks.append(
+            {
+                "name": f"DB-MPA at w={w:g}: gain in r_w over the base / the oracle's gain",
+                "value": ratio,
+                "threshold": f">= {MPA_ORACLE_BAR}",
+                "status": "PASS" if ratio >= MPA_ORACLE_BAR else "FAIL",
+                "detail": (
+                    f"DB-MPA gain {mpa['gain_weighted_reward']:.4f} "
+                    f"(se of its mean r_w {mpa['se_weighted_reward']:.4f}; "
+                    f"base sampled on the same seeds); oracle gain {mpa['oracle_gain_weighted_reward']:.4f}"
+                    f" (ESS {mpa['oracle_ess']:.0f} of {config.oracle_samples})"
+                ),
+            }
+        )
         if ls is not None:
             gap = abs(ls["gain_weighted_reward"] - mpa["gain_weighted_reward"])
             relative = gap / abs(mpa["gain_weighted_reward"]) if mpa["gain_weighted_reward"] != 0 else float("inf")
@@ -189,6 +215,12 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
                 "detail": (f"LS gain {ls['gain_weighted_reward']:.4f} ± {ls['se_weighted_reward']:.4f}, MPA gain "
                            f"{mpa['gain_weighted_reward']:.4f} ± {mpa['se_weighted_reward']:.4f}"),
             })
+    return checks
+
+
+def _smc_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """SMC on the blend's gain as a fraction of the oracle's, at the check weights."""
+    checks = []
     for w in config.check_weights:
         smc = _find(points, SMC, w=float(w))
         if smc is None:
@@ -196,15 +228,29 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
         ratio = smc["gain_weighted_reward"] / smc["oracle_gain_weighted_reward"] \
             if smc["oracle_gain_weighted_reward"] > 0 else float("nan")
         mpa = _find(points, MPA, w=float(w))
-        checks.append({
-            "name": f"SMC on the blend (N = {smc['particles']}) at w={w:g}: gain in r_w over the base / the oracle's gain",
-            "value": ratio, "threshold": f">= {SMC_ORACLE_BAR}", "status": "PASS" if ratio >= SMC_ORACLE_BAR else "FAIL",
-            "detail": (f"SMC gain {smc['gain_weighted_reward']:.4f} (se {smc['se_weighted_reward']:.4f}); oracle gain "
-                       f"{smc['oracle_gain_weighted_reward']:.4f}; {smc['network_evaluations_per_sample']:.0f} network and "
-                       f"{smc['reward_evaluations_per_sample']:.0f} reward evaluations per sample, mean final ESS "
-                       f"{smc['final_ess_mean']:.2f} of {smc['particles']}"
-                       + ("" if mpa is None else f"; DB-MPA gain {mpa['gain_weighted_reward']:.4f}")),
-        })
+        checks.append(
+            {
+                "name": f"SMC on the blend (N = {smc['particles']}) at w={w:g}: gain in r_w over the base / the "
+                "oracle's gain",
+                "value": ratio,
+                "threshold": f">= {SMC_ORACLE_BAR}",
+                "status": "PASS" if ratio >= SMC_ORACLE_BAR else "FAIL",
+                "detail": (
+                    f"SMC gain {smc['gain_weighted_reward']:.4f} (se {smc['se_weighted_reward']:.4f}); oracle gain "
+                    f"{smc['oracle_gain_weighted_reward']:.4f}; "
+                    f"{smc['network_evaluations_per_sample']:.0f} network and "
+                    f"{smc['reward_evaluations_per_sample']:.0f} reward evaluations per sample, mean final ESS "
+                    f"{smc['final_ess_mean']:.2f} of {smc['particles']}"
+                    + ("" if mpa is None else f"; DB-MPA gain {mpa['gain_weighted_reward']:.4f}")
+                ),
+            }
+        )
+    return checks
+
+
+def _kla_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """DB-KLA: each expert's own reward rises with lambda."""
+    checks = []
     for reward in config.rewards:
         line = sorted((p for p in points if p["method"] == KLA and p["expert"] == reward), key=lambda p: p["kl_scale"])
         if len(line) < 2:
@@ -220,10 +266,6 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
             "threshold": "every step > 0", "status": "PASS" if min(steps) > 0 else "FAIL",
             "detail": f"lambda {scales}: {reward} {means}; {significant} of {len(steps)} steps exceed 2 se",
         })
-    for check in checks:
-        check["bar_met"] = check["status"] == "PASS"
-        if config.smoke_run:  # a verdict at a smoke budget means nothing: the value is shown, not judged
-            check["status"] = SMOKE
     return checks
 
 
@@ -287,7 +329,7 @@ def plot_pareto(config: DemoConfig, reference: Mapping[str, Any], points: Sequen
     for p in series["DB-MPA"]:
         ax.annotate(f"{p['w']:g}", (p[first], p[second]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     mpa = {p["w"]: p for p in points if p["method"] == MPA}
-    for w, p in mpa.items():
+    for p in mpa.values():
         ax.errorbar(p[f"mean_{first}"], p[f"mean_{second}"], xerr=p[f"se_{first}"], yerr=p[f"se_{second}"],
                     color="C0", lw=0.8, capsize=2)
     smc = sorted((p for p in points if p["method"] == SMC), key=lambda p: p["w"])
@@ -358,34 +400,60 @@ def render_index(summary: Mapping[str, Any]) -> str:
         f"<td>{format_cell(c['value'])}</td><td>{html.escape(c['threshold'])}</td><td>{html.escape(c['detail'])}</td></tr>"
         for c in summary["checks"])
     experts = [{"reward": k, **v} for k, v in summary["experts"].items()]
-    grids = "".join(f"<figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
-                    f"<figcaption>{html.escape(title)}</figcaption></figure>" for name, title in summary["grids"].items())
+    grids = "".join(
+        f"<figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        for name, title in summary["grids"].items()
+    )
     links = "".join(f"<li><a href='{html.escape(p)}'>{html.escape(p)}</a></li>" for p in summary["files"])
     rewards = config["rewards"]
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Diffusion Blend demo: {html.escape(' vs '.join(rewards))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>Diffusion Blend demo: {html.escape(" vs ".join(rewards))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}tr.pass td:first-child{{color:#070}}
 tr.fail td:first-child{{color:#b00}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:640px}}</style>
 </head><body>
-<h1>Diffusion Blend on handwritten digits: {html.escape(rewards[0])} vs {html.escape(rewards[1])}{" (smoke run)" if config.get("smoke_run") else ""}</h1>
-<p>Base: the committed 8x8 digits model. One LoRA expert per reward, fine-tuned at KL weight alpha = {config['alpha']:g}
+<h1>Diffusion Blend on handwritten digits: {html.escape(rewards[0])} vs {html.escape(rewards[1])}{
+        " (smoke run)" if config.get("smoke_run") else ""
+    }</h1>
+<p>Base: the committed 8x8 digits model. One LoRA expert per reward, fine-tuned at KL weight alpha = {config["alpha"]:g}
 (KL-regularized policy gradient). At inference a preference (w, lambda) targets p_pre exp(lambda r_w / alpha), r_w =
-w {html.escape(rewards[0])} + (1 - w) {html.escape(rewards[1])}. Sampler: DDIM eta = {config['eta']:g},
-{config['num_inference_steps']} steps. Every point uses the same seeds {html.escape(str(summary['seeds']))}
-({config['samples_per_seed']} samples each); means ± standard errors over those samples. The oracle is the exact target
-estimated by importance weighting {config['oracle_samples']} base samples; ESS = effective sample size (small: unreliable).
-This run took {summary['timings']['total_s']:.0f} s; adapters: {html.escape('; '.join(summary.get('adapter_log', [])))}.</p>
+w {html.escape(rewards[0])} + (1 - w) {html.escape(rewards[1])}. Sampler: DDIM eta = {config["eta"]:g},
+{config["num_inference_steps"]} steps. Every point uses the same seeds {html.escape(str(summary["seeds"]))}
+({config["samples_per_seed"]} samples each); means ± standard errors over those samples. The oracle is the exact target
+estimated by importance weighting {
+        config["oracle_samples"]
+    } base samples; ESS = effective sample size (small: unreliable).
+This run took {summary["timings"]["total_s"]:.0f} s; adapters: {
+        html.escape("; ".join(summary.get("adapter_log", [])))
+    }.</p>
 <h2>Quality checks</h2>{f"<p class='smoke'><b>{html.escape(SMOKE_NOTE)}</b></p>" if config.get("smoke_run") else ""}
 <table><tr><th>status</th><th>check</th><th>value</th><th>bar</th><th>measured</th></tr>{checks}</table>
-<h2>Diagnostics</h2>{_table(summary['diagnostics'], ['name', 'value', 'detail'])}
-<h2>Experts</h2>{_table(experts, ['reward', 'base_reward', 'expert_reward', 'se_expert_reward', 'path_kl', 'se_path_kl',
-                                  'objective', 'best_objective', 'achieved_fraction', 'num_trajectories'])}
+<h2>Diagnostics</h2>{_table(summary["diagnostics"], ["name", "value", "detail"])}
+<h2>Experts</h2>{
+        _table(
+            experts,
+            [
+                "reward",
+                "base_reward",
+                "expert_reward",
+                "se_expert_reward",
+                "path_kl",
+                "se_path_kl",
+                "objective",
+                "best_objective",
+                "achieved_fraction",
+                "num_trajectories",
+            ],
+        )
+    }
 <h2>Plots</h2>
-<figure><img src="pareto.png" alt="Pareto plot"><figcaption>Pareto plot: base, experts, DB-MPA, DB-MPA-LS, SMC on the blend, oracle</figcaption></figure>
-<figure><img src="reward_vs_lambda.png" alt="reward vs lambda"><figcaption>Reward vs KL scale lambda</figcaption></figure>
+<figure><img src="pareto.png" alt="Pareto plot">
+<figcaption>Pareto plot: base, experts, DB-MPA, DB-MPA-LS, SMC on the blend, oracle</figcaption></figure>
+<figure><img src="reward_vs_lambda.png" alt="reward vs lambda">
+<figcaption>Reward vs KL scale lambda</figcaption></figure>
 <h2>Samples (same seeds in every column: a row is one digit as w or lambda moves)</h2>{grids}
-<h2>All points</h2>{_table(summary['points'], summary['point_columns'])}
+<h2>All points</h2>{_table(summary["points"], summary["point_columns"])}
 <h2>Files</h2><ul>{links}</ul>
 </body></html>
 """
@@ -416,12 +484,24 @@ def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, M
              "sweep-smc/results.csv", *adapters.values()]
     timings["total_s"] = time.perf_counter() - started
     summary = {
-        "config": config.to_dict(), "seeds": evaluation_seeds(config), "checks": checks, "diagnostics": diagnosis, "experts": dict(experts),
-        "points": points, "point_columns": columns, "pareto": reference, "grids": dict(grids), "adapters": dict(adapters),
-        "timings": timings, "torch_threads": torch.get_num_threads(), "files": files,
+        "config": config.to_dict(),
+        "seeds": evaluation_seeds(config),
+        "checks": checks,
+        "diagnostics": diagnosis,
+        "experts": dict(experts),
+        "points": points,
+        "point_columns": columns,
+        "pareto": reference,
+        "grids": dict(grids),
+        "adapters": dict(adapters),
+        "timings": timings,
+        "torch_threads": torch.get_num_threads(),
+        "files": files,
         "adapter_log": list(adapter_log),
-        "oracle": {"num_base_samples": int(next(iter(base.values())).numel()),
-                   "base_means": {k: float(v.mean()) for k, v in base.items()}},
+        "oracle": {
+            "num_base_samples": int(next(iter(base.values())).numel()),
+            "base_means": {k: float(v.mean()) for k, v in base.items()},
+        },
     }
     _write_json(report_dir / "results.json", summary)
     write_text_atomic(report_dir / "index.html", render_index(summary))

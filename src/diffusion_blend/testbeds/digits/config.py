@@ -30,7 +30,8 @@ class DemoConfig:
     ``seeds`` x ``samples_per_seed`` samples per sweep point; ``oracle_samples`` base samples for the
     importance-weighted oracle and the experts' achievable objective; ``expert_samples`` trajectories to
     estimate each expert's reward and path KL. ``smc_particles`` particles per sample and ``smc_samples_per_seed``
-    samples per seed for SMC on the blend (:mod:`diffusion_blend.smc`) at the check weights. ``lora_targets``: the digits modules that carry the LoRA
+    samples per seed for SMC on the blend (:mod:`diffusion_blend.smc`) at the check weights. ``lora_targets``: the
+    digits modules that carry the LoRA
     (recorded in the training config's ``extra``, so part of the adapters' cache key).
     """
 
