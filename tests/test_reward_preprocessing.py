@@ -19,8 +19,8 @@ under 0.5 % of the spread of the official scores over a batch of different image
 random weights. The tiny vision models get smooth (low-pass) random patch filters, see :func:`low_pass_`.
 
 The pre-issue-26 transform (rounded long side, rounded crop offsets everywhere, one float pass, HPSv2 cropped instead
-of padded) fails both checks: pixels up to 150-270/255 apart on 300 x 400, scores 0.7-2.4 % (CLIP family, ImageReward)
-and 24-120 % (HPSv2) of the spread on the non-square sizes (numbers in docs/rewards.md).
+of padded) fails both checks, measured with this module's code: pixels up to 165-270/255 apart, scores up to
+1.1-2.4 % (CLIP family, ImageReward) and 155 % (HPSv2) of the spread (numbers in docs/rewards.md).
 """
 
 from __future__ import annotations
