@@ -1,7 +1,10 @@
 """CLIP-family rewards: CLIPScore, LAION aesthetic predictor, PickScore (paper.md section 4.9, 8.13).
 
 All three share one piece: a transformers ``CLIPModel`` with its tokenizer, fed by the differentiable torch
-preprocessing of :mod:`.preprocess`, so each reward is differentiable with respect to the images.
+preprocessing of :mod:`.preprocess`, so each reward is differentiable with respect to the images. Their official
+scorers (torchmetrics' CLIPScore, the DDPO aesthetic scorer, PickScore's ``calc_probs``) preprocess with transformers'
+``CLIPImageProcessor``; the ``"transformers"`` transform restates it (shortest side to 224 with the long side
+truncated, PIL bicubic, centre crop with the offset floored, 1/255, mean/std from ``preprocessor_config.json``).
 
 - ``clip_score``: CLIPScore (Hessel et al., 2021) in the torchmetrics convention,
   ``100 * max(cos(image, text), 0)`` in ``[0, 100]`` (``scale`` option; Hessel's paper uses 2.5).
@@ -26,11 +29,7 @@ from torch import nn
 
 from diffusion_blend.errors import RewardError
 from diffusion_blend.rewards.base import Reward
-from diffusion_blend.rewards.preprocess import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    clip_preprocess,
-)
+from diffusion_blend.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 from diffusion_blend.rewards.registry import register_reward
 
 REWARDS_EXTRA = "rewards"
@@ -68,9 +67,8 @@ def load_failure(what: str, source: str, exc: BaseException) -> RewardError:
     if os.path.exists(source):  # a local path that is there but broken: the loader's own reason
         return RewardError(f"cannot load {what} from local path {source!r}: {one_line(exc)}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no", "off")
-    where = (
-        "not a local path, not in the hub cache, and HF_HUB_OFFLINE=1 forbids downloads" if offline else one_line(exc)
-    )
+    offline_reason = "not a local path, not in the hub cache, and HF_HUB_OFFLINE=1 forbids downloads"
+    where = offline_reason if offline else one_line(exc)
     return RewardError(
         f"cannot load {what} from {source!r}: {where}; pass a local folder/file or download it first "
         f"(hf download {source})"
@@ -159,6 +157,10 @@ def _as_int(value: Any, default: int) -> int:
     return default if value is None else int(value)
 
 
+#: PIL resampling codes of ``preprocessor_config.json`` (``resample``) that the torch transforms restate.
+_RESAMPLE_MODES = {2: "bilinear", 3: "bicubic"}
+
+
 def features(output: Any) -> torch.Tensor:
     """Projected embeddings from ``get_*_features`` (a tensor in transformers 4, an output object in 5)."""
     return output if torch.is_tensor(output) else output.pooler_output
@@ -168,26 +170,18 @@ def features(output: Any) -> torch.Tensor:
 
 
 class ClipBackbone(nn.Module):
-    """A frozen ``CLIPModel`` + tokenizer + preprocessing constants; gives L2-normalised embeddings.
+    """A frozen ``CLIPModel`` + tokenizer + image transform; gives L2-normalised embeddings.
 
     ``model`` is any transformers CLIP-architecture model (``get_image_features``/``get_text_features``);
-    preprocessing (resize, crop, mean/std) comes from ``preprocessor_config.json`` when there is one.
+    ``transform`` is the reward's official preprocessing restated in torch (:class:`.preprocess.ImageTransform`;
+    sizes and mean/std come from ``preprocessor_config.json`` when there is one).
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        *,
-        resize: int,
-        crop: int,
-        mean: Sequence[float] = OPENAI_CLIP_MEAN,
-        std: Sequence[float] = OPENAI_CLIP_STD,
-    ):
+    def __init__(self, model: nn.Module, tokenizer: Any, transform: ImageTransform):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.resize, self.crop, self.mean, self.std = int(resize), int(crop), tuple(mean), tuple(std)
+        self.transform = transform
 
     @property
     def device(self) -> torch.device:
@@ -198,13 +192,17 @@ class ClipBackbone(nn.Module):
         return next(self.model.parameters()).dtype
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, self.dtype)
-        return clip_preprocess(images, self.resize, crop_size=self.crop, mean=self.mean, std=self.std)
+        """``transform(images)`` (computed in float32) on the model's device, in the model's dtype."""
+        return self.transform(images.to(self.device)).to(self.dtype)
+
+    def image_embeds_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projected image embeddings ``(B, D)`` of ready ``pixel_values``."""
+        emb = features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
+        return emb / emb.norm(dim=-1, keepdim=True)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised projected image embeddings ``(B, D)``; differentiable w.r.t. ``images``."""
-        emb = features(self.model.get_image_features(pixel_values=self.pixel_values(images)))
-        return emb / emb.norm(dim=-1, keepdim=True)
+        return self.image_embeds_from_pixels(self.pixel_values(images))
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         """L2-normalised projected text embeddings ``(B, D)`` (padded, truncated to the model's context)."""
@@ -222,15 +220,30 @@ class ClipBackbone(nn.Module):
         return (self.image_embeds(images) * self.text_embeds(prompts)).sum(-1)
 
 
-def preprocessing_from(source: str, image_size: int) -> dict[str, Any]:
-    """Resize/crop/mean/std from ``preprocessor_config.json`` in ``source``; CLIP defaults when it is absent."""
+def preprocessing_from(source: str, image_size: int, style: str = "transformers") -> ImageTransform:
+    """The ``style`` transform with sizes/mean/std/filter from ``preprocessor_config.json`` in ``source``.
+
+    Without a config: ``image_size`` for resize and crop, OpenAI CLIP mean/std, bicubic. A config that resizes to a
+    fixed ``height x width`` (no aspect ratio kept) or names another filter is refused rather than approximated.
+    """
     config = _read_json(source, "preprocessor_config.json") or {}
-    return {
-        "resize": _as_int(config.get("size"), image_size),
-        "crop": _as_int(config.get("crop_size"), image_size),
-        "mean": tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-        "std": tuple(config.get("image_std", OPENAI_CLIP_STD)),
-    }
+    size = config.get("size")
+    if isinstance(size, dict) and "shortest_edge" not in size:
+        raise RewardError(
+            f"preprocessor_config.json in {source!r} resizes to a fixed size {size}; only shortest-edge resizing "
+            "(CLIP's) is restated in torch"
+        )
+    resample = int(config.get("resample", 3))
+    if resample not in _RESAMPLE_MODES:
+        raise RewardError(f"preprocessor_config.json in {source!r}: resample={resample} is not restated in torch")
+    return ImageTransform(
+        style=style,
+        resize=_as_int(size, image_size),
+        crop=_as_int(config.get("crop_size"), image_size),
+        mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
+        std=tuple(config.get("image_std", OPENAI_CLIP_STD)),
+        mode=_RESAMPLE_MODES[resample],
+    )
 
 
 def load_tokenizer(source: str) -> Any:
@@ -250,8 +263,8 @@ def load_clip_backbone(
     processor_source = processor_source or source
     model = load_pretrained(transformers.CLIPModel.from_pretrained, source, "CLIP model")
     tokenizer = load_tokenizer(processor_source)
-    prep = preprocessing_from(processor_source, model.config.vision_config.image_size)
-    return ClipBackbone(model.to(device=device, dtype=dtype), tokenizer, **prep)
+    transform = preprocessing_from(processor_source, model.config.vision_config.image_size)
+    return ClipBackbone(model.to(device=device, dtype=dtype), tokenizer, transform)
 
 
 # ---------------------------------------------------------------- rewards

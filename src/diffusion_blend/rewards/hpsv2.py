@@ -4,7 +4,7 @@ The reference package ``hpsv2`` builds an open_clip ViT-H-14 and loads ``HPS_v2(
 repo ``xswu/HPSv2``; open_clip needs torchvision, which this project cannot use. HPSv2 is a fine-tuned open_clip
 ViT-H-14 with the standard architecture, so its state dict maps one-to-one onto transformers' ``CLIPModel``
 (the same route as the hub's ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` conversion). That repo supplies the
-config (GELU, 16+16 heads, 224 px), the tokenizer and the preprocessing; the HPS checkpoint supplies the weights.
+config (GELU, 16+16 heads, 224 px), the tokenizer and mean/std; the HPS checkpoint supplies the weights.
 
 Key mapping (open_clip -> transformers; ``{t}`` = ``vision_model.`` under ``visual.``, ``text_model.`` otherwise):
 
@@ -12,8 +12,8 @@ Key mapping (open_clip -> transformers; ``{t}`` = ``vision_model.`` under ``visu
 ``visual.conv1.weight``                                ``vision_model.embeddings.patch_embedding.weight``
 ``visual.class_embedding``                             ``vision_model.embeddings.class_embedding``
 ``visual.positional_embedding``                        ``vision_model.embeddings.position_embedding.weight``
-``visual.ln_pre.*`` / ``visual.ln_post.*``             ``vision_model.pre_layrnorm.*`` /
-``vision_model.post_layernorm.*``
+``visual.ln_pre.*``                                    ``vision_model.pre_layrnorm.*``
+``visual.ln_post.*``                                   ``vision_model.post_layernorm.*``
 ``visual.proj`` (width x dim)                          ``visual_projection.weight`` (transposed)
 ``token_embedding.weight``                             ``text_model.embeddings.token_embedding.weight``
 ``positional_embedding``                               ``text_model.embeddings.position_embedding.weight``
@@ -26,8 +26,13 @@ Key mapping (open_clip -> transformers; ``{t}`` = ``vision_model.`` under ``visu
 ``...resblocks.{i}.mlp.c_fc.* / mlp.c_proj.*``         ``{t}encoder.layers.{i}.mlp.fc1.* / mlp.fc2.*``
 =====================================================  ====================================================
 
-Score (as ``hpsv2.score``): the cosine of the normalised image and text embeddings, no logit scale; range ``[-1, 1]``
-times ``scale`` (default 1).
+Score (as ``hpsv2.score``): the cosine of the normalised image and text embeddings, no logit scale; range
+``[-1, 1]`` times ``scale`` (default 1).
+
+Images (as ``hpsv2.score``, whose ``create_model_and_transforms(..., light_augmentation=True)`` picks
+``ResizeMaxSize`` in ``hpsv2/src/open_clip/transform.py``): the longer side resized to 224 (bicubic on the float
+tensor, antialiased as torchvision >= 0.17 does; ``antialias=False`` for older torchvision), the image zero-padded
+(black) to 224 x 224 and centred, no crop; see :mod:`.preprocess`.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from diffusion_blend.rewards.clip import (
     preprocessing_from,
     resolve_file,
 )
+from diffusion_blend.rewards.preprocess import ImageTransform
 from diffusion_blend.rewards.registry import register_reward
 
 DEFAULT_HPS_REPO = "xswu/HPSv2"
@@ -128,14 +134,25 @@ def convert_hpsv2_checkpoint(checkpoint_file: str, backbone: str, out_dir: str) 
     load_tokenizer(backbone).save_pretrained(out_dir)
     prep = preprocessing_from(backbone, config.vision_config.image_size)
     processor_cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    image_processor = processor_cls(
-        size={"shortest_edge": prep["resize"]},
-        crop_size={"height": prep["crop"], "width": prep["crop"]},
-        image_mean=list(prep["mean"]),
-        image_std=list(prep["std"]),
+    image_processor = processor_cls(  # CLIP's resize-and-crop: transformers cannot state hpsv2's centred zero pad
+        size={"shortest_edge": prep.resize},
+        crop_size={"height": prep.crop, "width": prep.crop},
+        image_mean=list(prep.mean),
+        image_std=list(prep.std),
     )
     image_processor.save_pretrained(out_dir)
     return out_dir
+
+
+def hpsv2_transform(source: str, image_size: int, antialias: bool = True) -> ImageTransform:
+    """hpsv2's evaluation transform (``ResizeMaxSize(image_size)``, zero pad, normalise; see :mod:`.preprocess`).
+
+    hpsv2 sizes it by the model (``model.visual.image_size``), not by the processor config; mean/std come from
+    ``source``'s ``preprocessor_config.json`` (OpenAI CLIP constants, as open_clip's ``OPENAI_DATASET_MEAN/STD``).
+    ``antialias=False`` restates torchvision < 0.17, whose tensor resize did not antialias by default.
+    """
+    prep = preprocessing_from(source, image_size)
+    return ImageTransform("hpsv2", image_size, image_size, prep.mean, prep.std, mode="bicubic", antialias=antialias)
 
 
 def load_hpsv2_backbone(
@@ -143,20 +160,27 @@ def load_hpsv2_backbone(
     *,
     version: str = "v2.1",
     backbone: str = DEFAULT_HPS_BACKBONE,
+    antialias: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> ClipBackbone:
-    """HPS model from a converted transformers folder, a local ``.pt``/``.safetensors``, or the hub repo."""
+    """HPS model from a converted transformers folder, a local ``.pt``/``.safetensors``, or the hub repo.
+
+    The image transform is always hpsv2's (:func:`hpsv2_transform`), also for a converted folder, whose
+    ``preprocessor_config.json`` (CLIP's resize-and-crop, for transformers tools) supplies only mean and std.
+    """
     if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")):
-        return load_clip_backbone(checkpoint, device=device, dtype=dtype)
+        loaded = load_clip_backbone(checkpoint, device=device, dtype=dtype)
+        image_size = loaded.model.config.vision_config.image_size
+        return ClipBackbone(loaded.model, loaded.tokenizer, hpsv2_transform(checkpoint, image_size, antialias))
     if version not in HPS_FILENAMES:
         raise RewardError(f"unknown HPS version {version!r}; choose one of {sorted(HPS_FILENAMES)}")
     transformers = import_transformers()
     path = resolve_file(checkpoint, HPS_FILENAMES[version], f"HPS{version} checkpoint")
     config = load_pretrained(transformers.CLIPConfig.from_pretrained, backbone, "CLIP ViT-H-14 config")
     model = build_clip_from_open_clip(load_weights_file(path, "HPS"), config)
-    prep = preprocessing_from(backbone, config.vision_config.image_size)
-    return ClipBackbone(model.to(device=device, dtype=dtype), load_tokenizer(backbone), **prep)
+    transform = hpsv2_transform(backbone, config.vision_config.image_size, antialias)
+    return ClipBackbone(model.to(device=device, dtype=dtype), load_tokenizer(backbone), transform)
 
 
 class HPSv2Reward(Reward):
@@ -180,9 +204,11 @@ def hpsv2(
     version: str = "v2.1",
     backbone: str = DEFAULT_HPS_BACKBONE,
     scale: float = 1.0,
+    antialias: bool = True,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Reward:
-    return HPSv2Reward(
-        load_hpsv2_backbone(checkpoint, version=version, backbone=backbone, device=device, dtype=dtype), scale=scale
+    backbone_ = load_hpsv2_backbone(
+        checkpoint, version=version, backbone=backbone, antialias=antialias, device=device, dtype=dtype
     )
+    return HPSv2Reward(backbone_, scale=scale)

@@ -24,7 +24,10 @@ official checkpoint ``ImageReward.pt`` (hub repo ``THUDM/ImageReward``) into the
 Score (``ImageReward.score``): tokens = BERT tokenizer (``bert-base-uncased`` + ``[DEC]``/``[ENC]``), padded to 35;
 ``reward = (mlp(text_encoder(tokens, cross-attending to ViT(image))[CLS]) - 0.16717362830052426) /
 1.0333394966054072``. ``normalize=False`` returns the raw MLP output (the paper's baseline scorer).
-Preprocessing: bicubic resize 224, center crop, CLIP mean/std (as ``ImageReward._transform``), here in torch.
+Preprocessing (``ImageReward._transform`` in ``ImageReward/ImageReward.py``): torchvision ``Resize(224, BICUBIC)`` on
+the PIL image (shorter side 224, longer ``int(224 * long / short)``, PIL bicubic), ``CenterCrop(224)`` (offset
+``int(round(excess / 2))``), ``ToTensor``, OpenAI CLIP mean/std; restated in torch as the ``"torchvision"`` transform
+of :mod:`.preprocess`.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from diffusion_blend.rewards.clip import (
     load_weights_file,
     resolve_file,
 )
-from diffusion_blend.rewards.preprocess import clip_preprocess
+from diffusion_blend.rewards.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 from diffusion_blend.rewards.registry import register_reward
 
 DEFAULT_IMAGEREWARD_REPO = "THUDM/ImageReward"
@@ -140,10 +143,17 @@ class ImageRewardModel(nn.Module):
         self.vision, self.text, self.head, self.tokenizer = vision, text, head, tokenizer
         self.requires_grad_(False).eval()
 
-    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """``ImageReward._transform(224)`` restated in torch (the ``"torchvision"`` transform), in the model's dtype."""
         param = next(self.vision.parameters())
-        pixels = clip_preprocess(images.to(param.device, param.dtype), self.vision.config.image_size)
-        image_embeds = self.vision(pixel_values=pixels).last_hidden_state
+        size = self.vision.config.image_size
+        transform = ImageTransform("torchvision", size, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return transform(images.to(param.device)).to(param.dtype)
+
+    def forward_pixels(self, pixel_values: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Raw reward of ready ``pixel_values`` ``(B, 3, 224, 224)``."""
+        param = next(self.vision.parameters())
+        image_embeds = self.vision(pixel_values=pixel_values.to(param.device, param.dtype)).last_hidden_state
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
         ).to(param.device)
@@ -155,6 +165,9 @@ class ImageRewardModel(nn.Module):
             encoder_attention_mask=image_mask,
         ).last_hidden_state
         return self.head(hidden[:, 0, :])
+
+    def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self.forward_pixels(self.pixel_values(images), prompts)
 
 
 def load_blip_tokenizer(source: str) -> Any:
