@@ -282,13 +282,15 @@ def _tile_t(t: Any, batch: int) -> Any:
 
 
 def make_denoiser(
-    family: DenoiserFamily, preference: Preference, method: str = "mpa", generator: torch.Generator | int | None = None
+    family: DenoiserFamily, preference: Preference, method: str = "mpa", generator: torch.Generator | int | None = None,
+    copies: int = 1,
 ) -> Callable[..., torch.Tensor]:
-    """``method="mpa"``: deterministic blend; ``method="ls"``: stochastic switching (needs ``generator``)."""
+    """``method="mpa"``: deterministic blend; ``method="ls"``: stochastic switching (needs ``generator``; ``copies``:
+    the batch stacks that many copies of each sample, e.g. CFG's two branches, which share one draw)."""
     if method == "mpa":
         return BlendedDenoiser(family, preference)
     if method == "ls":
         if generator is None:
             raise PreferenceError("method 'ls' draws a model per step: pass a seed or torch.Generator")
-        return SwitchingDenoiser(family, preference, generator)
+        return SwitchingDenoiser(family, preference, generator, copies=copies)
     raise PreferenceError(f"unknown blend method {method!r}; choose 'mpa' (DB-MPA) or 'ls' (DB-MPA-LS)")

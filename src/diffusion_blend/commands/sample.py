@@ -83,7 +83,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--sdxl", action="store_true", help="the base is SDXL (auto-detected for local folders)")
     parser.add_argument("--pipeline", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto",
                         help="the base's pipeline (default auto: from a local folder's model_index.json; hub ids: sd)")
     parser.add_argument("--scheduler", choices=("ddim", "sde", "pipeline"), default=None,
@@ -163,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     smc = smc_options(args) if args.method == "smc" else None
     if reward_names and args.method != "smc":
         raise DiffusionBlendError("--reward is for --method smc (it scores the particles)")
-    kind = pipeline_kind(args.base, "sdxl" if args.sdxl and args.pipeline == "auto" else args.pipeline)
+    kind = pipeline_kind(args.base, args.pipeline)
     if kind in FLOW_KINDS and args.method == "ls" and args.scheduler == "pipeline":
         raise DiffusionBlendError("--method ls needs a stochastic sampler that keeps the flow's marginals "
                                   "(--scheduler sde), not the base's Euler ODE")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser
+from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser, make_denoiser
 from diffusion_blend.lora import LoraFamily, adapter_names
 from diffusion_blend.preference import Preference, PreferenceError
 from diffusion_blend.sampling import as_generator
@@ -150,10 +150,6 @@ class DenoiserBlend:
         kwargs["timestep"] = _match_timestep(timestep, sample.shape[0])
         return self.original_forward(**kwargs)[0]
 
-    def _make_denoiser(self) -> BlendedDenoiser | SwitchingDenoiser:
-        if self.method == "mpa":
-            return BlendedDenoiser(self.family, self.preference)
-        return SwitchingDenoiser(self.family, self.preference, self.switch_generator, copies=self.guided_copies())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         named = dict(zip(self.parameter_names, args))
@@ -165,7 +161,8 @@ class DenoiserBlend:
         sample = kwargs.pop(self.input_name)
         timestep = kwargs.pop("timestep")
         if self.denoiser is None:  # built on the first step, when the pipeline has fixed its CFG setting
-            self.denoiser = self._make_denoiser()
+            self.denoiser = make_denoiser(self.family, self.preference, self.method, self.switch_generator,
+                                          copies=self.guided_copies())
         prediction = self.denoiser(sample, timestep, **_flatten(kwargs))
         if not return_dict:
             return (prediction,)
