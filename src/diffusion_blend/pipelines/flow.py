@@ -83,14 +83,15 @@ class BlendTransformerPipelineMixin(BlendPipelineMixin):
             raise DiffusionBlendError("method 'ls' with skip-layer guidance would draw members twice per step; "
                                       "use method 'mpa'")
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _blend_call(self, **kwargs: Any) -> Any:
+        """The Blend dispatch with the SDE noise stream derived from ``generator`` (module docstring)."""
         scheduler = self.scheduler
         if not isinstance(scheduler, FlowMatchSDEScheduler) or kwargs.get("generator") is None:
-            return super().__call__(*args, **kwargs)
+            return super()._blend_call(**kwargs)
         saved = scheduler.noise_generator
         scheduler.set_noise_generator(_derived_switch_generator(kwargs["generator"], salt=SDE_NOISE_SALT))
         try:
-            return super().__call__(*args, **kwargs)
+            return super()._blend_call(**kwargs)
         finally:
             scheduler.noise_generator = saved
 

@@ -33,7 +33,7 @@ twisted step, ``proposal="twisted"``; ``proposal_tilt``) as proposal, reweighted
 initial latents from ``prepare_latents``, sampler settings, output class). SD 1.x/2.x and SDXL (pooled text embeds and
 time ids in both CFG branches) here; SD3 and FLUX in :mod:`.flow`:
 
-    out = pipe("a cat", preference=pref, method="smc", reward=my_r_w, alpha=0.1, particles=4, eta=1.0,
+    out = pipe("a cat", preference=pref, method="smc", reward=my_r_w, alpha=0.1, smc=SMCOptions(particles=4), eta=1.0,
                generator=torch.Generator().manual_seed(0))
     pipe.last_smc.final_ess, pipe.last_smc.network_evaluations
 """
@@ -111,6 +111,64 @@ def check_sampler(scheduler: Any, method: str, eta: float | None) -> None:
             f"method='ls' (DB-MPA-LS) needs a stochastic sampler (paper Proposition 2), got {what}; use DDIM with "
             "eta=1.0 (or DDPM, an ancestral or SDE scheduler), or method='mpa'"
         )
+
+
+def stock_pipeline_class(cls: type) -> type | None:
+    """The stock diffusers pipeline under a Blend class: the first class in its MRO that defines ``__call__`` and is
+    not a Blend mixin (``StableDiffusionPipeline`` for :class:`BlendStableDiffusionPipeline`); ``None`` for a mixin."""
+    for klass in cls.__mro__[1:]:
+        if "__call__" in vars(klass) and not issubclass(klass, BlendPipelineMixin):
+            return klass
+    return None
+
+
+def blend_keywords(stock: inspect.Signature) -> list[inspect.Parameter]:
+    """Our keyword-only call arguments that the stock signature lacks, in a fixed order: the blend's
+    (``preference``, ``method``, ``switch_generator``, ``routing``), then ``method="smc"``'s (``reward``, ``alpha``,
+    ``particles``, ...; ``eta`` on pipelines whose stock call has none: the flow SDE's noise level). Each with the
+    default of the method that takes it (``None`` where that method requires it: ``reward``, ``alpha``)."""
+    seen = set(stock.parameters) | {"self"}
+    extras = []
+    for method in (BlendPipelineMixin._blend_call, BlendPipelineMixin._smc_call):
+        for parameter in inspect.signature(method, eval_str=True).parameters.values():
+            if parameter.kind is not inspect.Parameter.KEYWORD_ONLY or parameter.name in seen:
+                continue
+            seen.add(parameter.name)
+            default = None if parameter.default is inspect.Parameter.empty else parameter.default
+            extras.append(parameter.replace(default=default))
+    return extras
+
+
+def blend_call_signature(stock_call: Callable[..., Any]) -> inspect.Signature:
+    """The stock ``__call__`` signature (same parameters, defaults, order, annotations, return annotation) with
+    :func:`blend_keywords` appended as keyword-only parameters (before the stock ``**kwargs``, where it has one)."""
+    stock = inspect.signature(stock_call)
+    parameters = list(stock.parameters.values())
+    var_keyword = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+    parameters = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return stock.replace(parameters=parameters + blend_keywords(stock) + var_keyword)
+
+
+def _signed_call(cls: type, stock: type) -> Callable[..., Any]:
+    """A ``__call__`` for ``cls`` that runs the Blend dispatch (``super(cls, self).__call__``) and declares
+    :func:`blend_call_signature` of ``stock.__call__``: what ``inspect.signature`` and every tool reading it
+    (diffusers' own tests and LoRA helpers, UIs, serving wrappers) see."""
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return super(cls, self).__call__(*args, **kwargs)
+
+    signature = blend_call_signature(stock.__call__)
+    __call__.__signature__ = signature  # type: ignore[attr-defined]
+    __call__.__annotations__ = {name: p.annotation for name, p in signature.parameters.items()
+                                if p.annotation is not inspect.Parameter.empty}
+    if signature.return_annotation is not inspect.Signature.empty:
+        __call__.__annotations__["return"] = signature.return_annotation
+    __call__.__qualname__ = f"{cls.__qualname__}.__call__"
+    __call__.__module__ = cls.__module__
+    __call__.__doc__ = ((stock.__call__.__doc__ or "") + "\n\n    Diffusion Blend (keyword-only): ``preference``, "
+                        "``method``, ``switch_generator``, ``routing`` and ``method='smc'``'s options; see "
+                        f"{BlendPipelineMixin.__qualname__}.")
+    return __call__
 
 
 @dataclass
@@ -195,22 +253,54 @@ class BlendPipelineMixin:
         """Refuse a blend call this pipeline cannot run faithfully (:func:`check_sampler` for UNet pipelines)."""
         check_sampler(self.scheduler, method, kwargs.get("eta"))
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every concrete Blend class gets its own ``__call__`` whose signature is its stock pipeline's plus our
+        keyword-only arguments (:func:`blend_call_signature`); a class that writes its own ``__call__`` keeps it."""
+        super().__init_subclass__(**kwargs)
+        stock = None if "__call__" in vars(cls) else stock_pipeline_class(cls)
+        if stock is not None:
+            cls._stock_call_signature = inspect.signature(stock.__call__)
+            cls.__call__ = _signed_call(cls, stock)
+
+    _stock_call_signature: inspect.Signature | None = None
+
+    def _as_keywords(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional call arguments named by the stock signature (``pipe("a cat", 512, 512)`` is ``prompt=``,
+        ``height=``, ``width=``), so the checks below see ``generator`` / ``eta`` however they were passed."""
+        if not args:
+            return kwargs
+        parameters = self._stock_call_signature.parameters.values() if self._stock_call_signature else ()
+        names = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]
+        if len(args) > len(names):
+            raise TypeError(f"{type(self).__name__}.__call__() takes {len(names) + 1} positional arguments but "
+                            f"{len(args) + 1} were given")
+        named = dict(zip(names, args))
+        twice = sorted(set(named) & set(kwargs))
+        if twice:
+            raise TypeError(f"{type(self).__name__}.__call__() got multiple values for argument {twice[0]!r}")
+        return {**named, **kwargs}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._blend_call(**self._as_keywords(args, kwargs))
+
     @torch.no_grad()
-    def __call__(
+    def _blend_call(
         self,
-        *args: Any,
+        *,
         preference: Preference | None = None,
         method: str = "mpa",
         switch_generator: torch.Generator | int | None = None,
         routing: str | None = None,
         **kwargs: Any,
     ) -> Any:
+        """The dispatch behind every Blend ``__call__`` (all arguments by keyword): without ``preference`` the stock
+        call, unchanged; with one, DB-MPA / DB-MPA-LS on the stock loop, or SMC."""
         if method == "smc":
             if preference is None:
                 raise DiffusionBlendError("method 'smc' needs a preference (and reward=, alpha=)")
-            return self._smc_call(*args, preference=preference, routing=routing, **kwargs)
+            return self._smc_call(preference=preference, routing=routing, **kwargs)
         if preference is None:
-            return super().__call__(*args, **kwargs)
+            return self._stock_call(**kwargs)
         self._check_blend_call(method, kwargs)
         if method == "ls" and switch_generator is None:
             switch_generator = _derived_switch_generator(kwargs.get("generator"))
@@ -218,15 +308,19 @@ class BlendPipelineMixin:
                               guided_copies=self._guided_copies, routing=self.routing if routing is None else routing)
         self.last_blend = blend
         with blended_denoiser(self.blend_model, blend):
-            return super().__call__(*args, **kwargs)
+            return self._stock_call(**kwargs)
+
+    def _stock_call(self, **kwargs: Any) -> Any:
+        """The stock pipeline's ``__call__`` (the next one after the Blend classes in the MRO)."""
+        return super().__call__(**kwargs)
 
     def _smc_call(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         *,
         preference: Preference,
-        reward: Callable[[torch.Tensor, list[str]], torch.Tensor],
-        alpha: float,
+        reward: Callable[[torch.Tensor, list[str]], torch.Tensor] | None = None,
+        alpha: float | None = None,
         smc: SMCOptions | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -258,7 +352,7 @@ class BlendPipelineMixin:
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise DiffusionBlendError(f"method 'smc' of {type(self).__name__} does not take {', '.join(unknown)}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise DiffusionBlendError("method 'smc' needs a prompt (a string or a list of strings)")
         if isinstance(generator, list):
