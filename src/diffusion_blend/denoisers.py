@@ -27,10 +27,13 @@ from diffusion_blend.preference import (
     BASE,
     Preference,
     PreferenceError,
+    PreferenceSchedule,
     blend_predictions,
 )
 
 Member = str | None
+Progress = Callable[[Any], float]
+"""A step's progress in ``[0, 1]`` from its timestep (:func:`diffusion_blend.sampling.timestep_progress`)."""
 
 # ROUTINGS: how a family evaluates several members (or CFG branches): "batched" in one forward of the stacked rows,
 # "sequential" in one forward per member, "auto" by device (device_routing).
@@ -157,19 +160,38 @@ class CallableFamily(DenoiserFamily):
 class BlendedDenoiser:
     """DB-MPA / DB-KLA / combined: ``eps = sum_j c_j eps_j`` (paper Lemma 2, sections 2.4-2.6).
 
-    Only members with a non-zero coefficient are evaluated, all in one :meth:`DenoiserFamily.predict_all`.
+    Only members with a non-zero coefficient are evaluated, all in one :meth:`DenoiserFamily.predict_all`. With a
+    :class:`~diffusion_blend.preference.PreferenceSchedule` the coefficients are those of the step's preference;
+    ``progress(t)`` gives the step's progress in ``[0, 1]`` (:func:`~diffusion_blend.sampling.timestep_progress`).
     """
 
-    def __init__(self, family: DenoiserFamily, preference: Preference):
+    def __init__(self, family: DenoiserFamily, preference: Preference | PreferenceSchedule,
+                 progress: Progress | None = None):
         self.family = family
         self.preference = preference
-        self.coefficients = preference.coefficients(family.expert_names)
-        self._active = self.coefficients.active()
+        self.progress = _check_progress(preference, progress)
+        if isinstance(preference, Preference):
+            self.coefficients = preference.coefficients(family.expert_names)
+            self._active = self.coefficients.active()
+        else:
+            for point in preference.preferences():  # every name checked once, before sampling
+                point.coefficients(family.expert_names)
 
     def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
-        members = [member for member, _ in self._active]
-        predictions = self.family.predict_all(x_t, t, members, **cond)
-        return blend_predictions([coef for _, coef in self._active], predictions)
+        active = self._active if self.progress is None else self.preference.at(self.progress(t)).coefficients(
+            self.family.expert_names).active()
+        predictions = self.family.predict_all(x_t, t, [member for member, _ in active], **cond)
+        return blend_predictions([coef for _, coef in active], predictions)
+
+
+def _check_progress(preference: Preference | PreferenceSchedule, progress: Progress | None) -> Progress | None:
+    """A schedule needs the step's progress; a fixed preference ignores it."""
+    if isinstance(preference, Preference):
+        return None
+    if progress is None:
+        raise PreferenceError("a weight schedule needs the sampler's progress: pass progress=timestep_progress("
+                              "scheduler)")
+    return progress
 
 
 class SwitchingDenoiser:
@@ -184,24 +206,38 @@ class SwitchingDenoiser:
     """
 
     def __init__(
-        self, family: DenoiserFamily, preference: Preference, generator: torch.Generator | int, copies: int = 1
+        self, family: DenoiserFamily, preference: Preference | PreferenceSchedule, generator: torch.Generator | int,
+        copies: int = 1, progress: Progress | None = None,
     ):
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
         self.copies = int(copies)
         self.family = family
         self.preference = preference
-        self.members, self.probabilities = preference.coefficients(family.expert_names).probabilities()
+        self.progress = _check_progress(preference, progress)
+        if isinstance(preference, Preference):
+            self.members, self.probabilities = preference.coefficients(family.expert_names).probabilities()
+        else:
+            for point in preference.preferences():  # LS's non-negative coefficients, checked at every key point
+                point.coefficients(family.expert_names).probabilities()
+            self.members = [BASE, *family.expert_names]
         self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
-        self.selection_counts = torch.zeros(len(self.members), dtype=torch.long)
+        self.selection_counts = torch.zeros(len(self.members), dtype=torch.long)  # draws per member of ``members``
 
     def __call__(self, x_t: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
         if x_t.shape[0] % self.copies:
             raise ValueError(f"a batch of {x_t.shape[0]} rows is not {self.copies} copies of the same samples")
+        if self.progress is None:
+            members, probabilities = self.members, self.probabilities
+        else:  # this step's probabilities (paper Proposition 2, step by step)
+            members, probabilities = self.preference.at(self.progress(t)).coefficients(
+                self.family.expert_names).probabilities()
         samples = x_t.shape[0] // self.copies
-        choice = torch.multinomial(self.probabilities, samples, replacement=True, generator=self.generator)
-        self.selection_counts += torch.bincount(choice, minlength=len(self.members))
-        return self.family.route(x_t, t, [self.members[i] for i in choice.tolist()] * self.copies, **cond)
+        choice = torch.multinomial(probabilities, samples, replacement=True, generator=self.generator)
+        drawn = [members[i] for i in choice.tolist()]
+        for member in drawn:
+            self.selection_counts[self.members.index(member)] += 1
+        return self.family.route(x_t, t, drawn * self.copies, **cond)
 
 
 class GuidedDenoiser:
@@ -282,15 +318,16 @@ def _tile_t(t: Any, batch: int) -> Any:
 
 
 def make_denoiser(
-    family: DenoiserFamily, preference: Preference, method: str = "mpa", generator: torch.Generator | int | None = None,
-    copies: int = 1,
+    family: DenoiserFamily, preference: Preference | PreferenceSchedule, method: str = "mpa",
+    generator: torch.Generator | int | None = None, copies: int = 1, progress: Progress | None = None,
 ) -> Callable[..., torch.Tensor]:
     """``method="mpa"``: deterministic blend; ``method="ls"``: stochastic switching (needs ``generator``; ``copies``:
-    the batch stacks that many copies of each sample, e.g. CFG's two branches, which share one draw)."""
+    the batch stacks that many copies of each sample, e.g. CFG's two branches, which share one draw); a schedule
+    needs the step's ``progress``."""
     if method == "mpa":
-        return BlendedDenoiser(family, preference)
+        return BlendedDenoiser(family, preference, progress)
     if method == "ls":
         if generator is None:
             raise PreferenceError("method 'ls' draws a model per step: pass a seed or torch.Generator")
-        return SwitchingDenoiser(family, preference, generator, copies=copies)
+        return SwitchingDenoiser(family, preference, generator, copies=copies, progress=progress)
     raise PreferenceError(f"unknown blend method {method!r}; choose 'mpa' (DB-MPA) or 'ls' (DB-MPA-LS)")

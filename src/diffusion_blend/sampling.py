@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from diffusion_blend.denoisers import Denoiser
 from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.preference import step_progress
 
 
 def as_generator(
@@ -45,6 +46,19 @@ def as_generator(
     if isinstance(generator, bool) or not isinstance(generator, int):
         raise TypeError(f"expected an integer seed or a torch.Generator, got {generator!r}")
     return torch.Generator(device=device).manual_seed(generator)
+
+
+def timestep_progress(scheduler: Any) -> Callable[[Any], float]:
+    """``progress(t)``: the position of timestep ``t`` in ``scheduler.timesteps`` (as ``set_timesteps`` left them) as
+    ``u`` in ``[0, 1]``, 0 at the first step and 1 at the last: what a weight schedule is a function of
+    (:class:`~diffusion_blend.preference.PreferenceSchedule`)."""
+
+    def progress(t: Any) -> float:
+        timesteps = torch.as_tensor(scheduler.timesteps).flatten().double()
+        value = float(torch.as_tensor(t).flatten()[0])
+        return step_progress(int(torch.argmin((timesteps - value).abs())), len(timesteps))
+
+    return progress
 
 
 def make_scheduler(

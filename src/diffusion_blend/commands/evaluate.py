@@ -58,9 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--steps", type=int, help="sampling steps, DDIM eta = 1 (default: the setting's: gmm 20, sd 50)"
     )
-    parser.add_argument("--alpha", type=float,
-                        help="the experts' KL weight alpha (gmm: default 1; sd: read from the adapters' metadata, "
-                        "needed only for foreign LoRA files)")
+    parser.add_argument("--alpha", action="append", default=[], metavar="[NAME=]A",
+                        help="the experts' KL weight: gmm: A (default 1); sd: read from the adapters' metadata, given "
+                        "for foreign LoRA files as A (all of them) or NAME=A (one; repeat)")
+    parser.add_argument("--target-alpha", type=float, metavar="A",
+                        help="sd: blend experts of different alphas toward p_pre exp(lambda r_w / A) "
+                        "(coefficients lambda w_i alpha_i / A); default: each expert's own alpha")
     sd = parser.add_argument_group("--setting sd")
     sd.add_argument("--base", help="base pipeline: a local diffusers folder or hub id (SD 1.x/2.x or SDXL)")
     sd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
@@ -117,7 +120,7 @@ DIGITS_ONLY = ("demo_dir", "quick")
 
 
 def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
-    from diffusion_blend.commands.sample import parse_pairs
+    from diffusion_blend.commands.sample import parse_alphas, parse_pairs
     from diffusion_blend.devices import resolve_device
     from diffusion_blend.evaluation.sd_setting import parse_morl, sd_setting
 
@@ -137,6 +140,7 @@ def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
             methods.append("morl")
     if args.preview_images < 0:
         raise DiffusionBlendError(f"--preview-images must be >= 0, got {args.preview_images}")
+    default_alpha, alphas = parse_alphas(args.alpha)
     device, dtype = resolve_device(args.device, args.dtype)
     if device == "cuda":
         from accelerate import PartialState
@@ -145,7 +149,8 @@ def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
     setting = sd_setting(
         args.base, adapters, args.prompts, reward_names, morl=morl, methods=methods,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
-        alpha=args.alpha, pipeline=args.pipeline, device=device, dtype=dtype, routing=args.routing,
+        alpha=default_alpha, alphas=alphas, target_alpha=args.target_alpha, pipeline=args.pipeline, device=device,
+        dtype=dtype, routing=args.routing,
         preview_images=args.preview_images,
     )
     return setting, methods
@@ -202,8 +207,13 @@ def run(args: argparse.Namespace) -> int:
         given = [f"--{flag}" for flag in (*SD_ONLY, "adapter", "morl") if getattr(args, flag)]
         if given:
             raise DiffusionBlendError(f"{', '.join(given)} belong(s) to --setting sd, not --setting {args.setting}")
-        setting = gmm_setting(num_inference_steps=args.steps or GMM_SPEC.steps,
-                              alpha=1.0 if args.alpha is None else args.alpha)
+        from diffusion_blend.commands.sample import parse_alphas
+
+        alpha, per_expert = parse_alphas(args.alpha)
+        if per_expert or args.target_alpha is not None:
+            raise DiffusionBlendError("--alpha NAME=A and --target-alpha are for --setting sd (the mixture's experts "
+                                      "share one alpha: --alpha A)")
+        setting = gmm_setting(num_inference_steps=args.steps or GMM_SPEC.steps, alpha=1.0 if alpha is None else alpha)
         methods = methods or ["base", "mpa", "ls", "code", "rgg", "is-oracle", "morl"]
         samples_per_seed, batch_size = args.samples_per_seed or 64, args.batch_size
     preferences = parse_preference_grid(list(setting.rewards), args.weights, args.grid, _floats(args.kl_scales))
@@ -233,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['cells_run']} cell(s) computed; results in {args.out}")
     names = result["reward_names"]
     if args.setting == "sd":
-        print(f"alpha = {setting.alpha:g}, {setting.name} base {args.base}, {len(setting.prompts)} prompt(s)")
+        alphas = ", ".join(f"{name} {value:g}" for name, value in (setting.alphas or {}).items())
+        target = f", target alpha {setting.target_alpha:g}" if setting.target_alpha is not None else ""
+        print(f"experts' alpha: {alphas}{target}; {setting.name} base {args.base}, {len(setting.prompts)} prompt(s)")
     print(f"{'method':>10s}  {'weights':>24s}  {'λ':>4s}  {'r_w':>8s}  {'Δr_w':>8s}  "
           f"{'win':>5s}  {'NFE':>6s}  {'ESS':>6s}")
     for row in result["rows"]:

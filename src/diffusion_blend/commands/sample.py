@@ -25,9 +25,9 @@ import json
 from pathlib import Path
 
 from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
-from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.errors import DiffusionBlendError, positive_number
 from diffusion_blend.files import refuse_existing_results, rounded
-from diffusion_blend.preference import Preference
+from diffusion_blend.preference import Preference, PreferenceSchedule
 
 RESULT_FILES = ["image_*.png", "settings.json"]
 
@@ -48,11 +48,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--adapter", action="append", default=[], metavar="NAME=PATH", required=True,
         help="a LoRA expert: diffusers LoRA .safetensors file/folder or peft adapter folder (repeat per expert)",
     )
-    parser.add_argument("--weights", required=True, help="reward weights by expert name, e.g. aesthetic=0.3,align=0.7")
-    parser.add_argument("--kl-scale", type=float, default=1.0, help="KL scale lambda >= 0 (default 1)")
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="KL weight alpha the experts were fine-tuned with, for files without our metadata "
-                        "(foreign LoRAs, e.g. Flow-GRPO's: docs/flow-models.md); recorded in settings.json")
+    parser.add_argument("--weights", required=True,
+                        help="reward weights by expert name, e.g. aesthetic=0.3,align=0.7; a schedule over the steps: "
+                        "START:END (aesthetic=0.8:0.2,align=0.2:0.8) or key points V@U:V@U with U from 0 (first step) "
+                        "to 1 (last), e.g. a=1@0:1@0.5:0@0.5:0@1 switches at half way")
+    parser.add_argument("--kl-scale", default="1", help="KL scale lambda >= 0 (default 1); a schedule like --weights")
+    parser.add_argument("--alpha", action="append", default=[], metavar="[NAME=]A",
+                        help="the KL weight an expert was fine-tuned with, for files without our metadata (foreign "
+                        "LoRAs, e.g. Flow-GRPO's: docs/flow-models.md): NAME=A for one expert (repeat), or A for "
+                        "every file without metadata; ours carry it. Recorded in settings.json")
+    parser.add_argument("--target-alpha", type=float, default=None, metavar="A",
+                        help="serve p_pre exp(lambda r_w / A): the coefficients become lambda w_i alpha_i / A (experts "
+                        "of different alphas; default: each expert's own, the target weights reward i by "
+                        "w_i / alpha_i)")
     parser.add_argument("--method", choices=("mpa", "ls", "smc"), default="mpa",
                         help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS); smc: "
                         "sequential Monte Carlo with the blend as proposal, toward the exact target (--particles)")
@@ -106,6 +114,34 @@ def kinds_epilog() -> str:
     return "defaults per base kind (a flag overrides them; docs/design.md says why each):\n" + spec_table(SPECS)
 
 
+def parse_alphas(items: list[str], flag: str = "--alpha") -> tuple[float | None, dict[str, float]]:
+    """``--alpha A`` (for every file without metadata) and ``--alpha NAME=A`` (one expert): the default and the
+    per-expert values, each a positive number (alpha 0, no KL term, has an unbounded tilt: refused)."""
+    from diffusion_blend.errors import positive_number
+
+    default, per_expert = None, {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        what = f"{flag} {item}"
+        try:
+            number = float(value)
+        except ValueError:
+            raise DiffusionBlendError(f"cannot parse {what}: expected A or NAME=A with a number A") from None
+        if number == 0:
+            raise DiffusionBlendError(f"{what}: an expert fine-tuned without a KL term (alpha 0) has an unbounded "
+                                      "tilt exp(r / alpha); no blend targets it")
+        number = positive_number(number, what)
+        if not sep:
+            if default is not None:
+                raise DiffusionBlendError(f"{flag} A given twice")
+            default = number
+        elif not name.strip() or name.strip() in per_expert:
+            raise DiffusionBlendError(f"cannot parse {what}: a NAME=A pair per expert, each once")
+        else:
+            per_expert[name.strip()] = number
+    return default, per_expert
+
+
 def parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
     """``NAME=VALUE`` arguments (``--adapter``, ``--reward``) as a dict; malformed or repeated names: one line."""
     pairs: dict[str, str] = {}
@@ -155,10 +191,15 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing_results(args.out, RESULT_FILES, args.overwrite)
     adapters = parse_pairs(args.adapter)
     reward_names = parse_pairs(args.reward, "--reward", "REWARD")
-    preference = Preference.parse(args.weights, args.kl_scale)
-    coefficients = preference.coefficients(adapters)  # unknown names in --weights fail before any loading
-    if args.method == "ls":
-        coefficients.probabilities()  # negative coefficients fail before any loading
+    preference = PreferenceSchedule.parse(args.weights, args.kl_scale)
+    points = [preference] if isinstance(preference, Preference) else preference.preferences()
+    for point in points:
+        coefficients = point.coefficients(adapters)  # unknown names in --weights fail before any loading
+        if args.method == "ls":
+            coefficients.probabilities()  # negative coefficients (at any step) fail before any loading
+    if args.method == "smc" and not isinstance(preference, Preference):
+        raise DiffusionBlendError("--method smc targets a fixed preference; a weight schedule (START:END) is not "
+                                  "one: give fixed --weights")
     smc = smc_options(args) if args.method == "smc" else None
     if reward_names and args.method != "smc":
         raise DiffusionBlendError("--reward is for --method smc (it scores the particles)")
@@ -170,14 +211,17 @@ def run(args: argparse.Namespace) -> int:
         raise DiffusionBlendError("--method ls needs SDE noise: --eta 0 makes the flow sampler the Euler ODE "
                                   "(its noise level must be > 0)")
     print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
-    session = BlendSession.open(args.base, adapters, kind=kind, rewards=reward_names, alpha=args.alpha,
-                                scheduler=args.scheduler, noise_level=args.eta, device=device, dtype=dtype)
-    if args.method == "smc":
-        session.alpha("--method smc")  # before sampling: the target needs it
+    default_alpha, alphas = parse_alphas(args.alpha)
+    target_alpha = None if args.target_alpha is None else positive_number(args.target_alpha, "--target-alpha")
+    session = BlendSession.open(args.base, adapters, kind=kind, rewards=reward_names, alpha=default_alpha,
+                                alphas=alphas, scheduler=args.scheduler, noise_level=args.eta, device=device,
+                                dtype=dtype)
+    if args.method == "smc" or target_alpha is not None:  # before sampling: the target needs every alpha
+        session.target(preference, target_alpha, why="--method smc" if args.method == "smc" else "--target-alpha")
     result = session.generate(args.prompt, preference, method=args.method, num_images=args.num_images,
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                               height=args.height, width=args.width, negative_prompt=args.negative_prompt, smc=smc,
-                              routing=args.routing)
+                              routing=args.routing, target_alpha=target_alpha)
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
     for k, image in enumerate(result.images):
@@ -197,12 +241,10 @@ def _write_settings(args: argparse.Namespace, session, preference: Preference, r
 
     from diffusion_blend.files import atomic_write
 
-    coefficients = preference.coefficients(session.experts)
     settings = {
         "base": str(args.base), "pipeline": session.kind, "adapters": {n: e.source for n, e in session.experts.items()},
         "experts": {name: expert.describe() for name, expert in session.experts.items()},
         "weights": preference.weights, "kl_scale": preference.kl_scale, "method": args.method,
-        "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "height": args.height, "width": args.width,
         "device": device, "dtype": dtype, "images": files, **run,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from diffusion_blend.commands.sample import parse_pairs
+from diffusion_blend.commands.sample import parse_alphas, parse_pairs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,9 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
                         help="sd: the registry reward that scores adapter NAME (default: from the adapter's metadata)")
     parser.add_argument("--reward-options", help='sd: JSON per-reward factory options, e.g. {"aesthetic": {...}}')
-    parser.add_argument("--alpha", type=float, default=None,
-                        help="sd: the KL weight the experts were fine-tuned with, for files without our metadata "
-                        "(foreign LoRAs); SMC particles need it")
+    parser.add_argument("--alpha", action="append", default=[], metavar="[NAME=]A",
+                        help="sd: the KL weight of an expert without our metadata (NAME=A, repeat) or of every such "
+                        "file (A); SMC's target and the stated target need each expert's")
+    parser.add_argument("--target-alpha", type=float, default=None, metavar="A",
+                        help="sd: blend toward p_pre exp(lambda r_w / A) (coefficients lambda w_i alpha_i / A)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="sd: guidance scale (default: the base kind's, dblend sample --help lists them)")
     parser.add_argument("--resolution", type=int, help="sd: image size in pixels (default: the base's)")
@@ -54,7 +56,7 @@ def sd_studio(args: argparse.Namespace):
     import json
 
     from diffusion_blend.devices import resolve_device
-    from diffusion_blend.errors import DiffusionBlendError
+    from diffusion_blend.errors import DiffusionBlendError, positive_number
     from diffusion_blend.pipelines.session import BlendSession
     from diffusion_blend.ui.paths import resolve_within
     from diffusion_blend.ui.pipeline_studio import PipelineStudio
@@ -70,10 +72,12 @@ def sd_studio(args: argparse.Namespace):
         options = json.loads(args.reward_options) if args.reward_options else {}
     except json.JSONDecodeError as err:
         raise DiffusionBlendError(f"--reward-options is not valid JSON ({err})") from None
+    default_alpha, alphas = parse_alphas(args.alpha)
+    target_alpha = None if args.target_alpha is None else positive_number(args.target_alpha, "--target-alpha")
     session = BlendSession.open(args.sd_base, adapters, rewards=parse_pairs(args.reward, "--reward", "REWARD"),
-                                alpha=args.alpha, device=device, dtype=dtype, reward_options=options)
+                                alpha=default_alpha, alphas=alphas, device=device, dtype=dtype, reward_options=options)
     return PipelineStudio(session, num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
-                          resolution=args.resolution)
+                          resolution=args.resolution, target_alpha=target_alpha)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise DiffusionBlendError(f"--port must be in 1..65535, got {args.port}")
-    if args.alpha is not None and args.sd_base is None:
-        raise DiffusionBlendError("--alpha is for --sd-base (the digits experts carry their alpha)")
+    if (args.alpha or args.target_alpha is not None) and args.sd_base is None:
+        raise DiffusionBlendError("--alpha and --target-alpha are for --sd-base (the digits experts carry their alpha)")
     if args.sd_base is not None:  # the device is checked before gradio and the model load
         from diffusion_blend.devices import resolve_device
 

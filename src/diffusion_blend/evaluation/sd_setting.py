@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import torch
 
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.evaluation.sweep import Setting
-from diffusion_blend.preference import Preference
+from diffusion_blend.preference import BlendTarget, Preference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MATCH_TOLERANCE = 1e-6
@@ -76,14 +76,13 @@ def parse_morl(items: Sequence[str], reward_names: Sequence[str]) -> list[tuple[
     return parsed
 
 
-def morl_tilt(
-    weights: Mapping[str, float], metadata: Any, alpha: float, reward_names: Sequence[str]
-) -> dict[str, float]:
-    """The tilt ``u = lambda w`` a MORL adapter targets, ``p_pre exp(sum_i u_i r_i / alpha)``: fine-tuned on
-    ``sum_i v_i r_i`` at KL weight ``alpha'`` it has ``u = v alpha / alpha'``; without metadata ``u = w`` (assumed
-    fine-tuned on ``r_w`` at the experts' ``alpha``). The given ``w`` must point the same way as ``v``."""
+def morl_exponent(weights: Mapping[str, float], metadata: Any, target_of: Callable[[Preference], BlendTarget],
+                  reward_names: Sequence[str]) -> dict[str, float]:
+    """The exponent ``m`` of the target a MORL adapter serves, ``p_pre exp(sum_i m_i r_i)``: fine-tuned on ``sum_i v_i
+    r_i`` at KL weight ``alpha'`` it has ``m = v / alpha'``; without metadata, the target of ``w`` at ``lambda = 1``
+    (assumed fine-tuned on ``r_w`` at the experts' alphas). The given ``w`` must point the same way as ``v``."""
     if metadata is None:
-        return {name: float(weights[name]) for name in reward_names}
+        return target_of(Preference({name: float(weights[name]) for name in reward_names})).implied_weights()
     trained = {name: float(metadata.rewards.get(name, 0.0)) for name in reward_names}
     unknown = sorted(set(metadata.rewards) - set(reward_names))
     if unknown:
@@ -93,13 +92,15 @@ def morl_tilt(
         given = ",".join(f"{n}={weights[n]:g}" for n in reward_names)
         actual = ",".join(f"{n}={trained[n]:g}" for n in reward_names)
         raise DiffusionBlendError(f"--morl {given}: that adapter was fine-tuned on the weights {actual}")
-    return {name: trained[name] * alpha / float(metadata.alpha) for name in reward_names}
+    return {name: trained[name] / float(metadata.alpha) for name in reward_names}
 
 
-def covers(tilt: Mapping[str, float], preference: Preference) -> bool:
-    """Whether a MORL adapter with tilt ``u`` is the oracle of ``preference``: ``lambda w_i = u_i`` for every i."""
-    return all(abs(preference.kl_scale * preference.weights.get(n, 0.0) - u) <= MATCH_TOLERANCE * (1 + abs(u))
-               for n, u in tilt.items())
+def covers(exponent: Mapping[str, float], target: BlendTarget) -> bool:
+    """Whether a MORL adapter serving ``p_pre exp(sum_i m_i r_i)`` is the oracle of ``target``: ``lambda`` times the
+    target's implied weights equal ``m`` for every reward."""
+    implied = target.implied_weights()
+    scale = target.preference.kl_scale
+    return all(abs(scale * implied.get(n, 0.0) - m) <= MATCH_TOLERANCE * (1 + abs(m)) for n, m in exponent.items())
 
 
 def _model_dtype_forward(forward):
@@ -140,7 +141,8 @@ def _check_inputs(reward_names: Sequence[str], adapters: Mapping[str, Any], meth
 
 
 def _morl_adapters(session: Any, morl: Sequence[tuple[Mapping[str, float], str | os.PathLike]],
-                   reward_names: Sequence[str], alpha: float) -> tuple[list[str], list[dict[str, float]], list[str]]:
+                   reward_names: Sequence[str], target_of: Callable[[Preference], BlendTarget]
+                   ) -> tuple[list[str], list[dict[str, float]], list[str]]:
     """Load the MORL adapters next to the experts; their names, tilts and file digests (fingerprints checked)."""
     from diffusion_blend.pipelines.experts import expert_metadata
     from diffusion_blend.pipelines.loading import load_adapter
@@ -152,7 +154,7 @@ def _morl_adapters(session: Any, morl: Sequence[tuple[Mapping[str, float], str |
         if metadata is not None and expected and metadata.base_fingerprint not in expected:
             raise DiffusionBlendError(f"the MORL adapter {path} was fine-tuned on another base model than the experts "
                                       f"(fingerprint {metadata.base_fingerprint[:12]})")
-        tilts.append(morl_tilt(dict(weights), metadata, alpha, reward_names))
+        tilts.append(morl_exponent(dict(weights), metadata, target_of, reward_names))
         names.append(f"morl_{index}")
         load_adapter(session.pipe, path, names[-1])
         digests.append(_file_digest(path))
@@ -171,6 +173,8 @@ def sd_setting(
     guidance_scale: float | None = None,
     resolution: int | None = None,
     alpha: float | None = None,
+    alphas: Mapping[str, float] | None = None,
+    target_alpha: float | None = None,
     pipeline: str = "auto",
     device: str = "cpu",
     dtype: str = "float32",
@@ -190,13 +194,19 @@ def sd_setting(
     rewards = _check_inputs(reward_names, adapters, methods, morl, num_inference_steps or 1, dtype)
     prompts = read_prompts(prompts_file)
     session = BlendSession.open(base, adapters, kind=pipeline, rewards={name: name for name in adapters}, alpha=alpha,
-                                device=device, dtype=dtype, kinds=("sd", "sdxl"))
-    alpha = session.alpha("the sd setting")
+                                alphas=alphas, device=device, dtype=dtype, kinds=("sd", "sdxl"))
+    blend_target = session.target(Preference({name: 1.0 for name in reward_names}), target_alpha,
+                                  why="the sd setting")  # every expert's alpha, checked once
+    expert_alphas = dict(blend_target.alphas)  # type: ignore[union-attr]
+
+    def target_of(preference: Preference) -> BlendTarget:
+        return BlendTarget(preference, expert_alphas, target_alpha)
+
     spec, pipe = session.spec, session.pipe
     steps = spec.steps if num_inference_steps is None else int(num_inference_steps)
     guidance_scale = check_guidance_scale(spec.guidance_scale if guidance_scale is None else guidance_scale)
     pipe.vae.to(torch.float32)  # decoded in float32 (the stock SDXL VAE's force_upcast)
-    morl_names, tilts, morl_digests = _morl_adapters(session, morl, reward_names, alpha)
+    morl_names, tilts, morl_digests = _morl_adapters(session, morl, reward_names, target_of)
     target = sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
                                 name=spec.kind)
     unet = pipe.unet
@@ -207,7 +217,7 @@ def sd_setting(
     family = LoraFamily(unet, forward, expert_names=tuple(reward_names), routing=routing)
 
     def morl_index(preference: Preference) -> int | None:
-        return next((i for i, tilt in enumerate(tilts) if covers(tilt, preference)), None)
+        return next((i for i, exponent in enumerate(tilts) if covers(exponent, target_of(preference))), None)
 
     def morl_denoiser(preference: Preference):
         index = morl_index(preference)
@@ -219,14 +229,16 @@ def sd_setting(
     options = {
         "base": session.base, "pipeline": spec.kind, "base_fingerprint": session.base_fingerprint,
         "adapters": {name: _file_digest(path) for name, path in adapters.items()},
-        "morl": [{"tilt": tilt, "file": digest} for tilt, digest in zip(tilts, morl_digests)],
+        "morl": [{"exponent": exponent, "file": digest} for exponent, digest in zip(tilts, morl_digests)],
         "guidance_scale": guidance_scale, "resolution": target.sample_shape[-1] * int(pipe.vae_scale_factor),
         "dtype": dtype, "device": torch.device(device).type, "preview_images": int(preview_images),
     }
     return Setting(
         name=spec.kind, family=family, rewards=rewards,
         scheduler_factory=lambda: type(target.scheduler).from_config(scheduler_config),
-        sample_shape=tuple(target.sample_shape), alpha=float(alpha), decode=target.decode, num_inference_steps=steps,
+        sample_shape=tuple(target.sample_shape), decode=target.decode, num_inference_steps=steps,
+        alpha=target_alpha if target_alpha is not None else blend_target.common_alpha,  # type: ignore[union-attr]
+        alphas=expert_alphas, target_alpha=target_alpha,
         eta=spec.noise_level, prompts=prompts, encode_prompts=target.encode_prompts,
         morl_denoiser=morl_denoiser if morl else None, options=options,
         morl_covers=(lambda p: morl_index(p) is not None) if morl else None, oracle_from_base=True,

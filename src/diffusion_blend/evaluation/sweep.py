@@ -64,7 +64,7 @@ from diffusion_blend.evaluation.pareto import (
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.files import atomic_write, write_json_atomic
 from diffusion_blend.lora import LoraFamily
-from diffusion_blend.preference import BASE, Preference
+from diffusion_blend.preference import BASE, BlendTarget, Preference
 from diffusion_blend.rewards.weighted import active_rewards, weighted_reward_scores
 from diffusion_blend.sampling import sample
 from diffusion_blend.smc import BLENDED, SMCOptions, smc_sample
@@ -112,7 +112,7 @@ class Setting:
     rewards: Mapping[str, Callable[..., torch.Tensor]]
     scheduler_factory: Callable[[], Any]
     sample_shape: tuple[int, ...]
-    alpha: float
+    alpha: float | None  # the experts' one KL weight; None when they differ (then ``alphas``)
     decode: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     num_inference_steps: int = 50
     eta: float = 1.0
@@ -126,6 +126,14 @@ class Setting:
     preview_images: int = 0
     device: str = "cpu"
     smc_proposal: str = "blend"
+    alphas: Mapping[str, float] | None = None  # per basis reward, when the experts' KL weights differ
+    target_alpha: float | None = None  # blend toward p_pre exp(lambda r_w / target_alpha) (BlendTarget)
+
+    def target(self, preference: Preference) -> BlendTarget:
+        """The distribution each method of a cell samples toward (:class:`~diffusion_blend.preference.BlendTarget`):
+        the experts' own alphas (``alphas``, else ``alpha`` for every reward), rescaled by ``target_alpha``."""
+        alphas = dict(self.alphas) if self.alphas is not None else {name: self.alpha for name in self.rewards}
+        return BlendTarget(preference, alphas, self.target_alpha)
 
     def supports(self, method: str) -> str | None:
         """``None`` if ``method`` can run on this setting, else the reason it cannot."""
@@ -231,6 +239,8 @@ def fingerprint(setting: Setting, config: SweepConfig) -> str:
         "prompts": list(setting.prompts or []),
         "hyper": config.hyperparameters(),
     }
+    if setting.alphas is not None or setting.target_alpha is not None:  # (absent otherwise: cached cells stay valid)
+        payload.update(alphas=dict(setting.alphas or {}), target_alpha=setting.target_alpha)
     if "smc_proposal" in payload["hyper"]:
         payload["hyper"]["smc_proposal"] = smc_proposal(setting, config)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -303,9 +313,8 @@ def _oracle_cell(setting: Setting, config: SweepConfig, cell: Cell) -> dict[str,
                 cond=cond, progress=False, device=setting.device,
             ).samples
     scores, _ = _score(setting, samples, prompts)
-    estimate = importance_weighted_oracle(
-        {k: torch.tensor(v) for k, v in scores.items()}, cell.preference, setting.alpha
-    )
+    tilt, alpha = setting.target(cell.preference).tilt()
+    estimate = importance_weighted_oracle({k: torch.tensor(v) for k, v in scores.items()}, tilt, alpha)
     return {
         "expected_rewards": estimate.expected_rewards,
         "standard_errors": estimate.standard_errors,
@@ -330,7 +339,8 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
     scheduler = setting.scheduler_factory()
     common = dict(generator=seed, shape=shape, num_inference_steps=setting.num_inference_steps, eta=setting.eta,
                   cond=cond, progress=False, device=setting.device)
-    preference = cell.preference
+    target = setting.target(cell.preference)
+    preference, (tilt, alpha) = target.blend(), target.tilt()  # the blended experts; the target's exponent
     method = cell.method
     extra: dict[str, Any] = {}
     if method in ("base", "mpa", "ls", "morl", "rs-factors", "rs-deltas"):
@@ -342,7 +352,7 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
             denoiser = SwitchingDenoiser(counting, preference,
                                          torch.Generator().manual_seed((10_007 * seed + 1) % 2**63))
         elif method == "morl":
-            inner = setting.morl_denoiser(preference)
+            inner = setting.morl_denoiser(cell.preference)
 
             def denoiser(x_t, t, **kw):  # noqa: E306 - count one evaluation per row
                 counting.rows += x_t.shape[0]
@@ -357,14 +367,14 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
             samples = sample(denoiser, scheduler, **common).samples
     elif method == "code":
         out = code_sample(
-            counting.member(BASE), scheduler, rewards=setting.rewards, preference=preference, decode=setting.decode,
+            counting.member(BASE), scheduler, rewards=setting.rewards, preference=tilt, decode=setting.decode,
             prompts=prompts, num_candidates=config.code_candidates, block_size=config.code_block_size, **common,
         )
         samples = out.samples
         extra["reward_evaluations"] = out.reward_evaluations
     elif method == "rgg":
         out = guided_sample(
-            counting.member(BASE), scheduler, rewards=setting.rewards, preference=preference, alpha=setting.alpha,
+            counting.member(BASE), scheduler, rewards=setting.rewards, preference=tilt, alpha=alpha,
             decode=setting.decode, prompts=prompts, guidance_scale=config.rgg_scale,
             normalize_gradient=config.rgg_normalize, tempering=config.rgg_tempering, **common,
         )
@@ -374,16 +384,14 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
         options = config.smc_options(smc_proposal(setting, config) if method == "smc" else "base")
         particles = options.particles
 
-        def potential(x: torch.Tensor) -> torch.Tensor:  # r_w of decoded particles (prompts tiled like the rows)
-            return weighted_reward_scores(setting.rewards, preference, setting.decode(x),
+        def potential(x: torch.Tensor) -> torch.Tensor:  # the target's r of decoded particles (prompts tiled)
+            return weighted_reward_scores(setting.rewards, tilt, setting.decode(x),
                                           None if prompts is None else list(prompts) * particles)
 
         # FK steering proposes from the base: no experts to take a potential from, so Tweedie (its own choice)
-        out = smc_sample(
-            counting, preference, scheduler, reward=potential, alpha=setting.alpha, options=options, **common,
-        )
+        out = smc_sample(counting, preference, scheduler, reward=potential, alpha=alpha, options=options, **common)
         samples = out.samples
-        extra["reward_evaluations"] = out.reward_evaluations * len(active_rewards(setting.rewards, preference))
+        extra["reward_evaluations"] = out.reward_evaluations * len(active_rewards(setting.rewards, tilt))
         extra["final_ess"] = out.final_ess.tolist()
         extra["particles"] = particles
     else:
@@ -391,8 +399,8 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
     return samples, prompts, extra
 
 
-def oracle_record_from_base(base_records: Sequence[Mapping[str, Any]], preference: Preference, alpha: float,
-                            num_prompts: int = 1) -> dict[str, Any]:
+def oracle_record_from_base(base_records: Sequence[Mapping[str, Any]], preference: Preference,
+                            target: BlendTarget | float, num_prompts: int = 1) -> dict[str, Any]:
     """The ``is-oracle`` record of ``preference`` from the sweep's base cells (no sampling).
 
     Row ``b`` of every base cell has prompt ``b mod num_prompts``. Per prompt ``c``, the base samples of ``c``
@@ -403,6 +411,9 @@ def oracle_record_from_base(base_records: Sequence[Mapping[str, Any]], preferenc
     """
     if not base_records:
         raise DiffusionBlendError("the base-reweighting oracle needs the base cells (add method 'base')")
+    if not isinstance(target, BlendTarget):  # one alpha for every reward
+        target = BlendTarget(preference, {name: float(target) for name in preference.weights})
+    tilt, alpha = target.tilt()
     names = list(base_records[0]["rewards"])
     per_prompt: list[dict[str, list[float]]] = [{n: [] for n in names} for _ in range(int(num_prompts))]
     for record in sorted(base_records, key=lambda r: r["seed"]):
@@ -410,7 +421,7 @@ def oracle_record_from_base(base_records: Sequence[Mapping[str, Any]], preferenc
             for row, value in enumerate(record["rewards"][name]):
                 per_prompt[row % num_prompts][name].append(value)
     estimates = [importance_weighted_oracle({n: torch.tensor(v, dtype=torch.float64) for n, v in group.items()},
-                                            preference, alpha) for group in per_prompt if group[names[0]]]
+                                            tilt, alpha) for group in per_prompt if group[names[0]]]
     count = len(estimates)
     return {
         "method": "is-oracle",
@@ -522,11 +533,13 @@ def run_sweep(
     if "is-oracle" in config.methods and setting.oracle_from_base:
         base_records = [r for r in records if r["method"] == "base"]
         num_prompts = len(setting.prompts) if setting.prompts else 1
-        records += [oracle_record_from_base(base_records, p, setting.alpha, num_prompts)
+        records += [oracle_record_from_base(base_records, p, setting.target(p), num_prompts)
                     for p in dict.fromkeys(config.preferences)]
     result = aggregate(records, list(setting.rewards))
     result["cells_run"] = len(todo)
     result["setting"] = {"name": setting.name, "options": dict(setting.options), "alpha": setting.alpha,
+                         "alphas": None if setting.alphas is None else dict(setting.alphas),
+                         "target_alpha": setting.target_alpha,
                          "num_inference_steps": setting.num_inference_steps, "eta": setting.eta}
     result["sweep"] = {"methods": list(config.methods), "seeds": list(config.seeds), **config.hyperparameters()}
     from diffusion_blend.evaluation.html import write_html

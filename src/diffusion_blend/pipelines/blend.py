@@ -34,7 +34,7 @@ from torch import nn
 
 from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser, make_denoiser
 from diffusion_blend.lora import LoraFamily, adapter_names
-from diffusion_blend.preference import Preference, PreferenceError
+from diffusion_blend.preference import Preference, PreferenceError, PreferenceSchedule
 from diffusion_blend.sampling import as_generator
 
 METHODS = ("mpa", "ls")
@@ -98,24 +98,29 @@ class DenoiserBlend:
     def __init__(
         self,
         model: nn.Module,
-        preference: Preference,
+        preference: Preference | PreferenceSchedule,
         method: str = "mpa",
         switch_generator: torch.Generator | int | None = None,
         guided_copies: Any = None,
         routing: str = "auto",
+        progress: Any = None,
     ):
         if method not in METHODS:
             raise PreferenceError(f"unknown blend method {method!r}; choose 'mpa' (DB-MPA) or 'ls' (DB-MPA-LS)")
-        if not isinstance(preference, Preference):
-            raise PreferenceError(f"preference must be a diffusion_blend.Preference, got {type(preference).__name__}")
+        if not isinstance(preference, Preference | PreferenceSchedule):
+            raise PreferenceError("preference must be a diffusion_blend.Preference (or a PreferenceSchedule), got "
+                                  f"{type(preference).__name__}")
         names = adapter_names(model)
         if not names:
             raise PreferenceError(
                 f"the pipeline's {type(model).__name__} carries no LoRA adapter; load some with load_adapter()"
             )
-        preference.coefficients(names)  # unknown names fail here, before any work
+        points = [preference] if isinstance(preference, Preference) else preference.preferences()
+        for point in points:
+            point.coefficients(names)  # unknown names fail here, before any work
+            if method == "ls":
+                point.coefficients(names).probabilities()  # negative coefficients fail here
         if method == "ls":
-            preference.coefficients(names).probabilities()  # negative coefficients fail here
             if switch_generator is None:
                 raise PreferenceError("method 'ls' draws a model per step: pass a seed or torch.Generator")
         self.model = model
@@ -129,6 +134,7 @@ class DenoiserBlend:
         self.method = method
         self.switch_generator = None if switch_generator is None else as_generator(switch_generator)
         self.guided_copies = guided_copies or (lambda: 1)
+        self.progress = progress  # a schedule's step progress (the pipeline's scheduler's timesteps)
         self.denoiser: BlendedDenoiser | SwitchingDenoiser | None = None
 
     @property
@@ -162,7 +168,7 @@ class DenoiserBlend:
         timestep = kwargs.pop("timestep")
         if self.denoiser is None:  # built on the first step, when the pipeline has fixed its CFG setting
             self.denoiser = make_denoiser(self.family, self.preference, self.method, self.switch_generator,
-                                          copies=self.guided_copies())
+                                          copies=self.guided_copies(), progress=self.progress)
         prediction = self.denoiser(sample, timestep, **_flatten(kwargs))
         if not return_dict:
             return (prediction,)

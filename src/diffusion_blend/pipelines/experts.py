@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from diffusion_blend.adapters import AdapterMetadata, Expert, effective_alpha
@@ -22,6 +21,7 @@ from diffusion_blend.errors import (
     DiffusionBlendError,
     positive_number,
 )
+from diffusion_blend.pipelines.loading import resolve_adapter_source
 from diffusion_blend.pipelines.lora_files import (
     DIFFUSERS_LORA_NAME,
     read_diffusers_lora_metadata,
@@ -31,7 +31,7 @@ from diffusion_blend.pipelines.lora_files import (
 def expert_metadata(source: str | os.PathLike) -> AdapterMetadata | None:
     """Our metadata of an adapter source (diffusers LoRA file or folder); ``None`` for a foreign file or a peft
     folder. A missing path is refused in one line."""
-    path = Path(source)
+    path = resolve_adapter_source(source)
     if not path.exists():
         raise AdapterMismatchError(f"adapter file or folder {path} does not exist")
     if path.is_dir() and not (path / DIFFUSERS_LORA_NAME).is_file():
@@ -60,6 +60,7 @@ def read_experts(
         default_alpha = positive_number(default_alpha, "--alpha")
     experts = {}
     for name, source in adapters.items():
+        source = resolve_adapter_source(source)  # a hub id: fetched (or found in the cache) once, here
         metadata = expert_metadata(source)
         given = alphas.get(name)
         if given is not None:

@@ -153,7 +153,7 @@ def load_adapter(pipe: Any, source: str | os.PathLike, name: str) -> None:
     non-UNet weights, or does not fit the UNet (modules it lacks, other shapes: another base or rank layout).
     """
     _check_name(blend_model(pipe), name)
-    path = Path(source)
+    path = resolve_adapter_source(source)
     if not path.exists():
         raise AdapterMismatchError(f"adapter {name!r}: no such file or folder: {path}")
     with quiet_third_party():  # diffusers/peft notices that the tensor count below makes redundant
@@ -187,3 +187,35 @@ def load_base_pipeline(pipeline_class: type, base: str | os.PathLike, **from_pre
         raise DiffusionBlendError(f"cannot load base model {str(base)!r}: {_short(err)}") from None
 
 
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(:[\w./\-]+)?(@[\w.\-/]+)?$")
+ADAPTER_PATTERNS = ("*.safetensors", "*.json")
+"""What is fetched of an adapter's hub repository: its weights and configs, never a whole pipeline."""
+
+
+def resolve_adapter_source(source: str | os.PathLike) -> Path:
+    """A local adapter file or folder for ``source``: a path as it is, or a hub id ``ORG/NAME[:SUBFOLDER][@REVISION]``
+    (e.g. ``jieliu/SD3.5M-FlowGRPO-PickScore``) fetched through huggingface_hub, only its ``*.safetensors`` and
+    ``*.json`` files (in ``SUBFOLDER``). With ``HF_HUB_OFFLINE=1`` only the local cache is read; an id that is neither
+    a path nor fetchable gets one line naming it."""
+    path = Path(source)
+    text = str(source)
+    if path.exists() or not _HUB_ID.match(text):
+        return path
+    repo, _, revision = text.partition("@")
+    repo, _, subfolder = repo.partition(":")
+    patterns = [f"{subfolder.strip('/')}/{p}" for p in ADAPTER_PATTERNS] if subfolder else list(ADAPTER_PATTERNS)
+    try:
+        from huggingface_hub import snapshot_download
+
+        with quiet_third_party():
+            folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - offline, unknown repo, network: one line naming the id
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        why = "not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloads" if offline else _short(err)
+        raise AdapterMismatchError(f"adapter {text!r} is not a local path, and as a hub id: {why}") from None
+    folder = folder / subfolder if subfolder else folder
+    if not folder.exists():
+        raise AdapterMismatchError(f"adapter {text!r}: the hub repository has no folder {subfolder!r}")
+    return folder

@@ -26,7 +26,7 @@ from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.pipelines.classes import load_blend_pipeline
 from diffusion_blend.pipelines.experts import check_fingerprints, read_experts
 from diffusion_blend.pipelines.kinds import pipeline_kind, spec_of
-from diffusion_blend.preference import Preference
+from diffusion_blend.preference import BlendTarget, Preference, PreferenceSchedule
 from diffusion_blend.spec import ModelSpec
 
 SCHEDULER_CHOICES = ("ddim", "sde", "pipeline")
@@ -142,8 +142,38 @@ class BlendSession:
         """The experts' common effective KL weight (one line when unknown or when they differ)."""
         return common_alpha(self.experts, why)
 
+    def target(self, preference: Preference, target_alpha: float | None = None, why: str | None = None
+               ) -> BlendTarget | None:
+        """The distribution the blend of ``preference`` serves (:class:`~diffusion_blend.preference.BlendTarget`:
+        each expert's effective alpha; with ``target_alpha`` the coefficients rescaled to serve it). ``None`` when an
+        expert's alpha is unknown (a foreign file without ``--alpha``), unless ``why`` names what needs it: then one
+        line asks for it."""
+        missing = [name for name in preference.weights if self.experts[name].alpha is None]
+        if missing:
+            if why is None and target_alpha is None:
+                return None
+            raise DiffusionBlendError(f"{why or '--target-alpha'} needs each expert's KL weight alpha; "
+                                      f"{', '.join(missing)} carry none in their metadata (give --alpha NAME=A)")
+        alphas = {name: float(self.experts[name].alpha) for name in preference.weights}  # type: ignore[arg-type]
+        return BlendTarget(preference, alphas, target_alpha)
+
+    def _blended(self, preference: Preference | PreferenceSchedule, method: str, target_alpha: float | None
+                 ) -> tuple[BlendTarget | None, Preference | PreferenceSchedule]:
+        """The target the blend serves (``None``: unknown, or a schedule's) and what the sampler blends with."""
+        if isinstance(preference, PreferenceSchedule):
+            if method == "smc":
+                raise DiffusionBlendError("SMC targets a fixed preference p_pre exp(lambda r_w / alpha); a weight "
+                                          "schedule is not one: give fixed --weights with --method smc")
+            if target_alpha is None:
+                return None, preference
+            alphas = self.target(preference.at(0.0), target_alpha, why="--target-alpha").alphas  # type: ignore[union-attr]
+            return None, preference.rescaled({name: alphas[name] / target_alpha for name in preference.weights})
+        target = self.target(preference, target_alpha, why="--method smc" if method == "smc" else None)
+        return target, (preference if target is None else target.blend())
+
     def weighted_reward(self, preference: Preference, why: str = "SMC"):
-        """``r_w(images, prompts) = sum_i w_i r_i`` over the experts' basis rewards (paper section 1)."""
+        """``r_w(images, prompts) = sum_i w_i r_i`` over the experts' basis rewards (paper section 1); with a
+        :meth:`target`'s tilt preference, the target's exponent ``sum_i u_i r_i``."""
         from diffusion_blend.rewards.weighted import weighted_reward_scores
 
         rewards = self.reward_functions(why)
@@ -169,12 +199,17 @@ class BlendSession:
         smc: Any = None,
         routing: str = "auto",
         output_type: str = "pil",
+        target_alpha: float | None = None,
     ) -> SessionResult:
         """``num_images`` images of ``prompt`` under ``preference`` with ``method`` (``mpa``: DB-MPA / DB-KLA, ``ls``:
         DB-MPA-LS, ``smc``: SMC on the blend with ``smc`` options). Image ``k`` draws its noise from seed ``seed + k``
         (paired across preferences, as in the paper's evaluation); DB-MPA-LS draws its experts from ``seed``; SMC
-        draws every image from one generator seeded with ``seed``. Unset sampling options come from the spec."""
+        draws every image from one generator seeded with ``seed``. Unset sampling options come from the spec.
+        Experts of different KL weights blend toward the target :meth:`target` states (``target_alpha``: rescaled to
+        serve ``p_pre exp(lambda r_w / target_alpha)``); settings.json records it."""
         import torch
+
+        target, blended = self._blended(preference, method, target_alpha)
 
         steps = self.spec.steps if steps is None else int(steps)
         guidance = self.spec.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -184,15 +219,21 @@ class BlendSession:
             num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type=output_type,
             **({} if self.spec.flow else {"eta": self.noise_level}),
         )
+        coefficients = (blended if isinstance(blended, Preference) else blended.at(0.0)).coefficients(self.experts)
         settings = {"steps": steps, "guidance_scale": guidance, "noise_level": self.noise_level,
-                    "scheduler": type(self.pipe.scheduler).__name__, "routing": routing}
+                    "scheduler": type(self.pipe.scheduler).__name__, "routing": routing,
+                    "coefficients": {"base" if m is None else m: c for m, c in coefficients.items()},
+                    "target": None if target is None else target.describe()}
+        if isinstance(preference, PreferenceSchedule):
+            settings["schedule"] = {"weights": str(blended), "note": "a weight schedule blends each step with that "
+                                    "step's weights: in general not a tilt of the base (docs/method.md)"}
         if method == "smc":
             from diffusion_blend.smc import SMCOptions
 
             smc = SMCOptions() if smc is None else smc
-            alpha = self.alpha("--method smc")
-            images = self.pipe(preference=preference, method="smc", reward=self.weighted_reward(preference),
-                               alpha=alpha, smc=smc, routing=routing, generator=seed, **call).images
+            tilt, alpha = target.tilt()  # type: ignore[union-attr]
+            images = self.pipe(preference=blended, method="smc", reward=self.weighted_reward(tilt), alpha=alpha,
+                               smc=smc, routing=routing, generator=seed, **call).images
             stats = self.pipe.last_smc
             settings.update(seeds=[seed], smc=smc.describe(), smc_alpha=alpha,
                             network_evaluations_per_image=stats.network_evaluations,
@@ -200,7 +241,7 @@ class BlendSession:
             return SessionResult(images, settings)
         generators = [torch.Generator(self.device).manual_seed(seed + k) for k in range(num_images)]
         switch = torch.Generator().manual_seed(seed) if method == "ls" else None
-        images = self.pipe(preference=preference, method=method, switch_generator=switch, routing=routing,
+        images = self.pipe(preference=blended, method=method, switch_generator=switch, routing=routing,
                            generator=generators, **call).images
         blend = self.pipe.last_blend
         component = self.pipe.blend_component

@@ -62,8 +62,8 @@ from diffusion_blend.pipelines.conditioning import (
 )
 from diffusion_blend.pipelines.kinds import spec_of
 from diffusion_blend.pipelines.loading import load_adapter, load_adapters
-from diffusion_blend.preference import Preference
-from diffusion_blend.sampling import as_generator
+from diffusion_blend.preference import Preference, PreferenceSchedule
+from diffusion_blend.sampling import as_generator, timestep_progress
 from diffusion_blend.smc import SMCOptions, SMCOutput, smc_sample
 from diffusion_blend.spec import ModelSpec
 
@@ -287,7 +287,7 @@ class BlendPipelineMixin:
     def _blend_call(
         self,
         *,
-        preference: Preference | None = None,
+        preference: Preference | PreferenceSchedule | None = None,
         method: str = "mpa",
         switch_generator: torch.Generator | int | None = None,
         routing: str | None = None,
@@ -305,7 +305,8 @@ class BlendPipelineMixin:
         if method == "ls" and switch_generator is None:
             switch_generator = _derived_switch_generator(kwargs.get("generator"))
         blend = DenoiserBlend(self.blend_model, preference, method, switch_generator,
-                              guided_copies=self._guided_copies, routing=self.routing if routing is None else routing)
+                              guided_copies=self._guided_copies, routing=self.routing if routing is None else routing,
+                              progress=timestep_progress(self.scheduler))
         self.last_blend = blend
         with blended_denoiser(self.blend_model, blend):
             return self._stock_call(**kwargs)

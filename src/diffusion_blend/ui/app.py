@@ -237,6 +237,8 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
             smc_text += f", proposal tilt {tilt_value:g}" if smc and tilt_value != 1 else ""
             shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}"
                      f"{smc_text}, seed {seed}.")
+            if hasattr(studio, "target_line"):  # experts of their own alphas: the distribution this serves
+                shown += f" The blend serves the {studio.target_line(preference)}."
             return (result.images, format_scores(result.scores, result.seconds, result.standard_errors),
                     pareto_figure(pareto_reference, result.scores, result.standard_errors), shown,
                     {"values": list(values), "shown": shown})

@@ -31,7 +31,7 @@ class PipelineStudio:
     text_conditioned = True
 
     def __init__(self, session: BlendSession, *, num_images: int = 4, steps: int | None = None,
-                 guidance_scale: float | None = None, resolution: int | None = None):
+                 guidance_scale: float | None = None, resolution: int | None = None, target_alpha: float | None = None):
         for value, what in ((num_images, "number of images"), (steps or 1, "number of steps")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffusionBlendError(f"{what} must be a positive integer, got {value!r}")
@@ -42,6 +42,7 @@ class PipelineStudio:
         self.steps = session.spec.steps if steps is None else steps
         self.guidance_scale = session.spec.guidance_scale if guidance_scale is None else float(guidance_scale)
         self.resolution = resolution
+        self.target_alpha = target_alpha
         labels = ", ".join(f"{name} ({session.experts[name].reward})" for name in self.reward_names)
         self.description = (
             f"{session.spec.label} base with experts {labels}; {num_images} images per prompt, "
@@ -50,17 +51,28 @@ class PipelineStudio:
 
     @property
     def smc_unavailable(self) -> str | None:
-        """Why SMC is off (the experts' alpha unknown or differing), or ``None`` when it runs."""
-        try:
-            self.session.alpha("SMC")
-        except DiffusionBlendError as err:
-            return str(err)
+        """Why SMC is off (an expert's alpha unknown), or ``None`` when it runs."""
+        missing = [name for name in self.reward_names if self.session.experts[name].alpha is None]
+        if missing:
+            return (f"SMC needs each expert's KL weight alpha; {', '.join(missing)} carry none in their metadata "
+                    "(start the UI with --alpha NAME=A)")
         return None
+
+    def target_line(self, preference: Preference) -> str:
+        """The distribution ``preference`` serves, in words (the status line's; :class:`BlendTarget`)."""
+        target = self.session.target(preference, self.target_alpha)
+        if target is None:
+            return "target unknown (an expert's KL weight alpha is unknown)"
+        alphas = ", ".join(f"{name} {alpha:g}" for name, alpha in target.alphas.items())
+        return f"target {target.describe()['target']} (experts' alpha: {alphas})"
 
     @property
     def alpha(self) -> float | None:
-        """The experts' common effective KL weight (SMC's target), or ``None`` when SMC is off."""
-        return None if self.smc_unavailable else self.session.alpha("SMC")
+        """The experts' common effective KL weight, or ``None`` when unknown or when they differ."""
+        try:
+            return self.session.alpha("SMC")
+        except DiffusionBlendError:
+            return None
 
     @property
     def supports_smc(self) -> bool:
@@ -86,7 +98,7 @@ class PipelineStudio:
         result = self.session.generate(
             prompt.strip(), preference, method=method, num_images=self.num_images, seed=int(seed), steps=self.steps,
             guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution, output_type="pt",
-            **options)
+            target_alpha=self.target_alpha, **options)
         images = result.images.float().cpu()
         prompts = [prompt.strip()] * images.shape[0]
         stats = {name: mean_and_standard_error(fn(images, prompts).detach()) for name, fn in self.rewards.items()}

@@ -377,20 +377,23 @@ def tilted_target(
 
 
 def ideal_family(
-    base: GaussianMixture, rewards: Mapping[str, QuadraticForm], alpha: float, scheduler_or_alphas_cumprod: Any
+    base: GaussianMixture, rewards: Mapping[str, QuadraticForm], alpha: float | Mapping[str, float],
+    scheduler_or_alphas_cumprod: Any,
 ) -> CallableFamily:
-    """Base and one ideal fine-tuned expert per basis reward at KL weight ``alpha``, as exact denoisers.
+    """Base and one ideal fine-tuned expert per basis reward at KL weight ``alpha`` (one for all, or one per reward:
+    experts fine-tuned with different KL weights), as exact denoisers.
 
     A flow-matching scheduler (diffusers' ``FlowMatchEulerDiscreteScheduler`` or our ``FlowMatchSDEScheduler``) gives
     exact velocities (:class:`MixtureVelocity`) instead of noise predictions."""
+    alphas = dict(alpha) if isinstance(alpha, Mapping) else {name: alpha for name in rewards}
     if _is_flow_scheduler(scheduler_or_alphas_cumprod):
         steps = int(scheduler_or_alphas_cumprod.config.num_train_timesteps)
-        experts = {name: MixtureVelocity(ideal_expert(base, reward, alpha), steps) for name, reward in rewards.items()}
+        experts = {name: MixtureVelocity(ideal_expert(base, reward, alphas[name]), steps)
+                   for name, reward in rewards.items()}
         return CallableFamily(MixtureVelocity(base, steps), experts)
     alphas_cumprod = _alphas_cumprod(scheduler_or_alphas_cumprod)
-    experts = {
-        name: MixtureDenoiser(ideal_expert(base, reward, alpha), alphas_cumprod) for name, reward in rewards.items()
-    }
+    experts = {name: MixtureDenoiser(ideal_expert(base, reward, alphas[name]), alphas_cumprod)
+               for name, reward in rewards.items()}
     return CallableFamily(MixtureDenoiser(base, alphas_cumprod), experts)
 
 
