@@ -33,10 +33,9 @@ def files(tmp_path_factory):
               metadata={"unet_lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8}), "format": "pt"})
     save_file({**lora("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v", 2048),
                **lora("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 768)}, root / "sdxl.safetensors")
-    kohya = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
-             torch.zeros(16, 768),
-             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(320, 16),
-             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.alpha": torch.tensor(8.0)}
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    kohya = {f"{module}.lora_down.weight": torch.zeros(16, 768), f"{module}.lora_up.weight": torch.zeros(320, 16),
+             f"{module}.alpha": torch.tensor(8.0)}
     save_file(kohya, root / "kohya.safetensors")
     peft = root / "flow_grpo"
     peft.mkdir()
@@ -137,7 +136,8 @@ def test_adapters_by_hub_id_offline(tiny, tmp_path, monkeypatch, capsys):
 
     cache = tmp_path / "hub"
     fake_hub_cache(cache, "someone/bright-expert", {"pytorch_lora_weights.safetensors": tiny / "bright.safetensors"})
-    fake_hub_cache(cache, "someone/two-experts", {"bright/pytorch_lora_weights.safetensors": tiny / "bright.safetensors"})
+    fake_hub_cache(cache, "someone/two-experts",
+                   {"bright/pytorch_lora_weights.safetensors": tiny / "bright.safetensors"})
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = ["sample", "--base", str(tiny / "base"), "--adapter", "b=someone/bright-expert", "--adapter",

@@ -251,8 +251,8 @@ class PreferenceSchedule:
 
     def rescaled(self, factors: Mapping[str, float]) -> PreferenceSchedule:
         """The schedule with reward ``i``'s weights times ``factors[i]`` at every key point (e.g. ``alpha_i / A``)."""
-        return PreferenceSchedule({n: tuple((u, v * factors[n]) for u, v in points) for n, points in self.weights.items()},
-                                  self.kl_scale)
+        weights = {n: tuple((u, v * factors[n]) for u, v in points) for n, points in self.weights.items()}
+        return PreferenceSchedule(weights, self.kl_scale)
 
     def __str__(self) -> str:
         parts = [f"{n}=" + ":".join(f"{v:g}@{u:g}" for u, v in points) for n, points in self.weights.items()]
