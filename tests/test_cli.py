@@ -64,13 +64,13 @@ def test_version_and_help_show_defaults(capsys):
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"dblend (diffusion-blend) {__version__}"
     commands = build_parser()._subparsers._group_actions[0].choices
     sample_help = " ".join(commands["sample"].format_help().split())
-    assert "(default: mpa)" in sample_help and "(default: auto)" in sample_help and "(default: the kind" in sample_help
+    assert "(default: mpa)" in sample_help and "(default: auto)" in sample_help and "(default: the base kind" in sample_help
     assert "defaults per base kind" in sample_help and "flow SDE, noise level 0.7" in sample_help
     assert "(default: None)" not in sample_help and "(default: False)" not in sample_help
     evaluate_help = " ".join(commands["evaluate"].format_help().split())
     unwrapped = evaluate_help.replace("- ", "-")  # argparse wraps after a hyphen
     assert all(f" {method}," in unwrapped or f" {method} " in unwrapped for method in METHODS), unwrapped
-    assert "(default: 64)" in evaluate_help  # --samples-per-seed had no default shown before
+    assert "(default gmm: 64" in evaluate_help  # --samples-per-seed had no default shown before
 
 
 def test_finetune_verify_quick_report_says_smoke_run():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -76,13 +77,17 @@ def test_miniature_sweep_writes_every_file_and_resumes(tmp_path):
     assert set(both["fronts"]) == set(METHODS) and all(f["hypervolume"] >= 0 for f in both["fronts"].values())
     base_rows = [r for r in both["rows"] if r["method"] == "base"]
     assert all(r["win_rate"] == 0.5 and abs(r["gain_weighted_reward"]) < 1e-12 for r in base_rows)
-    for name in ("fronts.png", "weighted_reward_vs_w.png", "reward_vs_lambda.png"):
-        image = matplotlib.image.imread(tmp_path / name)
+    report = tmp_path / "report"
+    for name in ("fronts.png", "weighted_reward_vs_w.png"):
+        image = matplotlib.image.imread(report / name)
         assert image.ndim == 3 and image.shape[0] > 100
+    assert not (report / "reward_vs_lambda.png").exists()  # one lambda: a plot against lambda says nothing
     page = _Images()
-    page.feed((tmp_path / "summary.html").read_text())
-    assert page.tables == 2 and sorted(page.images) == sorted(both["plots"].values())
-    assert all((tmp_path / src).exists() for src in page.images)
+    text = (report / "index.html").read_text()
+    page.feed(text)
+    assert page.tables == 2 and sorted(page.images) == sorted(Path(p).name for p in both["plots"].values())
+    assert all((report / src).exists() for src in page.images)
+    assert "is-oracle</b> is the exact target" in text and "{" not in text.split("<h2>Setting</h2>")[1][:2000]
 
     again = run_sweep(setting, config, tmp_path, progress=False)
     assert again["cells_run"] == 0 and counting.rows == first  # nothing re-evaluated
@@ -126,5 +131,5 @@ def test_two_process_torchrun_splits_cells(tmp_path):
     cells = list((tmp_path / "cells").rglob("*.json"))
     assert len(cells) == 4 + 2 * 2 * 4
     assert {json.loads(path.read_text())["process_index"] for path in cells} == {0, 1}  # both processes worked
-    assert (tmp_path / "summary.html").exists() and (tmp_path / "results.csv").exists()
+    assert (tmp_path / "report" / "index.html").exists() and (tmp_path / "results.csv").exists()
     assert done.stdout.count("cell(s) computed") == 1  # only rank 0 aggregates and reports

@@ -71,7 +71,7 @@ def experts(tmp_path_factory, one_thread):
 
 def _argv(root, files, out, *extra, brightness=None, saturation=None):
     return ["evaluate", "--setting", "sd", "--base", str(root / "base"), "--prompts", str(root / "prompts.txt"),
-            "--rewards", ",".join(REWARDS), "--adapter", f"brightness={brightness or files['brightness']}",
+            "--adapter", f"brightness={brightness or files['brightness']}",
             "--adapter", f"saturation={saturation or files['saturation']}", "--steps", str(STEPS), "--guidance-scale",
             str(GUIDANCE), "--seeds", "0,1", "--code-candidates", "2", "--code-block-size", "1", "--particles", "2",
             "--device", "cpu", "--no-progress", "--out", str(out), *extra]
@@ -111,7 +111,7 @@ def test_sd_sweep_full_table_fronts_report_and_a_rerun_recomputes_nothing(expert
                  "--morl", f"0.5={files['morl']}", "--preview-images", "2")
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"alpha = {ALPHA:g}" in printed  # read from the experts' metadata (no --alpha given)
+    assert f"experts' alpha: brightness {ALPHA:g}, saturation {ALPHA:g}" in printed  # from the metadata
 
     with open(out / "results.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -180,12 +180,12 @@ def test_sd_sweep_full_table_fronts_report_and_a_rerun_recomputes_nothing(expert
     assert zero["mean_brightness"] == pytest.approx(np.mean([c["rewards"]["brightness"] for c in base_cells]))
 
     # the report: tables, plots and an image grid of small PNG strips that exist
-    page = (out / "summary.html").read_text()
+    page = (out / "report" / "index.html").read_text()
     assert "Image grid" in page and page.count('class="strip"') >= len(cells)
     strips = list((out / "images").rglob("*.png"))
     assert len(strips) == len(cells) and all(path.stat().st_size < 20_000 for path in strips)
     for name in ("fronts.png", "weighted_reward_vs_w.png", "reward_vs_lambda.png"):
-        assert (out / name).stat().st_size > 1000
+        assert (out / "report" / name).stat().st_size > 1000
 
     # rerun: nothing is recomputed (any UNet or VAE forward fails), same table
     def fail(*args, **kwargs):
@@ -210,22 +210,32 @@ def _rewrite_metadata(source: Path, path: Path, **changes) -> Path:
     return atomic_save_safetensors(tensors, path, header)
 
 
+def _foreign(source: Path, path: Path) -> Path:
+    """A copy of a LoRA file without our metadata (as other people's files are)."""
+    with safe_open(str(source), framework="pt") as handle:
+        header = {k: v for k, v in handle.metadata().items() if not k.startswith("diffusion_blend.")}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return atomic_save_safetensors(tensors, path, header)
+
+
 def test_sd_refusals_are_one_line(experts, tmp_path, capsys):
     root, files = experts
-    other_alpha = _rewrite_metadata(files["saturation"], tmp_path / "alpha.safetensors", alpha=2.0)
+    foreign = _foreign(files["saturation"], tmp_path / "foreign.safetensors")
     other_base = _rewrite_metadata(files["saturation"], tmp_path / "fp.safetensors", base_fingerprint="0" * 64)
     moved = {name: _rewrite_metadata(files[name], tmp_path / f"moved_{name}.safetensors", base_fingerprint="1" * 64)
              for name in REWARDS}
     out = str(tmp_path / "bad")
     cases = {
         "fine-tuned on another base model": ([], moved),
-        "different effective KL weights alpha": ([], other_alpha),
+        "unbounded": (["--reward", "saturation=saturation", "--alpha", "saturation=0"], foreign),
         "different base models": ([], other_base),
-        "unknown reward": (["--rewards", "brightness,no_such_reward"], None),
+        "unknown reward": (["--reward", "saturation=no_such_reward", "--alpha", f"saturation={ALPHA}"], foreign),
+        "was fine-tuned on 'saturation', not on": (["--reward", "saturation=brightness"], None),
         "prompts file": (["--prompts", str(tmp_path / "missing.txt")], None),
-        "rgg needs differentiable rewards": (["--rewards", "brightness,jpeg_compressibility", "--methods",
-                                              "base,rgg"], None),
-        "one --adapter NAME=PATH per reward": (["--rewards", "brightness"], None),
+        "rgg needs differentiable rewards": (["--reward", "saturation=jpeg_compressibility", "--alpha",
+                                              f"saturation={ALPHA}", "--methods", "base,rgg"], foreign),
+        "two experts serve the same reward": (["--reward", "saturation=brightness", "--alpha", f"saturation={ALPHA}"],
+                                              foreign),
         "--morl": (["--methods", "base,morl", "--morl", f"0.3={files['morl']}"], None),
     }
     if not torch.cuda.is_available():
@@ -250,8 +260,9 @@ def test_sdxl_sweep_in_chunks_matches_the_stock_sdxl_pipeline(tmp_path, capsys):
     files = write_adapters(StableDiffusionXLPipeline, tmp_path / "base", tmp_path, {"brightness": 1, "saturation": 2})
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     argv = ["evaluate", "--setting", "sd", "--base", str(tmp_path / "base"), "--prompts", str(tmp_path / "prompts.txt"),
-            "--rewards", "brightness,saturation", "--adapter", f"brightness={files['brightness']}", "--adapter",
-            f"saturation={files['saturation']}", "--alpha", "1", "--methods", "base,mpa,ls", "--weights",
+            "--reward", "brightness=brightness", "--reward", "saturation=saturation", "--adapter",
+            f"brightness={files['brightness']}", "--adapter", f"saturation={files['saturation']}", "--alpha", "1",
+            "--methods", "base,mpa,ls", "--weights",
             "brightness=1,saturation=0", "--seeds", "3", "--samples-per-seed", "4", "--batch-size", "2", "--steps",
             str(STEPS), "--guidance-scale", str(GUIDANCE), "--device", "cpu", "--no-progress", "--out",
             str(tmp_path / "out")]
@@ -298,4 +309,4 @@ def test_two_process_torchrun_splits_sd_cells(experts, tmp_path):
     cells = list((tmp_path / "cells").rglob("*.json"))
     assert len(cells) == 3 + 2 * 3
     assert {json.loads(path.read_text())["process_index"] for path in cells} == {0, 1}  # both processes worked
-    assert (tmp_path / "summary.html").exists() and done.stdout.count("cell(s) computed") == 1
+    assert (tmp_path / "report" / "index.html").exists() and done.stdout.count("cell(s) computed") == 1

@@ -107,22 +107,25 @@ def test_cli_finetune_sd3_then_sample_reads_the_expert_alpha(sd3_run, tmp_path):
     root, _, _ = sd3_run
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\n")
-    code = main(["finetune", "--target", "sd3", "--base", str(root / "base"), "--prompts", str(prompts),
+    code = main(["finetune", "--kind", "sd3", "--base", str(root / "base"), "--prompts", str(prompts),
                  "--rewards", "jpeg_compressibility=1", "--alpha", "0.25", "--iterations", "1", "--batch-size", "2",
                  "--minibatch-size", "2", "--steps", "2", "--eta", "0.7", "--resolution", str(SIZE),
-                 "--out", str(tmp_path / "run"), "--quiet"])
+                 "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 0 and (tmp_path / "run" / DIFFUSERS_LORA_NAME).is_file()
     args = ["sample", "--base", str(root / "base"), "--adapter", f"a={tmp_path / 'run'}", "--weights", "a=1",
-            "--prompt", "a cat", "--steps", "2", "--height", "16", "--width", "16"]
+            "--prompt", "a cat", "--steps", "2", "--resolution", "16", "--num-images", "1"]
     assert main([*args, "--out", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "settings.json").read_text())["experts"]["a"]["alpha"] == 0.25
     # a second expert trained with another alpha blends (each expert tilts by its own r_i / alpha_i), and
-    # settings.json records each expert's alpha; SMC, whose target needs one alpha, refuses them in one line
+    # settings.json records each expert's alpha; SMC targets what the blend serves (implied weights w_i / alpha_i)
     two = [*args[:4], f"a={tmp_path / 'run'}", "--adapter", f"b={root / 'run'}", "--weights", "a=0.5,b=0.5", *args[7:]]
     assert main([*two, "--out", str(tmp_path / "x")]) == 0
     experts = json.loads((tmp_path / "x" / "settings.json").read_text())["experts"]
     assert experts["a"]["alpha"] == 0.25 and experts["b"]["alpha"] != 0.25
-    assert main([*two, "--method", "smc", "--particles", "2", "--out", str(tmp_path / "y")]) == 2
+    assert main([*two, "--method", "smc", "--particles", "2", "--out", str(tmp_path / "y")]) == 0
+    smc = json.loads((tmp_path / "y" / "settings.json").read_text())
+    alphas = {name: smc["experts"][name]["alpha"] for name in ("a", "b")}
+    assert smc["target"]["implied_weights"] == pytest.approx({name: 0.5 / alphas[name] for name in alphas})
 
 
 def test_rollout_kl_is_the_exact_gaussian_kl_of_the_guided_sde_steps(sd3_run):

@@ -255,7 +255,7 @@ def flow_cli(files, out, *extra):
     root, adapters = files
     return main(["sample", "--base", str(root / "base"), "--adapter", f"a={adapters['aesthetic']}",
                  "--adapter", f"b={adapters['align']}", "--weights", "a=0.3,b=0.7", "--prompt", "a cat",
-                 "--out", str(out), "--steps", "3", "--height", "16", "--width", "16", "--num-images", "2", *extra])
+                 "--out", str(out), "--steps", "3", "--resolution", "16", "--num-images", "2", *extra])
 
 
 @pytest.mark.parametrize("which", ["sd3", "flux"])
@@ -304,7 +304,7 @@ def test_cli_flow_refusals_are_one_line(sd3_files, tmp_path, capsys):
 
 
 def test_ui_studio_detects_sd3_and_matches_the_pipeline(sd3_files):
-    """``dblend ui --sd-base`` on an SD3 folder: the studio loads BlendStableDiffusion3Pipeline with the SDE sampler,
+    """``dblend ui --base`` on an SD3 folder: the studio loads BlendStableDiffusion3Pipeline with the SDE sampler,
     and its images are the pipeline's for the same seed (SDE noise derived from the seed)."""
     from diffusion_blend.pipelines.session import BlendSession
     from diffusion_blend.ui.pipeline_studio import PipelineStudio
@@ -313,7 +313,7 @@ def test_ui_studio_detects_sd3_and_matches_the_pipeline(sd3_files):
     root, adapters = sd3_files
     session = BlendSession.open(root / "base", adapters, rewards={"aesthetic": "jpeg_compressibility",
                                                                "align": "jpeg_compressibility"})
-    studio = PipelineStudio(session, num_images=1, steps=STEPS, guidance_scale=4.0, resolution=SIZE)
+    studio = PipelineStudio(session, num_images=1, steps=STEPS, guidance_scale=4.0, height=SIZE, width=SIZE)
     pipe = session.pipe
     assert isinstance(pipe, BlendStableDiffusion3Pipeline)
     assert isinstance(pipe.scheduler, FlowMatchSDEScheduler) and pipe.scheduler.config.noise_level == 0.7

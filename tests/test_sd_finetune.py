@@ -177,7 +177,7 @@ def test_cli_finetunes_a_saved_sd_base_and_fails_in_one_line(trained, tmp_path, 
     root, _, _ = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na red house\n")
-    common = ["finetune", "--target", "sd", "--prompts", str(prompts), "--alpha", "1", "--quiet"]
+    common = ["finetune", "--kind", "sd", "--prompts", str(prompts), "--alpha", "1", "--no-progress"]
     out = tmp_path / "run"
     argv = [*common, "--base", str(root / "base"), "--rewards", "jpeg_compressibility=1", "--iterations", "1",
             "--batch-size", "2", "--minibatch-size", "2", "--steps", "3", "--guidance-scale", "3", "--out", str(out)]
@@ -201,10 +201,10 @@ def test_cli_pathwise_low_precision_checkpointed_run_and_its_refusals(trained, t
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     out = tmp_path / "run"
-    argv = ["finetune", "--target", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
+    argv = ["finetune", "--kind", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
             "brightness=1", "--alpha", "0.5", "--estimator", "pathwise", "--dtype", "bfloat16",
             "--gradient-checkpointing", "--backprop-steps", "2", "--device", "cpu", "--iterations", "1",
-            "--batch-size", "2", "--steps", "3", "--quiet", "--out", str(out)]
+            "--batch-size", "2", "--steps", "3", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     config = read_diffusers_lora_metadata(out / DIFFUSERS_LORA_NAME).training_config
     assert (config["estimator"], config["dtype"], config["gradient_checkpointing"], config["backprop_steps"]) == (
@@ -217,7 +217,7 @@ def test_cli_pathwise_low_precision_checkpointed_run_and_its_refusals(trained, t
     if not torch.cuda.is_available():
         refusals.append(["--device", "cuda"])
     for extra in refusals:
-        bad = ["finetune", "--target", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
+        bad = ["finetune", "--kind", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
                "brightness=1", "--alpha", "1", "--out", str(tmp_path / "bad"), *extra]
         try:
             status = main(bad)
@@ -226,6 +226,10 @@ def test_cli_pathwise_low_precision_checkpointed_run_and_its_refusals(trained, t
         assert status == 2, extra
         err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
         assert len(err) == 1 and err[0].startswith("dblend: error: "), (extra, err)
+    capsys.readouterr()
+    main(["finetune", "--kind", "sd", "--base", str(root / "base"), "--prompts", str(prompts), "--rewards",
+          "brightness=1", "--alpha", "1", "--out", str(tmp_path / "bad"), "--backprop-steps", "2"])
+    assert "--backprop-steps applies to the pathwise estimator only (--estimator pathwise)" in capsys.readouterr().err
 
 
 def test_finetune_help_prints_per_target_defaults(capsys):
@@ -269,12 +273,12 @@ def test_sdxl_adapter_round_trips_into_stock_sdxl_and_the_blend_pipeline(tmp_pat
     assert (expected - base_image).abs().max() > 1e-3  # the adapter changes the image: the check has teeth
     metadata = read_diffusers_lora_metadata(tmp_path / "run")
     assert metadata.rewards == {"brightness": 100.0} and metadata.rank == 4
-    # the CLI path: --target sdxl on the saved base writes a run folder stock SDXL loads
+    # the CLI path: --kind sdxl on the saved base writes a run folder stock SDXL loads
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
-    argv = ["finetune", "--target", "sdxl", "--base", str(tmp_path / "base"), "--prompts", str(prompts),
+    argv = ["finetune", "--kind", "sdxl", "--base", str(tmp_path / "base"), "--prompts", str(prompts),
             "--rewards", "brightness=1", "--alpha", "1", "--iterations", "1", "--batch-size", "1", "--steps", "2",
-            "--quiet", "--out", str(tmp_path / "cli")]
+            "--no-progress", "--out", str(tmp_path / "cli")]
     assert main(argv) == 0
     stock.load_lora_weights(tmp_path / "cli", adapter_name="cli")
     assert "cli" in stock.get_list_adapters()["unet"]

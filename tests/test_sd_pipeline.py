@@ -536,7 +536,8 @@ def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_p
     assert not np.array_equal(images["blend"], images["twisted"])
     capsys.readouterr()
     assert cli(sd_files, tmp_path / "no-alpha", "--method", "smc", *rewards) == 2
-    assert cli(sd_files, tmp_path / "not-smc", *rewards) == 2
+    assert cli(sd_files, tmp_path / "not-smc", "--particles", "2", *rewards) == 2  # an SMC flag without SMC
     assert cli(sd_files, tmp_path / "bad-n", "--method", "smc", "--particles", "0", "--alpha", "1", *rewards) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and "alpha" in errors[0] and "--reward" in errors[1] and "particles" in errors[2]
+    assert len(errors) == 3 and "alpha" in errors[0] and "--particles is for --method smc" in errors[1]
+    assert "--particles must be" in errors[2]

@@ -1,7 +1,7 @@
 """One spec per model kind (issue 21): every entry point resolves the same guidance, steps, sampler and noise level.
 
 For each kind (tiny SD, SDXL, SD3, FLUX bases built offline) and with no sampling flag given: ``dblend sample``
-(its settings.json), ``dblend ui --sd-base`` (the studio it builds), ``dblend evaluate --setting sd`` (SD and SDXL:
+(its settings.json), ``dblend ui --base`` (the studio it builds), ``dblend evaluate --setting sd`` (every kind:
 the setting it builds), ``dblend finetune`` (the resolved config and target) and the stock pipeline's own call defaults
 all equal :data:`diffusion_blend.pipelines.kinds.SPECS`. The stock pipelines' defaults are read from diffusers,
 which we did not write: the spec must agree with them, so that a blend pipeline called without arguments and the CLI
@@ -74,15 +74,15 @@ def test_sample_ui_evaluate_and_finetune_resolve_the_specs_defaults(bases, kind,
                 "scheduler": SCHEDULERS[spec.scheduler]}
 
     assert main(["sample", "--base", str(folder / "base"), *adapters(folder), "--weights",
-                 "brightness=0.5,saturation=0.5", "--prompt", "a cat", "--height", "16", "--width", "16",
+                 "brightness=0.5,saturation=0.5", "--prompt", "a cat", "--resolution", "16", "--num-images", "1",
                  "--out", str(tmp_path / "sample")]) == 0
     settings = json.loads((tmp_path / "sample" / "settings.json").read_text())
     assert {"steps": settings["steps"], "guidance": settings["guidance_scale"], "noise": settings["noise_level"],
             "scheduler": settings["scheduler"], } == expected, "sample"
 
-    from diffusion_blend.commands.ui import sd_studio
+    from diffusion_blend.commands.ui import pipeline_studio
 
-    studio = sd_studio(build_parser().parse_args(["ui", "--sd-base", str(folder / "base"), *adapters(folder),
+    studio = pipeline_studio(build_parser().parse_args(["ui", "--base", str(folder / "base"), *adapters(folder),
                                                   "--reward", "brightness=brightness", "--reward",
                                                   "saturation=saturation", "--device", "cpu"]))
     session = studio.session
@@ -90,21 +90,20 @@ def test_sample_ui_evaluate_and_finetune_resolve_the_specs_defaults(bases, kind,
             "scheduler": type(session.pipe.scheduler).__name__} == expected, "ui"
     assert spec.sampler_line() in studio.description  # the header names the sampler it runs
 
-    if kind in ("sd", "sdxl"):
-        from diffusion_blend.evaluation.sd_setting import sd_setting
+    from diffusion_blend.evaluation.sd_setting import sd_setting
 
-        prompts = tmp_path / "prompts.txt"
-        prompts.write_text("a cat\n")
-        setting = sd_setting(folder / "base", {n: folder / f"{n}.safetensors" for n in ("brightness", "saturation")},
-                             prompts, ["brightness", "saturation"], alpha=1.0)
-        assert {"steps": setting.num_inference_steps, "guidance": setting.options["guidance_scale"],
-                "noise": setting.eta, "scheduler": type(setting.scheduler_factory()).__name__} == expected, "evaluate"
+    prompts = _prompts(tmp_path)
+    setting = sd_setting(folder / "base", {n: folder / f"{n}.safetensors" for n in ("brightness", "saturation")},
+                         prompts, ["brightness", "saturation"], alpha=1.0)
+    assert {"steps": setting.num_inference_steps, "guidance": setting.options["guidance_scale"],
+            "noise": setting.eta, "scheduler": type(setting.scheduler_factory()).__name__} == expected, "evaluate"
 
-    from diffusion_blend.commands.finetune import build_config, build_target
+    from diffusion_blend.commands.finetune import build_config, build_target, resolve_kind_and_options
 
-    args = build_parser().parse_args(["finetune", "--target", kind, "--base", str(folder / "base"), "--prompts",
-                                      str(prompts if kind in ("sd", "sdxl") else _prompts(tmp_path)), "--rewards",
-                                      "brightness=1", "--alpha", "1", "--out", str(tmp_path / "ft")])
+    args = build_parser().parse_args(["finetune", "--base", str(folder / "base"), "--prompts", str(prompts),
+                                      "--rewards", "brightness=1", "--alpha", "1", "--out", str(tmp_path / "ft")])
+    resolve_kind_and_options(args)  # --kind auto: the base's
+    assert args.kind == kind
     config = build_config(args)
     target = build_target(args, config)
     assert config.num_inference_steps == spec.recipe["num_inference_steps"] and config.eta == spec.noise_level

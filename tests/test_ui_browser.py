@@ -232,3 +232,49 @@ def test_star_has_standard_error_bars():
     with_bars = pareto_figure(reference, point, {"ink": 0.02, "compressibility": 0.02})
     assert bare.shape == with_bars.shape and (bare != with_bars).any(axis=2).sum() > 50
     assert (pareto_figure(reference, point) == bare).all()  # no se given: no bars
+
+
+@pytest.fixture(scope="module")
+def sd3_server(tmp_path_factory):
+    """``dblend ui --base`` on the tiny SD3 base of ``dblend tiny-base --kind sd3``, experts named apart from their
+    rewards (so the page must label scores by reward), through the command's own studio builder."""
+    from diffusion_blend.cli import build_parser
+    from diffusion_blend.commands.ui import _initial_smc, check_args, pipeline_studio
+    from diffusion_blend.pipelines.tiny import write_tiny_base
+    from diffusion_blend.ui.app import build_app, launch
+
+    files = write_tiny_base(tmp_path_factory.mktemp("tiny-sd3"), kind="sd3")
+    args = build_parser().parse_args(["ui", "--base", str(files["base"]), "--adapter", f"bright={files['brightness']}",
+                                      "--adapter", f"vivid={files['saturation']}", "--resolution", "16",
+                                      "--device", "cpu"])
+    check_args(args)
+    app = build_app(pipeline_studio(args), initial_smc=_initial_smc(args))
+    port = free_port()
+    launch(app, port=port, block=False)
+    yield f"http://127.0.0.1:{port}"
+    app.close()
+
+
+def test_ui_on_an_sd3_base_names_its_sampler_and_labels_scores_by_reward(sd3_server, capfd):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=ensure_chromium(), headless=True, args=HEADLESS_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(sd3_server)
+        expect(page.locator("#generate")).to_be_visible(timeout=60_000)
+        header = page.get_by_text("Stable Diffusion 3 / 3.5 base")
+        expect(header).to_contain_text("flow SDE noise level 0.7, 28 steps, guidance 7")  # the spec's, not DDIM's
+        expect(header).to_contain_text("bright (brightness), vivid (saturation)")
+        # the experts state their alpha: SMC's controls are live, with what they do next to them
+        expect(page.locator("#particles")).to_contain_text("N > 1 = SMC on the DB-MPA blend")
+        page.locator("#prompt textarea").fill("a red car")
+        page.locator("#generate").click()
+        scores = page.locator("#scores")
+        expect(scores).to_contain_text("bright (brightness)", timeout=180_000)
+        expect(scores).to_contain_text("vivid (saturation)")
+        expect(page.locator("#status")).to_contain_text("The blend serves the target")
+        page.screenshot(path=str(ARTIFACTS / "ui-sd3.png"), full_page=True)
+        browser.close()
+    server_log = capfd.readouterr()
+    assert "Traceback" not in server_log.err + server_log.out, server_log.err[-3000:]

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 
 from diffusion_blend.adapters import AdapterMetadata, base_fingerprint
 from diffusion_blend.cli import build_parser, main
-from diffusion_blend.commands.ui import sd_studio
+from diffusion_blend.commands.ui import pipeline_studio
 from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
 from diffusion_blend.pipelines.lora_files import (
     export_diffusers_lora,
@@ -70,7 +70,7 @@ def files(tmp_path_factory):
 
 
 def open_studio(base, adapters, rewards=None, alpha=None, **kwargs):
-    """What ``dblend ui --sd-base`` builds: a blend session and the studio over it."""
+    """What ``dblend ui --base`` builds: a blend session and the studio over it."""
     return PipelineStudio(BlendSession.open(base, adapters, rewards=rewards, alpha=alpha), **kwargs)
 
 
@@ -130,7 +130,9 @@ def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio)
         1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0
     )  # particles, tilt last
     assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
-    assert "| small |" in scores and "| big |" in scores and "standard error" in scores
+    # scores labelled by the reward they measure
+    assert "| small (jpeg_compressibility) |" in scores and "| big (jpeg_incompressibility) |" in scores
+    assert "standard error" in scores
     assert status.startswith("Result for weights small 1, big 0, KL scale 1, DB-MPA, seed 5")
     mark_stale = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "mark_stale")
     assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", 1, 1.0, shown).startswith("**Stale**")
@@ -143,8 +145,8 @@ def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio)
 
 def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, files):
     """Both experts carry metadata (effective alphas 1 and 2/2): the studio offers SMC; N = 2 particles per image cost
-    3 members (2 experts + the base) x 2 x steps rows per image; SMC needs DB-MPA; a foreign LoRA (no alpha) or
-    experts of different alphas leave the studio without SMC, and the app says so in its status line."""
+    3 members (2 experts + the base) x 2 x steps rows per image; SMC needs DB-MPA; a foreign LoRA (no alpha) leaves
+    the studio without SMC, and the app says so in its status line; experts of different alphas keep it."""
     kwargs = dict(num_images=IMAGES, steps=STEPS, guidance_scale=GUIDANCE)
     smc_studio = open_studio(
         files / "base", {"small": files / "small.safetensors", "busy": files / "busy.safetensors"}, **kwargs)
@@ -169,7 +171,8 @@ def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, file
     assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2, 1.0)[3]
     mixed = open_studio(
         files / "base", {"small": files / "small.safetensors", "busy": files / "busy-alpha3.safetensors"}, **kwargs)
-    assert not mixed.supports_smc
+    assert mixed.supports_smc  # experts of different alphas: SMC targets what the blend serves (issue 22)
+    assert "small 1, busy 3" in mixed.target_line(preference)
 
 
 def test_adapter_problems_are_one_line_errors(files):
@@ -180,19 +183,19 @@ def test_adapter_problems_are_one_line_errors(files):
         open_studio(files / "base", {"alien": files / "alien.safetensors"}, **kwargs)
     with pytest.raises(DiffusionBlendError, match="not given"):
         open_studio(files / "base", {"small": files / "small.safetensors"}, rewards={"typo": "aesthetic"}, **kwargs)
-    with pytest.raises(DiffusionBlendError, match="cannot load base"):
+    with pytest.raises(DiffusionBlendError, match="no such folder"):
         open_studio(files / "missing", {"small": files / "small.safetensors"}, **kwargs)
 
 
-def test_ui_command_builds_the_sd_studio_and_exits_2_on_bad_input(files, capsys):
-    args = build_parser().parse_args(["ui", "--sd-base", str(files / "base"), "--adapter",
+def test_ui_command_builds_the_pipeline_studio_and_exits_2_on_bad_input(files, capsys):
+    args = build_parser().parse_args(["ui", "--base", str(files / "base"), "--adapter",
                                       f"small={files / 'small.safetensors'}", "--steps", "1", "--num-images", "1",
                                       "--adapter-dir", str(files)])
-    built = sd_studio(args)
+    built = pipeline_studio(args)
     assert built.reward_names == ("small",) and built.text_conditioned and built.alpha == 1.0  # from metadata
     foreign = [
         "ui",
-        "--sd-base",
+        "--base",
         str(files / "base"),
         "--adapter",
         f"small={files / 'small.safetensors'}",
@@ -205,13 +208,14 @@ def test_ui_command_builds_the_sd_studio_and_exits_2_on_bad_input(files, capsys)
         "--num-images",
         "1",
     ]
-    assert not sd_studio(build_parser().parse_args(foreign)).supports_smc  # 'big' has no metadata: alpha unknown
-    assert sd_studio(build_parser().parse_args([*foreign, "--alpha", "1.0"])).alpha == 1.0  # --alpha fills it in
-    assert not sd_studio(build_parser().parse_args([*foreign, "--alpha", "2.0"])).supports_smc  # 1.0 vs 2.0 differ
-    for argv in (["ui", "--sd-base", str(files / "base")],
-                 ["ui", "--sd-base", str(files / "base"), "--adapter", f"big={files / 'big.safetensors'}",
+    assert not pipeline_studio(build_parser().parse_args(foreign)).supports_smc  # 'big' has no metadata: alpha unknown
+    assert pipeline_studio(build_parser().parse_args([*foreign, "--alpha", "1.0"])).alpha == 1.0  # --alpha fills it in
+    differing = pipeline_studio(build_parser().parse_args([*foreign, "--alpha", "2.0"]))  # alphas 1 and 2
+    assert differing.supports_smc and differing.alpha is None  # SMC serves the stated target; no common alpha
+    for argv in (["ui", "--base", str(files / "base")],
+                 ["ui", "--base", str(files / "base"), "--adapter", f"big={files / 'big.safetensors'}",
                   "--reward", "big=no_such_reward"],
-                 ["ui", "--sd-base", str(files / "base"), "--adapter", f"small={files / 'small.safetensors'}",
+                 ["ui", "--base", str(files / "base"), "--adapter", f"small={files / 'small.safetensors'}",
                   "--adapter-dir", str(files / "elsewhere")],
                  [*foreign, "--alpha", "-1"], ["ui", "--alpha", "1.0"]):
         assert main(argv) == 2

@@ -51,22 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
-        module.register(subparsers)
-    _give_every_default_a_help_line(parser)
+        if hasattr(module, "register"):  # (commands.options holds the shared options, not a command)
+            module.register(subparsers)
     return parser
-
-
-def _give_every_default_a_help_line(parser: argparse.ArgumentParser) -> None:
-    """argparse prints no help line for an option without ``help=``; give such options one, so that
-    :class:`DefaultsFormatter` can show their default too (recursing into sub-commands)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in action.choices.values():
-                _give_every_default_a_help_line(subparser)
-        elif (
-            action.help is None and action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS)
-        ):
-            action.help = "(default: %(default)s)"
 
 
 def main(argv: list[str] | None = None) -> int:

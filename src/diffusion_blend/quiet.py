@@ -9,6 +9,11 @@ everything else those libraries log or warn, and every warning of our own, still
   files that hold text-encoder weights, so there are never any) and "Loading adapter weights from state_dict led
   to missing keys ..." (our loader counts the tensors that landed in the UNet and refuses a partial load with
   one line: :func:`diffusion_blend.pipelines.loading.load_adapter`).
+- diffusers, saving an SD3 pipeline without its T5 encoder (``dblend tiny-base --kind sd3``): "self.text_encoder_3=None
+  of type <class 'NoneType'> cannot be saved." (diffusers allows SD3 without T5, and loads the folder back so).
+- diffusers, casting a model with ``.to(dtype)``: "There are modules in UNet2DConditionModel that should be kept in
+  float32: []. ..." (diffusers warns on every cast, even when the list of such modules is empty; only the empty-list
+  form is dropped).
 - peft, adding a second adapter: "Already found a `peft_config` attribute in the model" (several adapters on
   one UNet is the design: paper section 3, one LoRA expert per basis reward).
 """
@@ -26,6 +31,8 @@ HARMLESS_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     "diffusers.loaders.lora_pipeline": ("No LoRA keys associated to",),
     "diffusers.loaders.peft": ("No LoRA keys associated to",),
     "diffusers.utils.peft_utils": ("Loading adapter weights from state_dict led to",),
+    "diffusers.pipelines.pipeline_utils": ("=None of type <class 'NoneType'> cannot be saved",),
+    "diffusers.models.modeling_utils": ("that should be kept in float32: []. Casting directly",),
 }
 """Logger name -> message fragments dropped from that logger (and only from it)."""
 

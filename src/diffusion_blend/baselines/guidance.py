@@ -11,6 +11,8 @@ paper's ``eta^2 sigma_t^2``), ``s`` a guidance scale (``do_guidance`` in the ref
 flow only through the explicit ``x_t`` dependence, so ``dx0_hat / dx_t = 1 / sqrt(abar_t)`` (no backpropagation
 through the network). Adding ``sigma_t^2 grad log h`` to the transition mean is the Doob transform towards
 ``p_pre exp(kl_scale r_w / alpha)``, with ``log h ≈ kl_scale r_w(x0_hat) / alpha`` (Jensen / DPS approximation).
+On flow-matching models the same term is added to the flow SDE's step (``sigma_t``: its standard deviation,
+``x0_hat = x_s - s v``; :func:`~diffusion_blend.sampling.model_transition`).
 
 Options as in the reference: ``normalize_gradient`` L2-normalises each reward's gradient along dim 1 (the latent
 channels per pixel for images; the whole vector for ``(B, d)`` data); ``tempering`` multiplies step ``i`` by
@@ -35,9 +37,8 @@ from diffusion_blend.rewards.weighted import active_rewards, call_reward
 from diffusion_blend.sampling import (
     as_generator,
     initial_latents,
+    model_transition,
     step_kwargs,
-    to_epsilon,
-    transition_distribution,
     tweedie_x0,
 )
 
@@ -61,16 +62,17 @@ def reward_gradient(
     reward: Callable[..., torch.Tensor],
     name: str,
     scheduler: Any,
-    eps: torch.Tensor,
+    model_output: torch.Tensor,
     t: Any,
     x_t: torch.Tensor,
     decode: Decode,
     prompts: Sequence[str] | None,
 ) -> torch.Tensor:
-    """``grad_{x_t} sum_b r(decode(x0_hat(x_t)))_b`` through the explicit ``x_t`` dependence only (``eps`` detached)."""
+    """``grad_{x_t} sum_b r(decode(x0_hat(x_t)))_b`` through the explicit ``x_t`` dependence only (the network's
+    output detached); ``x0_hat`` is Tweedie's estimate, or ``x_s - s v`` on flow-matching schedulers."""
     with torch.enable_grad():
         x_req = x_t.detach().requires_grad_(True)
-        values = call_reward(reward, decode(tweedie_x0(scheduler, eps.detach(), t, x_req)), prompts)
+        values = call_reward(reward, decode(tweedie_x0(scheduler, model_output.detach(), t, x_req)), prompts)
         if not values.requires_grad:
             raise RewardError(f"reward {name!r} returned values without a gradient: it is not differentiable")
         (gradient,) = torch.autograd.grad(values.sum(), x_req)
@@ -120,19 +122,18 @@ def guided_sample(
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="RGG", disable=not progress, leave=False)):
         model_output = denoiser(scheduler.scale_model_input(x, t), t, **cond)
         network_steps += 1
-        eps = to_epsilon(scheduler, model_output, t, x)
         scale = guidance_scale * preference.kl_scale * (tempering_schedule(i, tempering_gamma) if tempering else 1.0)
         x_prev = scheduler.step(model_output, t, x, **scheduler_kwargs).prev_sample
         if scale == 0.0:
             x = x_prev
             continue
-        _, std = transition_distribution(scheduler, eps, t, x, eta)
+        _, std = model_transition(scheduler, model_output, t, x, eta)
         if float(std) == 0.0:
             x = x_prev
             continue
         guidance = torch.zeros_like(x)
         for name, weight in active:
-            gradient = reward_gradient(rewards[name], name, scheduler, eps, t, x, decode, prompts) / alpha
+            gradient = reward_gradient(rewards[name], name, scheduler, model_output, t, x, decode, prompts) / alpha
             if normalize_gradient:
                 gradient = F.normalize(gradient, dim=1)
             guidance = guidance + weight * gradient

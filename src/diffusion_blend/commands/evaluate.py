@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffusion_blend.commands import options
 from diffusion_blend.errors import DiffusionBlendError
 
 
@@ -39,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # names are checked when the command runs, so registering it (`dblend --help`) does not import the sweep (torch)
     parser.add_argument("--setting", default="gmm", choices=SETTINGS,
                         help="gmm: the 2-D mixture with exact experts; digits: the paper's comparison table on the "
-                        "demo's experts (--demo-dir, --quick); sd: an SD 1.x/2.x or SDXL base with LoRA experts")
-    parser.add_argument("--out", required=True, help="output folder (cells/, results.csv/json, *.png, summary.html)")
+                        "demo's experts (--demo-dir, --quick); sd: a diffusers base of any kind (SD, SDXL, SD3, FLUX) "
+                        "with one LoRA expert per reward (default gmm)")
+    parser.add_argument("--out", required=True, help="output folder (cells/, results.csv/json, *.png, report/)")
     parser.add_argument("--methods",
                         help="comma-separated, from: base, mpa, ls, rs-factors, rs-deltas, code, rgg, is-oracle, "
                         "morl, smc, fk (docs/evaluation.md); default gmm: base,mpa,ls,code,rgg,is-oracle,morl; sd: "
@@ -51,109 +53,95 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kl-scales", default="1", help="KL scales lambda, comma-separated (default 1)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--samples-per-seed", type=int,
-                        help="samples per cell (default: 64); --setting sd: one per prompt (row b gets prompt "
-                        "b mod P)")
+                        help="samples per cell (default gmm: 64; sd: one per prompt, row b gets prompt b mod P)")
     parser.add_argument("--batch-size", type=int,
                         help="rows per network batch within a cell (default gmm: the whole cell; sd: 8)")
-    parser.add_argument(
-        "--steps", type=int, help="sampling steps, DDIM eta = 1 (default: the setting's: gmm 20, sd 50)"
-    )
-    parser.add_argument("--alpha", action="append", default=[], metavar="[NAME=]A",
-                        help="the experts' KL weight: gmm: A (default 1); sd: read from the adapters' metadata, given "
-                        "for foreign LoRA files as A (all of them) or NAME=A (one; repeat)")
-    parser.add_argument("--target-alpha", type=float, metavar="A",
-                        help="sd: blend experts of different alphas toward p_pre exp(lambda r_w / A) "
-                        "(coefficients lambda w_i alpha_i / A); default: each expert's own alpha")
     sd = parser.add_argument_group("--setting sd")
-    sd.add_argument("--base", help="base pipeline: a local diffusers folder or hub id (SD 1.x/2.x or SDXL)")
-    sd.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                    help="one expert per reward, named after it (diffusers LoRA file or folder); repeat")
+    options.add_base(sd, required=False)
+    options.add_experts(sd, required=False)
     sd.add_argument("--prompts", help="prompts file: one per line, or a JSON list")
-    sd.add_argument("--rewards", help="basis rewards from the registry, comma-separated (dblend rewards)")
     sd.add_argument("--morl", action="append", default=[], metavar="W=PATH",
-                    help="MORL oracle adapter fine-tuned on r_w: W = the first reward's weight (two rewards) or "
-                    "'0.2:0.8' in --rewards order; repeat per preference")
-    sd.add_argument("--guidance-scale", type=float, default=None,
-                    help="classifier-free guidance (default: the base kind's, 7.5 for SD, 5 for SDXL)")
-    sd.add_argument("--resolution", type=int, help="image side in pixels (default: the UNet's native size)")
-    sd.add_argument("--pipeline", choices=("auto", "sd", "sdxl"), default="auto",
-                    help="base kind (auto: from model_index.json; a hub id counts as sd)")
-    sd.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda[:i]; under torchrun "
-                    "each process takes the GPU of its local rank")
-    sd.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                    help="UNet and text encoders (auto: float16 on cuda, float32 on cpu); the VAE decodes in float32")
-    sd.add_argument("--routing", choices=("auto", "batched", "sequential"), default="auto",
-                    help="how the experts are evaluated (docs/design.md, adapter routing)")
+                    help="MORL oracle adapter fine-tuned on r_w: W = the first expert's weight (two experts) or "
+                    "'0.2:0.8' in --adapter order; repeat per preference")
     sd.add_argument("--preview-images", type=int, default=4, help="images per cell in the report's grid (default 4)")
-    parser.add_argument("--code-candidates", type=int, default=20)
-    parser.add_argument("--code-block-size", type=int, default=5)
-    parser.add_argument("--rgg-scale", type=float, default=1.0)
-    parser.add_argument("--rgg-normalize", action="store_true", help="L2-normalise each reward gradient (dim 1)")
-    parser.add_argument("--no-rgg-tempering", action="store_true")
-    parser.add_argument("--oracle-samples", type=int, default=20_000,
-                        help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells)")
-    parser.add_argument("--particles", type=int, default=8, help="SMC particles per sample (methods smc, fk)")
-    parser.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
-    parser.add_argument("--smc-proposal", choices=("blend", "twisted"), default=None,
-                        help="SMC's proposal: the blend's step, or the base's step moved by its variance times the "
-                             "blend's score deviation (for continuous-time experts); default: the setting's (gmm: "
-                             "twisted, its experts are exact scores; sd: blend)")
-    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0,
-                        help="SMC's proposal blends at KL scale tilt x lambda, the target keeps lambda (default 1)")
-    parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none", "experts"),
-                        help="SMC's potential: r_w of the Tweedie estimate x0_hat(x_k), 0, or the experts' own value "
-                             "increments (no reward before x_0; fk then uses tweedie)")
-    parser.add_argument("--smc-potential-every", type=int, default=1, help="evaluate the potential every k steps")
-    parser.add_argument("--smc-ess-threshold", type=float, default=0.5,
-                        help="resample a sample's particles when their ESS < threshold x N (0: never; 1: always)")
+    options.add_sampling(sd, seed=False)
+    options.add_device(sd)
+    baselines = parser.add_argument_group("baselines")
+    baselines.add_argument("--code-candidates", type=int, default=20, help="CoDe: candidates per block (default 20)")
+    baselines.add_argument("--code-block-size", type=int, default=5, help="CoDe: steps per block (default 5)")
+    baselines.add_argument("--rgg-scale", type=float, default=1.0, help="RGG: guidance scale (default 1)")
+    baselines.add_argument("--rgg-normalize", action="store_true", help="RGG: L2-normalise each reward gradient")
+    baselines.add_argument("--no-rgg-tempering", action="store_true",
+                           help="RGG: no tempering of the guidance by the noise level")
+    baselines.add_argument("--oracle-samples", type=int, default=20_000,
+                           help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells; "
+                           "default 20000)")
+    smc = parser.add_argument_group("SMC (methods smc, fk)")
+    options.add_smc(smc)
+    smc.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
     digits = parser.add_argument_group("--setting digits")
     digits.add_argument("--demo-dir", default=None,
                         help="folder with the demo's experts (default runs/demo; with --quick OUT/demo)")
     digits.add_argument("--quick", action="store_true", help="tiny budgets (tests, smoke runs)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    options.add_progress(parser)
+    options.deprecated(sd, "--pipeline", "--kind", "kind")
+    options.deprecated(sd, "--rewards", "--reward NAME=REWARD (or our metadata)", "reward_list")
     parser.set_defaults(func=run)
 
 
 SETTINGS = ("gmm", "digits", "sd")
-SD_ONLY = ("base", "prompts", "rewards")
+SD_ONLY = ("base", "prompts", "adapter", "reward", "reward_list", "morl", "target_alpha", "reward_options",
+           "guidance_scale", "eta", "resolution")
+"""Flags of ``--setting sd`` only (``--alpha A`` is also the mixture's; ``--alpha NAME=A`` is not)."""
 DIGITS_ONLY = ("demo_dir", "quick")
 
 
+def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:
+    return [f"--{dest.replace('_', '-')}" for dest in dests if getattr(args, dest, None) not in (None, [], False)]
+
+
 def _sd_setting(args: argparse.Namespace, methods: list[str] | None):
-    from diffusion_blend.commands.sample import parse_alphas, parse_pairs
     from diffusion_blend.devices import resolve_device
     from diffusion_blend.evaluation.sd_setting import parse_morl, sd_setting
 
-    for flag in SD_ONLY:
+    for flag in ("base", "prompts", "adapter"):
         if not getattr(args, flag):
             raise DiffusionBlendError(f"--setting sd needs --{flag}")
-    reward_names = [name.strip() for name in args.rewards.split(",") if name.strip()]
-    adapters = parse_pairs(args.adapter)
-    morl = parse_morl(args.morl, reward_names)
+    experts = options.expert_options(args)
+    rewards = dict(experts.rewards)
+    if getattr(args, "reward_list", None):  # deprecated --rewards a,b: experts named after their rewards
+        rewards.update({name.strip(): name.strip() for name in args.reward_list.split(",") if name.strip()})
+    morl = parse_morl(args.morl, list(experts.adapters))
     if methods is None:
-        from diffusion_blend.rewards import get_reward
-
         methods = ["base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "is-oracle"]
-        if all(getattr(get_reward(n), "differentiable", False) for n in reward_names):
+        if _all_differentiable(experts.adapters, rewards, experts):
             methods.append("rgg")
         if morl:
             methods.append("morl")
     if args.preview_images < 0:
         raise DiffusionBlendError(f"--preview-images must be >= 0, got {args.preview_images}")
-    default_alpha, alphas = parse_alphas(args.alpha)
     device, dtype = resolve_device(args.device, args.dtype)
     if device == "cuda":
         from accelerate import PartialState
 
         device = str(PartialState().device)  # one GPU per process under torchrun / accelerate launch
     setting = sd_setting(
-        args.base, adapters, args.prompts, reward_names, morl=morl, methods=methods,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution,
-        alpha=default_alpha, alphas=alphas, target_alpha=args.target_alpha, pipeline=args.pipeline, device=device,
-        dtype=dtype, routing=args.routing,
-        preview_images=args.preview_images,
+        args.base, experts.adapters, args.prompts, rewards, morl=morl, methods=methods,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        resolution=options.square_resolution(args.resolution), noise_level=args.eta,
+        alpha=experts.default_alpha, alphas=experts.alphas, target_alpha=experts.target_alpha, kind=args.kind,
+        device=device, dtype=dtype, routing=args.routing, preview_images=args.preview_images,
     )
     return setting, methods
+
+
+def _all_differentiable(adapters: dict[str, str], rewards: dict[str, str], experts) -> bool:
+    """Whether every expert's reward is differentiable (RGG joins the default methods then)."""
+    from diffusion_blend.pipelines.experts import read_experts
+    from diffusion_blend.rewards import get_reward
+
+    found = read_experts(adapters, rewards, experts.alphas, experts.default_alpha)
+    return all(e.reward is not None and getattr(get_reward(e.reward), "differentiable", False) for e in found.values())
 
 
 def _digits_table(args: argparse.Namespace) -> int:
@@ -165,8 +153,7 @@ def _digits_table(args: argparse.Namespace) -> int:
         run_digits_table,
     )
 
-    given = [f"--{flag.replace('_', '-')}" for flag in ("methods", "weights", *SD_ONLY, "adapter", "morl")
-             if getattr(args, flag)]
+    given = _given(args, ("methods", "weights", *SD_ONLY, "alpha"))
     if given:
         raise DiffusionBlendError(f"{', '.join(given)} do(es) not apply to --setting digits (it runs the table's "
                                   "methods and weights)")
@@ -188,10 +175,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    for flag, value in (("--samples-per-seed", args.samples_per_seed), ("--batch-size", args.batch_size),
-                        ("--steps", args.steps)):
-        if value is not None and value < 1:
-            raise DiffusionBlendError(f"{flag} must be >= 1, got {value}")
+    options.check_positive(args, "samples_per_seed", "batch_size", "steps")
+    options.check_eta(args.eta)
+    smc = options.smc_options(args)  # checked now, in the flags' spelling; the sweep takes its fields
     if args.setting != "digits" and (args.demo_dir or args.quick):
         raise DiffusionBlendError(f"--demo-dir and --quick belong to --setting digits, not --setting {args.setting}")
     if args.setting == "digits":
@@ -204,12 +190,10 @@ def run(args: argparse.Namespace) -> int:
         from diffusion_blend.testbeds.gmm.setting import gmm_setting
         from diffusion_blend.testbeds.gmm.spec import GMM_SPEC
 
-        given = [f"--{flag}" for flag in (*SD_ONLY, "adapter", "morl") if getattr(args, flag)]
+        given = _given(args, SD_ONLY)
         if given:
             raise DiffusionBlendError(f"{', '.join(given)} belong(s) to --setting sd, not --setting {args.setting}")
-        from diffusion_blend.commands.sample import parse_alphas
-
-        alpha, per_expert = parse_alphas(args.alpha)
+        alpha, per_expert = options.parse_alphas(args.alpha)
         if per_expert or args.target_alpha is not None:
             raise DiffusionBlendError("--alpha NAME=A and --target-alpha are for --setting sd (the mixture's experts "
                                       "share one alpha: --alpha A)")
@@ -229,13 +213,13 @@ def run(args: argparse.Namespace) -> int:
         rgg_normalize=args.rgg_normalize,
         rgg_tempering=not args.no_rgg_tempering,
         oracle_samples=args.oracle_samples,
-        particles=args.particles,
+        particles=smc.particles,
         fk_particles=args.fk_particles,
-        smc_proposal=args.smc_proposal,
-        smc_proposal_tilt=args.smc_proposal_tilt,
-        smc_potential=args.smc_potential,
-        smc_potential_every=args.smc_potential_every,
-        smc_ess_threshold=args.smc_ess_threshold,
+        smc_proposal=args.smc_proposal,  # unset: the setting's
+        smc_proposal_tilt=smc.proposal_tilt,
+        smc_potential=smc.potential,
+        smc_potential_every=smc.potential_every,
+        smc_ess_threshold=smc.ess_threshold,
     )
     result = run_sweep(setting, config, args.out, progress=not args.no_progress)
     if result is None:  # not rank 0
@@ -257,4 +241,5 @@ def run(args: argparse.Namespace) -> int:
               f"{row['gain_weighted_reward']:8.4f}  {win:>5s}  {nfe:>6s}  {ess:>6s}")
     for method, front in result["fronts"].items():
         print(f"hypervolume {method:>10s}: {front['hypervolume']:.4f}")
+    print(f"report: {result['report']}")
     return 0

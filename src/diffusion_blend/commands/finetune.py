@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion_blend.devices import ROUTINGS
+from diffusion_blend.commands import options
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.preference import Preference
 
@@ -26,7 +26,7 @@ def gmm_target_builder(reward_names: Sequence[str], args: argparse.Namespace) ->
     """The 2-D Gaussian-mixture testbed: a cached, reproducibly pretrained MLP base; rewards right, corner."""
     from diffusion_blend.testbeds.gmm.target import GmmBaseSettings, gmm_target
 
-    return gmm_target(GmmBaseSettings(), cache_dir=args.cache_dir, progress=not args.quiet)
+    return gmm_target(GmmBaseSettings(), cache_dir=args.cache_dir, progress=not args.no_progress)
 
 
 def digits_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
@@ -34,7 +34,7 @@ def digits_target_builder(reward_names: Sequence[str], args: argparse.Namespace)
     from diffusion_blend.testbeds.digits.target import digits_finetune_target
 
     options = json.loads(args.reward_options) if args.reward_options else {}
-    return digits_finetune_target(reward_names, options, progress=not args.quiet)
+    return digits_finetune_target(reward_names, options, progress=not args.no_progress)
 
 
 def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> FinetuneTarget:
@@ -42,11 +42,11 @@ def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> 
     from diffusion_blend.pipelines.sd_target import load_sd_target
 
     if args.base is None or args.prompts is None:
-        raise DiffusionBlendError(f"--target {args.target} needs --base PATH_OR_ID and --prompts FILE")
+        raise DiffusionBlendError(f"--kind {args.kind} needs --base PATH_OR_ID and --prompts FILE")
     options = json.loads(args.reward_options) if args.reward_options else {}
     return load_sd_target(args.base, args.prompts, reward_names, reward_options=options,
                           guidance_scale=args.guidance_scale, resolution=args.resolution,
-                          sdxl=True if args.target == "sdxl" else None)
+                          sdxl=True if args.kind == "sdxl" else None)
 
 
 def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]:
@@ -56,7 +56,7 @@ def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespac
         from diffusion_blend.pipelines.flow_target import load_flow_target
 
         if args.base is None or args.prompts is None:
-            raise DiffusionBlendError(f"--target {kind} needs --base PATH_OR_ID and --prompts FILE")
+            raise DiffusionBlendError(f"--kind {kind} needs --base PATH_OR_ID and --prompts FILE")
         options = json.loads(args.reward_options) if args.reward_options else {}
         return load_flow_target(kind, args.base, args.prompts, reward_names, reward_options=options,
                                 guidance_scale=args.guidance_scale, resolution=args.resolution)
@@ -73,10 +73,10 @@ def sd_export(result: Any, args: argparse.Namespace) -> list[str]:
     if not PartialState().is_main_process:  # under torchrun every process returns the same adapter
         return []
     pipeline_class = None
-    if args.target in ("sd3", "flux"):
+    if args.kind in ("sd3", "flux"):
         from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-        pipeline_class = StableDiffusion3Pipeline if args.target == "sd3" else FluxPipeline
+        pipeline_class = StableDiffusion3Pipeline if args.kind == "sd3" else FluxPipeline
     path = export_run_adapter(result.model, result.adapter_name, args.out, result.adapter_path, pipeline_class)
     return [f"diffusers LoRA: {path}"]
 
@@ -132,53 +132,61 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.formatter_class = type("DefaultsEpilogFormatter",
                                   (argparse.RawDescriptionHelpFormatter, parser.formatter_class), {})
     parser.epilog = defaults_epilog()  # the specs are light (no torch): `dblend --help` stays fast
-    parser.add_argument("--target", choices=sorted(TARGETS), default="gmm", help="model to fine-tune (default gmm)")
-    parser.add_argument("--rewards", help="reward weights, e.g. right=1 or right=0.5,corner=0.5")
+    parser.add_argument("--kind", choices=KIND_CHOICES, default="auto",
+                        help="model to fine-tune: the gmm or digits testbed, or a base pipeline's kind (auto: the "
+                        "--base's kind, gmm without --base)")
+    parser.add_argument("--rewards", help="the objective's reward weights r_w = sum_i w_i r_i, e.g. right=1 or "
+                        "right=0.5,corner=0.5 (registry rewards: dblend rewards)")
     parser.add_argument("--config", type=Path, help="JSON file with DPOKConfig fields (reward_weights, alpha, ...)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (adapter, log, checkpoint)")
-    parser.add_argument("--alpha", type=float, help="KL weight alpha > 0")
-    parser.add_argument("--iterations", type=int)
-    parser.add_argument("--batch-size", type=int, help="trajectories per process per iteration")
-    parser.add_argument("--minibatch-size", type=int)
-    parser.add_argument("--updates-per-batch", type=int)
-    parser.add_argument("--lr", type=float, help="learning rate")
-    parser.add_argument("--clip-range", type=float)
-    parser.add_argument("--lora-rank", type=int)
-    parser.add_argument("--steps", type=int, help="sampler steps")
-    parser.add_argument("--eta", type=float, help="DDIM eta > 0; sd3/flux: the flow SDE's noise level (Flow-GRPO: 0.7)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--alpha", type=float, help="KL weight alpha > 0 of the objective E[r_w] - alpha KL")
+    parser.add_argument("--iterations", type=int, help="policy-gradient iterations (default: the kind's recipe)")
+    parser.add_argument("--batch-size", type=int,
+                        help="trajectories per process per iteration (default: the kind's recipe)")
+    parser.add_argument("--minibatch-size", type=int,
+                        help="trajectories per gradient step (default: the recipe's, at most --batch-size)")
+    parser.add_argument("--updates-per-batch", type=int,
+                        help="passes over each batch of trajectories (PPO epochs; default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="learning rate of the LoRA weights (default: the recipe's)")
+    parser.add_argument("--clip-range", type=float, help="PPO's ratio clip range (default: the recipe's)")
+    parser.add_argument("--lora-rank", type=int, help="LoRA rank r (default: the kind's, table below)")
+    parser.add_argument("--steps", type=int, help="sampler steps of the rollouts (default: the kind's recipe)")
+    parser.add_argument("--eta", type=float, help="the sampler's noise: DDIM eta > 0; sd3/flux: the flow SDE's noise "
+                        "level (default: the kind's, Flow-GRPO's 0.7 for sd3/flux)")
+    parser.add_argument("--seed", type=int, help="seed of the rollouts and the LoRA init (default: --config's, else 0)")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="iterations between checkpoints (atomic; a rerun resumes; default: the recipe's)")
     parser.add_argument(
         "--estimator",
         choices=("score", "pathwise"),
-        help="score: REINFORCE/PPO, any reward; pathwise: backprop through the chain (differentiable rewards)",
+        help="score: REINFORCE/PPO, any reward; pathwise: backprop through the chain (differentiable rewards; "
+        "default: the recipe's, score)",
     )
     parser.add_argument(
         "--backprop-steps",
         type=int,
         metavar="K",
-        help="pathwise: backprop through the last K steps only (DRaFT-K; a different, biased objective)",
+        help="pathwise: backprop through the last K steps only (DRaFT-K; a different, biased objective; default all)",
     )
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="precision of the frozen weights (LoRA, Adam, log-probs and KL stay float32)")
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="recompute activations in the backward pass (policy-update blocks; pathwise steps)")
-    parser.add_argument("--routing", choices=ROUTINGS, default="auto",
-                        help="policy and base: one batched forward (batched), one forward each (sequential), or "
-                        "auto (sequential on CPU, batched on CUDA when it fits)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto (default): cuda when available, else cpu; multi-GPU: launch with torchrun")
+                        help="recompute activations in the backward pass (policy-update blocks; pathwise steps; "
+                        "default: the recipe's)")
+    options.add_device(parser)
+    parser.set_defaults(dtype=None)  # unset: the recipe's (or --config's) dtype
     parser.add_argument("--reward-options", help='JSON: per-reward factory options, e.g. {"digit_prob": {"digit": 3}}')
-    parser.add_argument("--cache-dir", type=Path, help="where the gmm base model is cached")
-    parser.add_argument("--base", help="sd/sdxl/sd3/flux: pipeline folder or hub id")
+    parser.add_argument("--cache-dir", type=Path, help="where the gmm base model is cached (default: the user cache)")
+    parser.add_argument("--base", metavar="PATH_OR_ID",
+                        help="sd/sdxl/sd3/flux: a local diffusers folder or a hub id (from_pretrained)")
     parser.add_argument("--prompts", type=Path, help="sd/sdxl/sd3/flux: training prompts, one per line or a JSON list")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="sd/sdxl/sd3/flux: guidance scale of the rollouts (default: the kind's, see the table "
                         "below; 1 = none)")
-    parser.add_argument("--resolution", type=int,
-                        help="sd/sdxl/sd3/flux: image size in pixels (default: the denoiser's native size)")
+    parser.add_argument("--resolution", metavar="N",
+                        help="sd/sdxl/sd3/flux: square image size in pixels (default: the denoiser's native size)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    options.add_progress(parser)
+    options.deprecated(parser, "--target", "--kind", "kind")
+    options.deprecated(parser, "--quiet", "--no-progress", "no_progress", flag=True)
     parser.set_defaults(func=run)
 
 
@@ -189,7 +197,7 @@ def build_config(args: argparse.Namespace) -> DPOKConfig:
     overrides: dict[str, Any] = {field: getattr(args, flag, None) for flag, field in FLAG_FIELDS.items()}
     if args.rewards:
         overrides["reward_weights"] = dict(Preference.parse(args.rewards).weights)
-    values = target_specs()[args.target].finetune_defaults()
+    values = target_specs()[args.kind].finetune_defaults()
     if args.config is not None:
         values.update(DPOKConfig.read_json(args.config))
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -198,7 +206,11 @@ def build_config(args: argparse.Namespace) -> DPOKConfig:
             values["minibatch_size"] = values["batch_size"]
     if "reward_weights" not in values or "alpha" not in values:
         raise DiffusionBlendError("give --rewards and --alpha (or a --config file that has them)")
-    return DPOKConfig.from_dict(values)
+    try:
+        return DPOKConfig.from_dict(values)
+    except DiffusionBlendError as err:  # the config's field names as the flags that set them
+        flags = {field: "--" + flag.replace("_", "-") for flag, field in FLAG_FIELDS.items()}
+        raise DiffusionBlendError(options.in_flag_spelling(str(err), flags)) from None
 
 
 def make_accelerator(device: str):
@@ -206,6 +218,9 @@ def make_accelerator(device: str):
     import torch
     from accelerate import Accelerator
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise DiffusionBlendError(f"--device {device}: fine-tuning runs on auto, cpu or cuda (pick GPUs with "
+                                  "CUDA_VISIBLE_DEVICES; several with torchrun)")
     if device == "cuda" and not torch.cuda.is_available():
         raise DiffusionBlendError("--device cuda: CUDA is not available on this machine (use --device cpu)")
     return Accelerator(cpu=device == "cpu" or (device == "auto" and not torch.cuda.is_available()))
@@ -218,28 +233,52 @@ def build_target(args: argparse.Namespace, config: DPOKConfig) -> FinetuneTarget
     """The target of ``--target`` with the kind's guidance when ``--guidance-scale`` is not given; for pipeline
     targets the base, prompts, guidance and resolution go into ``config.extra`` (the checkpoint: a resume must match,
     and the adapter's metadata)."""
-    if args.target in PIPELINE_TARGETS:
+    if args.kind in PIPELINE_TARGETS:
         if args.guidance_scale is None:
-            args.guidance_scale = target_specs()[args.target].guidance_scale
-        config.extra = {**config.extra, args.target: {"base": str(args.base), "prompts": str(args.prompts),
+            args.guidance_scale = target_specs()[args.kind].guidance_scale
+        config.extra = {**config.extra, args.kind: {"base": str(args.base), "prompts": str(args.prompts),
                                                       "guidance_scale": args.guidance_scale,
                                                       "resolution": args.resolution}}
-    return TARGETS[args.target](list(config.reward_weights), args)
+    return TARGETS[args.kind](list(config.reward_weights), args)
+
+
+KIND_CHOICES = ("gmm", "digits", *options.KIND_CHOICES)
+
+
+def resolve_kind_and_options(args: argparse.Namespace) -> None:
+    """``--kind auto`` (the --base's kind, gmm without one), the square ``--resolution`` and ``--dtype auto``."""
+    if args.kind == "auto":
+        from diffusion_blend.pipelines.kinds import pipeline_kind
+
+        args.kind = pipeline_kind(args.base) if args.base is not None else "gmm"
+    if args.kind not in PIPELINE_TARGETS:
+        given = [flag for flag, value in (("--base", args.base), ("--prompts", args.prompts),
+                                          ("--guidance-scale", args.guidance_scale),
+                                          ("--resolution", args.resolution)) if value is not None]
+        if given:
+            raise DiffusionBlendError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for a base pipeline "
+                                      f"(--kind sd, sdxl, sd3 or flux), not --kind {args.kind}")
+    args.resolution = options.square_resolution(args.resolution)
+    if args.dtype == "auto":
+        from diffusion_blend.devices import resolve_device
+
+        args.dtype = resolve_device(args.device if args.device in ("cpu", "cuda") else "auto", "auto")[1]
 
 
 def run(args: argparse.Namespace) -> int:
     from diffusion_blend.training.dpok import finetune
 
+    resolve_kind_and_options(args)
     config = build_config(args)
     accelerator = make_accelerator(args.device)
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
     target = build_target(args, config)
-    result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.quiet,
+    result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.no_progress,
                       routing=args.routing)
     last = result.curves[-1]
     print(f"adapter: {result.adapter_path}")
-    for line in EXPORTS.get(args.target, lambda *_: [])(result, args):
+    for line in EXPORTS.get(args.kind, lambda *_: [])(result, args):
         print(line)
     print(f"final reward {last['reward']:.4f}  path KL {last['kl']:.4f}  objective {last['objective']:.4f}")
     return 0

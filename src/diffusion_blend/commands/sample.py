@@ -6,7 +6,7 @@
 
 writes ``image_000.png ...`` and ``settings.json`` (every setting, the blend coefficients, library versions).
 Image ``k`` uses seed ``--seed + k`` (paired noise across preferences, as in the paper's evaluation).
-The pipeline class comes from the base folder's ``model_index.json`` (or ``--pipeline``); flow-matching bases
+The pipeline class comes from the base folder's ``model_index.json`` (or ``--kind``); flow-matching bases
 (SD3, FLUX) sample with the Flow-GRPO SDE (``--scheduler sde``, noise level ``--eta``, default 0.7), which
 DB-MPA-LS needs; ``--scheduler pipeline`` keeps the base's Euler ODE (DB-MPA only).
 
@@ -24,9 +24,10 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
-from diffusion_blend.errors import DiffusionBlendError, positive_number
+from diffusion_blend.commands import options
+from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.files import refuse_existing_results, rounded
+from diffusion_blend.pipelines.kinds import SCHEDULER_CHOICES
 from diffusion_blend.preference import Preference, PreferenceSchedule
 
 RESULT_FILES = ["image_*.png", "settings.json"]
@@ -36,73 +37,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "sample",
         help="generate images from a Stable Diffusion (XL, 3/3.5) or FLUX base blended with LoRA experts "
-        "(DB-MPA / DB-MPA-LS)",
+        "(DB-MPA / DB-MPA-LS / SMC)",
         description="Blend the noise (or velocity) predictions of LoRA experts of one Stable Diffusion (XL, 3/3.5) "
         "or FLUX base with reward weights w and KL scale lambda (c_i = lambda w_i, c_0 = 1 - lambda sum w).",
         epilog=kinds_epilog(),
     )
     parser.formatter_class = type("DefaultsEpilogFormatter",
                                   (argparse.RawDescriptionHelpFormatter, parser.formatter_class), {})
-    parser.add_argument("--base", required=True, help="base pipeline: hub id or local folder (from_pretrained)")
-    parser.add_argument(
-        "--adapter", action="append", default=[], metavar="NAME=PATH", required=True,
-        help="a LoRA expert: diffusers LoRA .safetensors file/folder or peft adapter folder (repeat per expert)",
-    )
+    options.add_base(parser, required=True)
+    options.add_experts(parser, required=True)
     parser.add_argument("--weights", required=True,
                         help="reward weights by expert name, e.g. aesthetic=0.3,align=0.7; a schedule over the steps: "
                         "START:END (aesthetic=0.8:0.2,align=0.2:0.8) or key points V@U:V@U with U from 0 (first step) "
                         "to 1 (last), e.g. a=1@0:1@0.5:0@0.5:0@1 switches at half way")
-    parser.add_argument("--kl-scale", default="1", help="KL scale lambda >= 0 (default 1); a schedule like --weights")
-    parser.add_argument("--alpha", action="append", default=[], metavar="[NAME=]A",
-                        help="the KL weight an expert was fine-tuned with, for files without our metadata (foreign "
-                        "LoRAs, e.g. Flow-GRPO's: docs/flow-models.md): NAME=A for one expert (repeat), or A for "
-                        "every file without metadata; ours carry it. Recorded in settings.json")
-    parser.add_argument("--target-alpha", type=float, default=None, metavar="A",
-                        help="serve p_pre exp(lambda r_w / A): the coefficients become lambda w_i alpha_i / A (experts "
-                        "of different alphas; default: each expert's own, the target weights reward i by "
-                        "w_i / alpha_i)")
-    parser.add_argument("--method", choices=("mpa", "ls", "smc"), default="mpa",
-                        help="mpa: deterministic blend (DB-MPA); ls: one expert drawn per step (DB-MPA-LS); smc: "
-                        "sequential Monte Carlo with the blend as proposal, toward the exact target (--particles)")
-    parser.add_argument("--particles", type=int, default=4, help="smc: particles per image (default 4)")
-    parser.add_argument("--smc-proposal", choices=("blend", "twisted"), default="blend",
-                        help="smc: proposal: the blend's step (default; experts trained on this sampler's chain), or "
-                        "the base's step moved by its variance times the blend's score deviation (twisted SMC, for "
-                        "experts whose steps are continuous-time tilts; docs/method.md)")
-    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0,
-                        help="smc: the proposal blends at KL scale tilt x lambda (the target keeps lambda): > 1 where "
-                        "DB-MPA falls short of the preference, < 1 where it overshoots (default 1)")
-    parser.add_argument("--smc-potential", choices=("tweedie", "none", "experts"), default="tweedie",
-                        help="smc: potential: r_w of the Tweedie estimate (default), 0, or the experts' value "
-                        "increments (no reward before the end)")
-    parser.add_argument("--reward", action="append", default=[], metavar="NAME=REWARD",
-                        help="smc: the basis reward of an expert without our metadata (repeat per expert)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--kl-scale", default="1", help="KL scale lambda >= 0; a schedule like --weights (default 1)")
+    options.add_method(parser)
+    options.add_smc(parser)
+    parser.add_argument("--prompt", required=True, help="the text prompt")
+    parser.add_argument("--negative-prompt", default=None, help="what to steer away from (CFG kinds; default none)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (created)")
     parser.add_argument("--overwrite", action="store_true", help="replace the images and settings.json in --out")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the kind's, table below)")
-    parser.add_argument("--guidance-scale", type=float, default=None,
-                        help="guidance scale (default: the kind's, table below; FLUX: its distilled guidance)")
-    parser.add_argument("--eta", type=float, default=None,
-                        help="DDIM eta for SD/SDXL, the flow SDE's noise level for SD3/FLUX (default: the kind's, "
-                        "table below)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of image 0; image k uses seed + k")
-    parser.add_argument("--num-images", type=int, default=1)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--pipeline", choices=("auto", "sd", "sdxl", "sd3", "flux"), default="auto",
-                        help="the base's pipeline (default auto: from a local folder's model_index.json; hub ids: sd)")
-    parser.add_argument("--scheduler", choices=("ddim", "sde", "pipeline"), default=None,
+    options.add_sampling(parser)
+    options.add_num_images(parser)
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None,
                         help="ddim (default for SD/SDXL): DDIMScheduler from the base's config (the paper's sampler, "
                         "honours --eta); sde (default for SD3/FLUX): the Flow-GRPO SDE with noise level --eta; "
-                        "pipeline: the base's own scheduler")
-    parser.add_argument("--routing", choices=ROUTINGS, default="auto",
-                        help="how the experts are evaluated: batched (one forward of all members), sequential (one "
-                        "forward per member), auto (sequential on CPU, batched on CUDA when it fits; default)")
-    parser.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu), cpu, cuda")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                        help="weights dtype; auto: float16 on cuda, float32 on cpu")
+                        "pipeline: the base's own scheduler (no --eta)")
+    options.add_device(parser)
+    options.add_progress(parser)
+    options.deprecated(parser, "--pipeline", "--kind", "kind")
+    options.deprecated(parser, "--height", "--resolution HxW", "height")
+    options.deprecated(parser, "--width", "--resolution HxW", "width")
     parser.set_defaults(func=run)
 
 
@@ -114,64 +79,15 @@ def kinds_epilog() -> str:
     return "defaults per base kind (a flag overrides them; docs/design.md says why each):\n" + spec_table(SPECS)
 
 
-def parse_alphas(items: list[str], flag: str = "--alpha") -> tuple[float | None, dict[str, float]]:
-    """``--alpha A`` (for every file without metadata) and ``--alpha NAME=A`` (one expert): the default and the
-    per-expert values, each a positive number (alpha 0, no KL term, has an unbounded tilt: refused)."""
-    from diffusion_blend.errors import positive_number
-
-    default, per_expert = None, {}
-    for item in items:
-        name, sep, value = item.rpartition("=")
-        what = f"{flag} {item}"
-        try:
-            number = float(value)
-        except ValueError:
-            raise DiffusionBlendError(f"cannot parse {what}: expected A or NAME=A with a number A") from None
-        if number == 0:
-            raise DiffusionBlendError(f"{what}: an expert fine-tuned without a KL term (alpha 0) has an unbounded "
-                                      "tilt exp(r / alpha); no blend targets it")
-        number = positive_number(number, what)
-        if not sep:
-            if default is not None:
-                raise DiffusionBlendError(f"{flag} A given twice")
-            default = number
-        elif not name.strip() or name.strip() in per_expert:
-            raise DiffusionBlendError(f"cannot parse {what}: a NAME=A pair per expert, each once")
-        else:
-            per_expert[name.strip()] = number
-    return default, per_expert
-
-
-def parse_pairs(items: list[str], flag: str = "--adapter", value: str = "PATH") -> dict[str, str]:
-    """``NAME=VALUE`` arguments (``--adapter``, ``--reward``) as a dict; malformed or repeated names: one line."""
-    pairs: dict[str, str] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise DiffusionBlendError(f"cannot parse {flag} {item!r}: expected NAME={value}")
-        if name.strip() in pairs:
-            raise DiffusionBlendError(f"{flag} {name.strip()!r} given twice")
-        pairs[name.strip()] = path.strip()
-    return pairs
-
-
 def _check_args(args: argparse.Namespace) -> None:
-    for flag, value in (("--steps", args.steps), ("--num-images", args.num_images)):
-        if value is not None and value < 1:
-            raise DiffusionBlendError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None and (value < 8 or value % 8):
-            raise DiffusionBlendError(f"{flag} must be a positive multiple of 8, got {value}")
-    if args.eta is not None and not 0.0 <= args.eta <= 1.0:
-        raise DiffusionBlendError(f"--eta must be in [0, 1], got {args.eta}")
-
-
-def smc_options(args: argparse.Namespace):
-    """``--particles`` and the ``--smc-*`` flags as :class:`~diffusion_blend.smc.SMCOptions` (checked once)."""
-    from diffusion_blend.smc import SMCOptions
-
-    return SMCOptions(particles=args.particles, proposal=args.smc_proposal, potential=args.smc_potential,
-                      proposal_tilt=args.smc_proposal_tilt)
+    """Every cheap check of ``dblend sample``'s flags, before any model loads."""
+    options.check_positive(args, "steps", "num_images")
+    options.check_eta(args.eta)
+    options.resolve_resolution(args)
+    options.refuse_smc_flags_without_smc(args)
+    if args.scheduler == "pipeline" and args.eta is not None:
+        raise DiffusionBlendError("--eta sets the noise of --scheduler ddim or sde; --scheduler pipeline keeps the "
+                                  "base's own scheduler and its noise (drop one of them)")
 
 
 def _save_png(image, path: Path) -> None:
@@ -179,6 +95,20 @@ def _save_png(image, path: Path) -> None:
 
     with atomic_write(path, "wb") as handle:
         image.save(handle, format="PNG")
+
+
+def _preference(args: argparse.Namespace, adapters: dict[str, str]) -> Preference | PreferenceSchedule:
+    """``--weights`` and ``--kl-scale`` for these experts, checked before any model loads."""
+    preference = PreferenceSchedule.parse(args.weights, args.kl_scale)
+    points = [preference] if isinstance(preference, Preference) else preference.preferences()
+    for point in points:
+        coefficients = point.coefficients(adapters)  # unknown names in --weights fail before any loading
+        if args.method == "ls":
+            coefficients.probabilities()  # negative coefficients (at any step) fail before any loading
+    if args.method == "smc" and not isinstance(preference, Preference):
+        raise DiffusionBlendError("--method smc targets a fixed preference; a weight schedule (START:END) is not "
+                                  "one: give fixed --weights")
+    return preference
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,21 +119,10 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     device, dtype = resolve_device(args.device, args.dtype)
     refuse_existing_results(args.out, RESULT_FILES, args.overwrite)
-    adapters = parse_pairs(args.adapter)
-    reward_names = parse_pairs(args.reward, "--reward", "REWARD")
-    preference = PreferenceSchedule.parse(args.weights, args.kl_scale)
-    points = [preference] if isinstance(preference, Preference) else preference.preferences()
-    for point in points:
-        coefficients = point.coefficients(adapters)  # unknown names in --weights fail before any loading
-        if args.method == "ls":
-            coefficients.probabilities()  # negative coefficients (at any step) fail before any loading
-    if args.method == "smc" and not isinstance(preference, Preference):
-        raise DiffusionBlendError("--method smc targets a fixed preference; a weight schedule (START:END) is not "
-                                  "one: give fixed --weights")
-    smc = smc_options(args) if args.method == "smc" else None
-    if reward_names and args.method != "smc":
-        raise DiffusionBlendError("--reward is for --method smc (it scores the particles)")
-    kind = pipeline_kind(args.base, args.pipeline)
+    experts = options.expert_options(args)
+    preference = _preference(args, experts.adapters)
+    smc = options.smc_options(args) if args.method == "smc" else None
+    kind = pipeline_kind(args.base, args.kind)
     if kind in FLOW_KINDS and args.method == "ls" and args.scheduler == "pipeline":
         raise DiffusionBlendError("--method ls needs a stochastic sampler that keeps the flow's marginals "
                                   "(--scheduler sde), not the base's Euler ODE")
@@ -211,17 +130,19 @@ def run(args: argparse.Namespace) -> int:
         raise DiffusionBlendError("--method ls needs SDE noise: --eta 0 makes the flow sampler the Euler ODE "
                                   "(its noise level must be > 0)")
     print(f"device: {device}, {dtype}" + (" (auto)" if "auto" in (args.device, args.dtype) else ""))
-    default_alpha, alphas = parse_alphas(args.alpha)
-    target_alpha = None if args.target_alpha is None else positive_number(args.target_alpha, "--target-alpha")
-    session = BlendSession.open(args.base, adapters, kind=kind, rewards=reward_names, alpha=default_alpha,
-                                alphas=alphas, scheduler=args.scheduler, noise_level=args.eta, device=device,
-                                dtype=dtype)
-    if args.method == "smc" or target_alpha is not None:  # before sampling: the target needs every alpha
-        session.target(preference, target_alpha, why="--method smc" if args.method == "smc" else "--target-alpha")
-    result = session.generate(args.prompt, preference, method=args.method, num_images=args.num_images,
+    session = BlendSession.open(args.base, experts.adapters, kind=kind, rewards=experts.rewards,
+                                alpha=experts.default_alpha, alphas=experts.alphas, scheduler=args.scheduler,
+                                noise_level=args.eta, device=device, dtype=dtype,
+                                reward_options=experts.reward_options)
+    if args.method == "smc" or experts.target_alpha is not None:  # before sampling: the target needs every alpha
+        session.target(preference, experts.target_alpha,
+                       why="--method smc" if args.method == "smc" else "--target-alpha")
+    result = session.generate(args.prompt, preference, method=args.method,
+                              num_images=args.num_images or options.NUM_IMAGES,
                               seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                               height=args.height, width=args.width, negative_prompt=args.negative_prompt, smc=smc,
-                              routing=args.routing, target_alpha=target_alpha)
+                              routing=args.routing, target_alpha=experts.target_alpha,
+                              progress=not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     files = []
     for k, image in enumerate(result.images):

@@ -46,6 +46,43 @@ def format_cell(value: Any) -> str:
     return html.escape(str(value))
 
 
+PLOT_CAPTIONS = {
+    "fronts": "Mean rewards of every method and preference; lines: each method's Pareto front",
+    "weighted_reward_vs_w": "Weighted reward r_w (± se) against the first reward's weight, per method and λ",
+    "reward_vs_lambda": "Weighted reward r_w against the KL scale λ, per method and weights",
+}
+ORACLE_NOTE = ("<p><b>is-oracle</b> is the exact target p<sub>pre</sub> exp(λ r<sub>w</sub> / α) itself, estimated by "
+               "self-normalised importance weighting of base samples: what every method aims at, not an upper bound "
+               "on reward (a method that overshoots the KL term can score above it; one that scores below falls short "
+               "of its target). Its standard errors grow as the weights concentrate.</p>")
+
+
+def setting_lines(setting: Mapping[str, Any]) -> dict[str, Any]:
+    """The setting as labelled lines (name, the options that define it, the sampler, the experts' alphas)."""
+    lines: dict[str, Any] = {"setting": setting.get("name")}
+    lines.update(setting.get("options") or {})
+    lines["steps"] = setting.get("num_inference_steps")
+    lines["sampler noise (eta)"] = setting.get("eta")
+    lines["experts' alpha"] = setting.get("alphas") or setting.get("alpha")
+    if setting.get("target_alpha") is not None:
+        lines["target alpha"] = setting["target_alpha"]
+    return lines
+
+
+def definition_list(values: Mapping[str, Any]) -> str:
+    """Labelled values as an HTML definition list; dicts and lists written out as ``key: value`` text."""
+
+    def text(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return "; ".join(f"{k}: {text(v)}" for k, v in value.items()) or "–"
+        if isinstance(value, list | tuple):
+            return ", ".join(text(v) for v in value) or "–"
+        return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return "<dl>" + "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(text(v))}</dd>"
+                            for k, v in values.items()) + "</dl>"
+
+
 def render_html(result: Mapping[str, Any]) -> str:
     """The summary page as a string (escapes every value)."""
     names = result["reward_names"]
@@ -70,17 +107,17 @@ def render_html(result: Mapping[str, Any]) -> str:
         for m, f in result["fronts"].items()
     )
     plots = "".join(
-        f'<figure><img src="{html.escape(name)}" alt="{html.escape(kind)}">'
-        f"<figcaption>{html.escape(kind)}</figcaption></figure>"
+        f'<figure><img src="{html.escape(Path(name).name)}" alt="{html.escape(PLOT_CAPTIONS.get(kind, kind))}">'
+        f"<figcaption>{html.escape(PLOT_CAPTIONS.get(kind, kind))}</figcaption></figure>"
         for kind, name in result.get("plots", {}).items()
-    )
+    ) or "<p>No plot: one preference and one λ give single points (the tables hold them).</p>"
     grid_rows = []
     for row in result["rows"]:
         if not row.get("images"):
             continue
         weights = ", ".join(f"{n}={w:g}" for n, w in row["weights"].items())
         pictures = "".join(
-            f'<img class="strip" src="{html.escape(src)}" alt="{html.escape(src)}">' for src in row["images"]
+            f'<img class="strip" src="../{html.escape(src)}" alt="{html.escape(src)}">' for src in row["images"]
         )
         grid_rows.append(f"<tr><td>{html.escape(row['method'])}</td><td>{html.escape(weights)}</td>"
                          f"<td>{format_cell(row['kl_scale'])}</td><td>{pictures}</td></tr>")
@@ -91,14 +128,18 @@ def render_html(result: Mapping[str, Any]) -> str:
                 f"<th>samples</th></tr>{''.join(grid_rows)}</table>")
     setting = result.get("setting", {})
     name = html.escape(str(setting.get("name", "")))
+    oracle = ORACLE_NOTE if any(row["method"] == "is-oracle" for row in result["rows"]) else ""
     reference = html.escape(str([round(v, 4) for v in result["reference_point"]]))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>diffusion-blend evaluation: {name}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}} figure{{display:inline-block;margin:0 1em 1em 0}}
-img{{max-width:520px}} img.strip{{margin-right:6px;height:96px;image-rendering:pixelated}}</style></head><body>
+dl{{display:grid;grid-template-columns:max-content auto;gap:2px 1em}} dt{{font-weight:bold}} dd{{margin:0}}
+img{{max-width:100%}} figure img{{width:560px;max-width:100%}}
+img.strip{{margin-right:6px;height:96px;image-rendering:pixelated}}</style></head><body>
 <h1>Evaluation: {name}</h1>
-<p>Setting: {html.escape(str(setting))}. Sweep: {html.escape(str(result.get("sweep", {})))}.</p>
+<h2>Setting</h2>{definition_list(setting_lines(setting))}
+<h2>Sweep</h2>{definition_list(result.get("sweep", {}))}{oracle}
 <h2>Per method and preference</h2>
 <p>Means over seeds × samples with standard errors; Δ = gain over the base model; win rate against the base paired by
 seed and sample (same initial noise); NFE = network evaluations per sample.</p>

@@ -79,10 +79,17 @@ def plot_reward_vs_kl_scale(result: Mapping[str, Any], path: Path) -> str:
 
 
 def write_plots(result: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
-    """Write the three PNGs into ``out_dir``; returns their file names by kind."""
+    """Write the plots that carry information into ``out_dir`` (the fronts with two or more rewards, ``r_w`` against
+    the weight with two or more weights, against lambda with two or more lambdas); returns their file names by kind."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {
-        "fronts": plot_fronts(result, out_dir / "fronts.png"),
-        "weighted_reward_vs_w": plot_weighted_reward_vs_weight(result, out_dir / "weighted_reward_vs_w.png"),
-        "reward_vs_lambda": plot_reward_vs_kl_scale(result, out_dir / "reward_vs_lambda.png"),
-    }
+    rows = result["rows"]
+    weights = {tuple(sorted(r["weights"].items())) for r in rows if r["method"] != "base"}
+    first = result["reward_names"][0]
+    plots = {}
+    if len(result["reward_names"]) > 1:
+        plots["fronts"] = plot_fronts(result, out_dir / "fronts.png")
+    if len({dict(w).get(first, 0.0) for w in weights}) > 1:
+        plots["weighted_reward_vs_w"] = plot_weighted_reward_vs_weight(result, out_dir / "weighted_reward_vs_w.png")
+    if len({r["kl_scale"] for r in rows if r["method"] != "base"}) > 1:
+        plots["reward_vs_lambda"] = plot_reward_vs_kl_scale(result, out_dir / "reward_vs_lambda.png")
+    return plots

@@ -69,6 +69,8 @@ from diffusion_blend.rewards.weighted import active_rewards, weighted_reward_sco
 from diffusion_blend.sampling import sample
 from diffusion_blend.smc import BLENDED, SMCOptions, smc_sample
 
+REPORT_DIR = "report"
+"""The sweep's page and plots: ``OUT/report/index.html``, as the demo's."""
 METHODS = ("base", "mpa", "ls", "rs-factors", "rs-deltas", "code", "rgg", "is-oracle", "morl", "smc", "fk")
 
 
@@ -165,7 +167,7 @@ class SweepConfig:
     rgg_tempering: bool = True
     oracle_samples: int = 20_000
     oracle_seed: int = 12345
-    particles: int = 8
+    particles: int = SMCOptions.particles  # the one default of every SMC entry point
     fk_particles: int | None = None  # None: as many as ``particles``
     smc_proposal: str | None = None  # None: the setting's (Setting.smc_proposal)
     smc_proposal_tilt: float = 1.0
@@ -339,15 +341,16 @@ def _sample_chunk(setting: Setting, config: SweepConfig, cell: Cell, counting: C
     scheduler = setting.scheduler_factory()
     common = dict(generator=seed, shape=shape, num_inference_steps=setting.num_inference_steps, eta=setting.eta,
                   cond=cond, progress=False, device=setting.device)
+    method = cell.method
+    if method == "base":  # preference-free
+        with torch.no_grad():
+            return sample(counting.member(BASE), scheduler, **common).samples, prompts, {}
     target = setting.target(cell.preference)
     preference, (tilt, alpha) = target.blend(), target.tilt()  # the blended experts; the target's exponent
-    method = cell.method
     extra: dict[str, Any] = {}
-    if method in ("base", "mpa", "ls", "morl", "rs-factors", "rs-deltas"):
-        if method == "base":
-            denoiser: Denoiser = counting.member(BASE)
-        elif method == "mpa":
-            denoiser = BlendedDenoiser(counting, preference)
+    if method in ("mpa", "ls", "morl", "rs-factors", "rs-deltas"):
+        if method == "mpa":
+            denoiser: Denoiser = BlendedDenoiser(counting, preference)
         elif method == "ls":
             denoiser = SwitchingDenoiser(counting, preference,
                                          torch.Generator().manual_seed((10_007 * seed + 1) % 2**63))
@@ -546,9 +549,9 @@ def run_sweep(
     from diffusion_blend.evaluation.plots import write_plots
 
     write_tables(result, out)
-    result["plots"] = write_plots(result, out)
+    result["plots"] = {kind: f"{REPORT_DIR}/{name}" for kind, name in write_plots(result, out / REPORT_DIR).items()}
     write_json_atomic(out / "results.json", _json_safe(result), sort_keys=True, allow_nan=False)
-    write_html(result, out / "summary.html")
+    result["report"] = str(write_html(result, out / REPORT_DIR / "index.html"))
     return result
 
 

@@ -151,8 +151,9 @@ def _lora_alphas(header: dict[str, str], config: dict[str, Any] | None, shapes: 
     values = set()
     for key, value in header.items():
         if key.endswith("lora_adapter_metadata"):
-            try:
-                values.add(float(json.loads(value).get("lora_alpha")))
+            try:  # diffusers prefixes the peft config's fields with the component ("transformer.lora_alpha")
+                found = json.loads(value)
+                values |= {float(v) for k, v in found.items() if k.split(".")[-1] == "lora_alpha" and v is not None}
             except (ValueError, TypeError, AttributeError):
                 pass
     alpha_keys = [k for k in shapes if k.endswith(".alpha")]

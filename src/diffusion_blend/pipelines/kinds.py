@@ -79,12 +79,40 @@ PIPELINE_KINDS = tuple(SPECS)
 """Base pipelines the blend supports: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 / 3.5, FLUX."""
 FLOW_KINDS = tuple(kind for kind, spec in SPECS.items() if spec.flow)
 
+SCHEDULER_CHOICES = ("ddim", "sde", "pipeline")
+"""``ddim`` (SD / SDXL) and ``sde`` (SD3 / FLUX) are the kinds' samplers; ``pipeline`` keeps the base's own."""
+
 
 def spec_of(kind: str) -> ModelSpec:
     """The spec of a pipeline kind (one-line error for an unknown one)."""
     if kind not in SPECS:
         raise DiffusionBlendError(f"unknown model kind {kind!r}; choose one of {', '.join(SPECS)}")
     return SPECS[kind]
+
+
+def check_base(base: str | os.PathLike) -> None:
+    """Refuse, in one line naming it, a ``--base`` that is neither a diffusers pipeline folder nor a hub id that can
+    be had: a folder without ``model_index.json``, a file, a path that does not exist (and is not of the form
+    ``ORG/NAME``), or, with ``HF_HUB_OFFLINE=1``, a hub id missing from the local cache. No model loads."""
+    path, text = Path(base), str(base)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise DiffusionBlendError(f"--base {text}: the folder has no model_index.json (not a diffusers pipeline "
+                                      "folder; save one with save_pretrained)")
+        return
+    if path.exists():
+        raise DiffusionBlendError(f"--base {text} is a file; give a diffusers pipeline folder or a hub id ORG/NAME")
+    if os.path.isabs(text) or text.count("/") != 1 or text.startswith((".", "~")):
+        raise DiffusionBlendError(f"--base {text}: no such folder (and not a hub id of the form ORG/NAME)")
+    if hub_offline() and _cached_model_index(text) is None:
+        raise DiffusionBlendError(f"--base {text}: no such folder, and not a hub id in the local cache "
+                                  "(HF_HUB_OFFLINE=1 "
+                                  "forbids downloads)")
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids downloads (huggingface_hub's truthy spellings)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _model_index(base: str | os.PathLike) -> dict[str, Any] | None:
@@ -125,17 +153,25 @@ def is_sdxl_folder(base: str | os.PathLike) -> bool:
 
 
 def pipeline_kind(base: str | os.PathLike, requested: str = "auto") -> str:
-    """The base's kind: ``requested`` if not ``"auto"``, else from the ``model_index.json`` of a local folder or of
-    a cached hub id (``_class_name``); an uncached hub id counts as ``"sd"`` unless ``requested`` says."""
+    """The base's kind: from the ``model_index.json`` of a local folder or of a cached hub id (``_class_name``), which
+    a ``requested`` kind (not ``"auto"``) must agree with; an uncached hub id counts as ``"sd"`` unless ``requested``
+    says. A base that is neither is refused first (:func:`check_base`)."""
+    check_base(base)
     if requested != "auto":
         spec_of(requested)
-        return requested
     index = _model_index(base)
     if index is None:
-        return "sd"
+        return "sd" if requested == "auto" else requested
     name = str(index.get("_class_name", ""))
-    for marker, kind in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("XL", "sdxl"), ("StableDiffusion", "sd")):
-        if marker in name:
-            return kind
-    raise DiffusionBlendError(f"{base} holds a {name or 'unnamed'} pipeline; Diffusion Blend supports Stable Diffusion "
-                              "1.x/2.x, SDXL, SD3/3.5 and FLUX (name the kind if the folder is one of these)")
+    found = next((kind for marker, kind in (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("XL", "sdxl"),
+                                             ("StableDiffusion", "sd")) if marker in name), None)
+    if requested != "auto":
+        if found is not None and found != requested:
+            raise DiffusionBlendError(f"--kind {requested}, but {base} holds a {name} ({found}): drop --kind or give "
+                                      f"--kind {found}")
+        return requested
+    if found is None:
+        raise DiffusionBlendError(f"{base} holds a {name or 'unnamed'} pipeline; Diffusion Blend supports Stable "
+                                  "Diffusion 1.x/2.x, SDXL, SD3/3.5 and FLUX (name the kind with --kind if the folder "
+                                  "is one of these)")
+    return found

@@ -69,9 +69,13 @@ def _remove_partial(pipe: Any, name: str) -> None:
             pass
 
 
-def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
+def _short(err: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error, cut at a word boundary (never mid-word) when longer than ``limit``."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
 
 
 def _load_diffusers_lora(pipe: Any, path: Path, name: str) -> int:
@@ -191,6 +195,7 @@ def load_base_pipeline(pipeline_class: type, base: str | os.PathLike, **from_pre
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(:[\w./\-]+)?(@[\w.\-/]+)?$")
 ADAPTER_PATTERNS = ("*.safetensors", "*.json")
+LORA_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
 """What is fetched of an adapter's hub repository: its weights and configs, never a whole pipeline."""
 
 
@@ -203,6 +208,8 @@ def resolve_adapter_source(source: str | os.PathLike) -> Path:
     text = str(source)
     if path.exists() or not _HUB_ID.match(text):
         return path
+    if path.suffix in LORA_FILE_SUFFIXES:  # a mistyped file name, not a hub repository
+        raise AdapterMismatchError(f"adapter {text!r}: no such file")
     repo, _, revision = text.partition("@")
     repo, _, subfolder = repo.partition(":")
     patterns = [f"{subfolder.strip('/')}/{p}" for p in ADAPTER_PATTERNS] if subfolder else list(ADAPTER_PATTERNS)
@@ -212,8 +219,9 @@ def resolve_adapter_source(source: str | os.PathLike) -> Path:
         with quiet_third_party():
             folder = Path(snapshot_download(repo, revision=revision or None, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - offline, unknown repo, network: one line naming the id
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-        why = "not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloads" if offline else _short(err)
+        from diffusion_blend.pipelines.kinds import hub_offline
+
+        why = "not in the local hub cache and HF_HUB_OFFLINE=1 forbids downloads" if hub_offline() else _short(err)
         raise AdapterMismatchError(f"adapter {text!r} is not a local path, and as a hub id: {why}") from None
     folder = folder / subfolder if subfolder else folder
     if not folder.exists():

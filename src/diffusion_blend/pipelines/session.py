@@ -25,15 +25,12 @@ from diffusion_blend.adapters import Expert, common_alpha, require_rewards
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.pipelines.classes import load_blend_pipeline
 from diffusion_blend.pipelines.experts import check_fingerprints, read_experts
-from diffusion_blend.pipelines.kinds import pipeline_kind, spec_of
+from diffusion_blend.pipelines.kinds import SCHEDULER_CHOICES, pipeline_kind, spec_of
 from diffusion_blend.preference import BlendTarget, Preference, PreferenceSchedule
 from diffusion_blend.spec import ModelSpec
 
-SCHEDULER_CHOICES = ("ddim", "sde", "pipeline")
-"""``ddim`` (SD / SDXL) and ``sde`` (SD3 / FLUX) are the kinds' samplers; ``pipeline`` keeps the base's own."""
 
-
-def set_sampler(pipe: Any, spec: ModelSpec, scheduler: str, noise_level: float) -> None:
+def set_sampler(pipe: Any, spec: ModelSpec, scheduler: str, noise_level: float | None) -> None:
     """Give ``pipe`` the sampler ``scheduler`` (``ddim``: DDIM from the base's scheduler config; ``sde``: the flow
     SDE with ``noise_level``; ``pipeline``: the base's own), refusing one that does not fit the kind."""
     if scheduler == "pipeline":
@@ -70,7 +67,7 @@ class BlendSession:
     device: str
     dtype: str
     scheduler: str
-    noise_level: float
+    noise_level: float | None  # None: the base's own scheduler, with its own noise
     base: str
     reward_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     base_fingerprint: str | None = None  # of the loaded base, where our experts' fingerprints were checked
@@ -113,7 +110,11 @@ class BlendSession:
         scheduler = scheduler or spec.scheduler
         if scheduler not in SCHEDULER_CHOICES:
             raise DiffusionBlendError(f"--scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {scheduler!r}")
-        noise_level = spec.noise_level if noise_level is None else float(noise_level)
+        if scheduler == "pipeline" and noise_level is not None:
+            raise DiffusionBlendError("a noise level (--eta) is for the kind's sampler (ddim or sde); the base's own "
+                                      "scheduler (pipeline) keeps its own")
+        if scheduler != "pipeline":
+            noise_level = spec.noise_level if noise_level is None else float(noise_level)
         pipe = loaded if loaded is not None else load_blend_pipeline(base, spec.kind, dtype=getattr(torch, dtype))
         load_adapters(pipe, {name: expert.source for name, expert in experts.items()})
         fingerprint = check_fingerprints(experts, getattr(pipe, spec.denoiser))
@@ -200,13 +201,15 @@ class BlendSession:
         routing: str = "auto",
         output_type: str = "pil",
         target_alpha: float | None = None,
+        progress: bool = False,
     ) -> SessionResult:
         """``num_images`` images of ``prompt`` under ``preference`` with ``method`` (``mpa``: DB-MPA / DB-KLA, ``ls``:
         DB-MPA-LS, ``smc``: SMC on the blend with ``smc`` options). Image ``k`` draws its noise from seed ``seed + k``
         (paired across preferences, as in the paper's evaluation); DB-MPA-LS draws its experts from ``seed``; SMC
         draws every image from one generator seeded with ``seed``. Unset sampling options come from the spec.
         Experts of different KL weights blend toward the target :meth:`target` states (``target_alpha``: rescaled to
-        serve ``p_pre exp(lambda r_w / target_alpha)``); settings.json records it."""
+        serve ``p_pre exp(lambda r_w / target_alpha)``); settings.json records it. ``progress``: a bar over the
+        steps."""
         import torch
 
         target, blended = self._blended(preference, method, target_alpha)
@@ -217,8 +220,9 @@ class BlendSession:
             prompt=[prompt] * num_images,
             negative_prompt=None if negative_prompt is None else [negative_prompt] * num_images,
             num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type=output_type,
-            **({} if self.spec.flow else {"eta": self.noise_level}),
+            **({} if self.spec.flow or self.noise_level is None else {"eta": self.noise_level}),
         )
+        self.pipe.set_progress_bar_config(disable=not progress)
         coefficients = (blended if isinstance(blended, Preference) else blended.at(0.0)).coefficients(self.experts)
         settings = {"steps": steps, "guidance_scale": guidance, "noise_level": self.noise_level,
                     "scheduler": type(self.pipe.scheduler).__name__, "routing": routing,

@@ -1,6 +1,7 @@
 """Tiny Stable Diffusion / SDXL / SD3 / FLUX pipelines built from configs (the diffusers test pattern), fully offline.
 
-For trying the library without downloading a base model (``dblend tiny-base --out DIR``, README quick start) and
+For trying the library without downloading a base model (``dblend tiny-base --kind KIND --out DIR``,
+docs/try-offline.md) and
 for the tests. The weights are random: images are noise-like, but every code path of the real pipelines runs.
 The tokenizer is a byte-level CLIP BPE tokenizer with an empty merge table, written to disk here, so no
 hub download is needed; FLUX's T5 tokenizer is a ``tokenizers`` Unigram model over the same byte symbols, wrapped in
@@ -43,6 +44,7 @@ from diffusion_blend.pipelines.kinds import TRANSFORMER_TARGETS, UNET_TARGETS
 from diffusion_blend.quiet import quiet_third_party
 
 ATTENTION_PROJECTIONS = list(UNET_TARGETS)
+TRANSFORMER_PROJECTIONS = list(TRANSFORMER_TARGETS)  # what diffusers' SD3/FLUX LoRA scripts (and Flow-GRPO) train
 
 
 def make_tokenizer(folder: Path) -> CLIPTokenizer:
@@ -202,33 +204,59 @@ def write_adapters(pipe_class, base_folder: Path, out: Path, names_and_seeds: di
     return files
 
 
-EXAMPLE_ADAPTERS = {"aesthetic": 1, "align": 2}
-"""Names (and seeds) of the two example adapters :func:`write_tiny_base` writes next to the pipeline."""
+EXAMPLE_EXPERTS = {"brightness": 1, "saturation": 2}
+"""The two example experts :func:`write_tiny_base` writes next to the pipeline: named after the weight-free registry
+reward each stands for (``dblend rewards``), with the seed of its random LoRA."""
+
+TINY_ALPHA = 0.1
+"""The KL weight the example experts' metadata states (they are random, not fine-tuned: it only labels them)."""
 
 
-def write_tiny_base(out: Path, seed: int = 0) -> dict[str, Path]:
-    """Save a tiny SD 1.5-layout pipeline to ``out/base`` and two random LoRA experts (diffusers LoRA files)
-    to ``out/<name>.safetensors``; returns ``{"base": ..., "aesthetic": ..., "align": ...}``.
+def tiny_pipeline(kind: str, folder: Path, seed: int = 0):
+    """A stock tiny pipeline of ``kind`` (sd, sdxl, sd3, flux) built from configs."""
+    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline,
+                "flux": tiny_flux_pipeline}
+    return builders[kind](folder, seed=seed)
 
-    Offline stand-ins for a real base (e.g. ``runwayml/stable-diffusion-v1-5``) and experts trained with
-    ``dblend finetune --target sd``; the adapters carry no reward metadata (their names are only labels).
+
+def write_tiny_base(out: Path, kind: str = "sd", seed: int = 0, alpha: float = TINY_ALPHA) -> dict[str, Path]:
+    """Save a tiny pipeline of ``kind`` to ``out/base`` and two random LoRA experts with our metadata to
+    ``out/brightness.safetensors`` and ``out/saturation.safetensors``; returns ``{"base": ..., "brightness": ...,
+    "saturation": ...}``.
+
+    Offline stand-ins for a real base (e.g. ``runwayml/stable-diffusion-v1-5``) and experts fine-tuned with
+    ``dblend finetune``: each file states its reward (the weight-free ``brightness`` / ``saturation``), the KL weight
+    ``alpha`` and the base's fingerprint, so every command that needs them (SMC, the evaluation, ``inspect``) runs
+    on them as it does on fine-tuned experts. The adapters are random (the images are noise).
     """
     import shutil
 
+    from diffusion_blend.adapters import AdapterMetadata, base_fingerprint
     from diffusion_blend.files import give_user_mode
+    from diffusion_blend.pipelines.kinds import spec_of
+    from diffusion_blend.pipelines.lora_files import export_diffusers_lora, unet_architecture
 
+    spec = spec_of(kind)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = save_pipeline(tiny_sd_pipeline(out, seed=seed), out / "base")
-    shutil.rmtree(out / "_tokenizer_src", ignore_errors=True)  # the tokenizer is saved inside base/
-    files = write_adapters(StableDiffusionPipeline, base, out, EXAMPLE_ADAPTERS)
-    for path in files.values():
-        give_user_mode(path)  # diffusers writes LoRA files through a 0600 temporary file
+    pipe = tiny_pipeline(kind, out, seed=seed)
+    base = save_pipeline(pipe, out / "base")
+    for scratch in ("_tokenizer_src", "_t5_tokenizer_src"):  # the tokenizers are saved inside base/
+        shutil.rmtree(out / scratch, ignore_errors=True)
+    denoiser = type(getattr(pipe, spec.denoiser)).from_pretrained(base / spec.denoiser)
+    fingerprint = base_fingerprint(denoiser, unet_architecture(denoiser))
+    targets = list(TRANSFORMER_PROJECTIONS if spec.flow else ATTENTION_PROJECTIONS)
+    files = {}
+    for reward, lora_seed in EXAMPLE_EXPERTS.items():
+        perturbed_lora(denoiser, reward, lora_seed, target_modules=targets)
+        metadata = AdapterMetadata(rewards={reward: 1.0}, alpha=float(alpha), base_fingerprint=fingerprint, rank=4,
+                                   lora_alpha=4.0, target_modules=targets,
+                                   training_config={"note": "random example expert written by dblend tiny-base"})
+        files[reward] = export_diffusers_lora(denoiser, reward, out / f"{reward}.safetensors", metadata, type(pipe))
+        give_user_mode(files[reward])
     return {"base": base, **files}
 
 
-# the projections diffusers' SD3/FLUX LoRA scripts (and Flow-GRPO) train
-TRANSFORMER_PROJECTIONS = list(TRANSFORMER_TARGETS)
 
 
 def make_t5_tokenizer(folder: Path) -> T5TokenizerFast:

@@ -362,14 +362,17 @@ class PickScoreReward(Reward):
         return (self.logit_scale * self.backbone.cosine(images, prompts) - self.offset).float()
 
 
-@register_reward("clip_score", "CLIPScore 100*max(cos,0) in [0,100]; CLIP ViT-L/14 (openai); differentiable")
+@register_reward("clip_score", "CLIPScore 100*max(cos,0) in [0,100] with CLIP ViT-L/14 (openai)",
+                 returns=ClipScoreReward, weights=DEFAULT_CLIP_SOURCE)
 def clip_score(
     model: str = DEFAULT_CLIP_SOURCE, scale: float = 100.0, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> Reward:
     return ClipScoreReward(load_clip_backbone(model, device=device, dtype=dtype), scale=scale)
 
 
-@register_reward("aesthetic", "LAION aesthetic predictor (MLP on CLIP ViT-L/14 embeddings), ~1-10; differentiable")
+@register_reward("aesthetic", "LAION aesthetic predictor (MLP on CLIP ViT-L/14 embeddings), ~1-10",
+                 returns=AestheticReward,
+                 weights=f"{DEFAULT_CLIP_SOURCE} + {DEFAULT_AESTHETIC_HEAD[0]}/{DEFAULT_AESTHETIC_HEAD[1]}")
 def aesthetic(
     model: str = DEFAULT_CLIP_SOURCE,
     head: str = DEFAULT_AESTHETIC_HEAD[0],
@@ -381,7 +384,9 @@ def aesthetic(
     return AestheticReward(backbone, load_aesthetic_head(head, head_filename))
 
 
-@register_reward("pickscore", "PickScore v1: logit_scale.exp()*cos - 19 (paper offset); CLIP-H; differentiable")
+@register_reward("pickscore", "PickScore v1: logit_scale.exp()*cos - 19 (paper offset); CLIP-H",
+                 returns=PickScoreReward,
+                 weights=f"{DEFAULT_PICKSCORE_SOURCE} + {DEFAULT_PICKSCORE_PROCESSOR} (processor)")
 def pickscore(
     model: str = DEFAULT_PICKSCORE_SOURCE,
     processor: str = DEFAULT_PICKSCORE_PROCESSOR,

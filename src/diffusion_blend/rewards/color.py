@@ -53,11 +53,11 @@ class SaturationReward(Reward):
         return chroma.mean(dim=(1, 2))
 
 
-@register_reward("brightness", "mean BT.709 luma of the image in [0, 1]; weight-free, differentiable")
+@register_reward("brightness", "mean BT.709 luma of the image in [0, 1]", returns=BrightnessReward)
 def brightness() -> Reward:
     return BrightnessReward()
 
 
-@register_reward("saturation", "mean chroma max(RGB) - min(RGB) in [0, 1]; weight-free, differentiable")
+@register_reward("saturation", "mean chroma max(RGB) - min(RGB) in [0, 1]", returns=SaturationReward)
 def saturation() -> Reward:
     return SaturationReward()

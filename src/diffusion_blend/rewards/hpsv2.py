@@ -198,7 +198,8 @@ class HPSv2Reward(Reward):
         return (self.scale * self.backbone.cosine(images, prompts)).float()
 
 
-@register_reward("hpsv2", "HPSv2.1 human preference score (cosine in [-1,1]); open_clip ViT-H-14 via transformers")
+@register_reward("hpsv2", "HPSv2.1 human preference score (cosine in [-1,1]); open_clip ViT-H-14 via transformers",
+                 returns=HPSv2Reward, weights=f"{DEFAULT_HPS_REPO} (HPS_v2.1_compressed.pt) + {DEFAULT_HPS_BACKBONE}")
 def hpsv2(
     checkpoint: str = DEFAULT_HPS_REPO,
     version: str = "v2.1",

@@ -63,11 +63,12 @@ class JpegSizeReward(Reward):
         return self.sign * torch.tensor(sizes, dtype=torch.float32)
 
 
-@register_reward("jpeg_compressibility", "minus JPEG size in kB at quality 95 (DDPO convention); weight-free")
+@register_reward("jpeg_compressibility", "minus JPEG size in kB at quality 95 (DDPO convention)",
+                 returns=JpegSizeReward)
 def jpeg_compressibility(quality: int = DEFAULT_JPEG_QUALITY) -> Reward:
     return JpegSizeReward(-1, quality)
 
 
-@register_reward("jpeg_incompressibility", "JPEG size in kB at quality 95 (DDPO convention); weight-free")
+@register_reward("jpeg_incompressibility", "JPEG size in kB at quality 95 (DDPO convention)", returns=JpegSizeReward)
 def jpeg_incompressibility(quality: int = DEFAULT_JPEG_QUALITY) -> Reward:
     return JpegSizeReward(+1, quality)

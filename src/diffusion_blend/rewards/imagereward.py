@@ -222,7 +222,9 @@ class ImageRewardReward(Reward):
         return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD if self.normalize else raw
 
 
-@register_reward("imagereward", "ImageReward v1.0 (BLIP), normalised (raw-0.1672)/1.0333; via transformers BLIP")
+@register_reward("imagereward", "ImageReward v1.0 (BLIP), normalised (raw-0.1672)/1.0333; via transformers BLIP",
+                 returns=ImageRewardReward,
+                 weights=f"{DEFAULT_IMAGEREWARD_REPO} (ImageReward.pt) + {DEFAULT_TOKENIZER} (tokenizer)")
 def imagereward(
     checkpoint: str = DEFAULT_IMAGEREWARD_REPO,
     tokenizer: str = DEFAULT_TOKENIZER,

@@ -23,21 +23,43 @@ ENTRY_POINT_GROUP = "diffusion_blend.rewards"
 
 @dataclass(frozen=True)
 class RewardSpec:
+    """A registered reward: its factory, a one-line description, the :class:`Reward` class the factory builds (whose
+    ``differentiable`` and ``needs_prompts`` describe it) and the weights it loads (``None``: weight-free)."""
+
     factory: Callable[..., Reward]
     description: str
+    returns: type[Reward] | None = None
+    weights: str | None = None
+
+    def info(self, name: str) -> dict[str, Any]:
+        """What ``dblend rewards`` shows: description, differentiable, needs prompts, weights, the factory's options
+        (``--reward-options``) with their defaults."""
+        import inspect
+
+        options = {}
+        for parameter in inspect.signature(self.factory).parameters.values():
+            default = parameter.default
+            options[parameter.name] = "required" if default is inspect.Parameter.empty else (
+                default if isinstance(default, int | float | str | bool | type(None)) else str(default))
+        return {"name": name, "description": self.description,
+                "differentiable": getattr(self.returns, "differentiable", None),
+                "needs_prompts": getattr(self.returns, "needs_prompts", None),
+                "weights": self.weights, "options": options}
 
 
 _REGISTRY: dict[str, RewardSpec] = {}
 _LOADED = False
 
 
-def register_reward(name: str, description: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Decorator registering a reward factory under ``name``."""
+def register_reward(name: str, description: str, *, returns: type[Reward] | None = None, weights: str | None = None
+                    ) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Decorator registering a reward factory under ``name``: ``returns`` is the :class:`Reward` class it builds,
+    ``weights`` what it loads (hub ids or files; ``None``: weight-free)."""
 
     def decorate(factory: Callable[..., Reward]) -> Callable[..., Reward]:
         if name in _REGISTRY:
             raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = RewardSpec(factory, description)
+        _REGISTRY[name] = RewardSpec(factory, description, returns, weights)
         return factory
 
     return decorate
@@ -69,3 +91,9 @@ def available_rewards() -> Mapping[str, str]:
     """Registered reward names and their one-line descriptions."""
     load_rewards()
     return {name: spec.description for name, spec in sorted(_REGISTRY.items())}
+
+
+def reward_infos() -> list[dict[str, Any]]:
+    """Every registered reward's :meth:`RewardSpec.info`, by name."""
+    load_rewards()
+    return [spec.info(name) for name, spec in sorted(_REGISTRY.items())]

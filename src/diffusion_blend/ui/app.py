@@ -111,10 +111,12 @@ def method_state(weights: list[float], kl_scale: float, names: tuple[str, ...]) 
 
 
 def format_scores(
-    scores: Mapping[str, float], seconds: float, standard_errors: Mapping[str, float] | None = None
+    scores: Mapping[str, float], seconds: float, standard_errors: Mapping[str, float] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> str:
-    se = standard_errors or {}
-    rows = "\n".join(f"| {name} | {value:.4f} | {se[name]:.4f} |" if name in se else f"| {name} | {value:.4f} | |"
+    """The scores table: one row per expert, labelled by the reward it measures (``labels``; default the name)."""
+    se, labels = standard_errors or {}, labels or {}
+    rows = "\n".join(f"| {labels.get(name, name)} | {value:.4f} | " + (f"{se[name]:.4f} |" if name in se else "|")
                      for name, value in scores.items())
     return f"| reward | mean score | standard error |\n| --- | --- | --- |\n{rows}\n\nGenerated in {seconds:.2f} s."
 
@@ -147,21 +149,26 @@ class Controls:
         return [self.image, self.scores, self.pareto, self.status, self.last_settings]
 
 
-def _inputs_column(studio: Studio, names: tuple[str, ...]) -> dict[str, Any]:
+def _inputs_column(studio: Studio, names: tuple[str, ...], initial_smc: Mapping[str, float]) -> dict[str, Any]:
     """The left column: a slider per reward weight, the KL scale, the method, SMC's controls, seed, prompt."""
     smc = getattr(studio, "supports_smc", False)
+    why_not = getattr(studio, "smc_unavailable", None) or "this model has no SMC"
     weights = [checked_slider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05, label=f"weight: {name}",
                               elem_id=f"weight-{name}") for name in names]
     kl_scale = checked_slider(*KL_RANGE, value=1.0, step=0.05, label="KL scale (lambda)", elem_id="kl-scale",
                               info="0 = base model, 1 = as fine-tuned, > 1 = extrapolate (weaker KL)")
     method = gr.Radio(list(METHODS), value=MPA_LABEL, label="method", elem_id="method")
     method_note = gr.Markdown(elem_id="method-note")
-    particles = checked_slider(*PARTICLE_RANGE, value=1, step=1, label="SMC particles", elem_id="particles",
-                               visible=smc, info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, reweighted "
-                               "to the exact target (N x (experts + 1) network evaluations per image)")
-    tilt = checked_slider(*TILT_RANGE, value=1.0, step=0.25, label="SMC proposal tilt", elem_id="proposal-tilt",
-                          visible=smc, info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 "
-                          "where DB-MPA falls short of the preference, < 1 where it overshoots")
+    particles = checked_slider(*PARTICLE_RANGE, value=initial_smc.get("particles", 1), step=1, label="SMC particles",
+                               elem_id="particles",
+                               interactive=smc, info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, "
+                               "reweighted to the exact target (N x (experts + 1) network evaluations per image)"
+                               if smc else f"SMC is off: {why_not}")
+    tilt = checked_slider(*TILT_RANGE, value=initial_smc.get("proposal_tilt", 1.0), step=0.25,
+                          label="SMC proposal tilt", elem_id="proposal-tilt",
+                          interactive=smc, info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 "
+                          "where DB-MPA falls short of the preference, < 1 where it overshoots"
+                          if smc else f"SMC is off: {why_not}")
     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
     prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
     button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -204,17 +211,20 @@ def checked_request(studio: Studio, names: tuple[str, ...], weights: list[float]
                                   f"got {tilt_value}")
     smc = {"particles": int(particle_count), "proposal_tilt": float(tilt_value)} if int(particle_count) > 1 else {}
     if smc and not getattr(studio, "supports_smc", False):
-        raise DiffusionBlendError("SMC particles are not available for this model (set particles to 1)")
+        why_not = getattr(studio, "smc_unavailable", None) or "this model has no SMC"
+        raise DiffusionBlendError(f"SMC particles are not available: {why_not} (set particles to 1)")
     return preference, METHODS[method_label], int(seed_value), smc
 
 
-def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None) -> gr.Blocks:
+def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None,
+              initial_smc: Mapping[str, float] | None = None) -> gr.Blocks:
+    """The page over ``studio`` (module docstring); ``initial_smc``: the SMC sliders' start values."""
     names = studio.reward_names
     with gr.Blocks(title="Diffusion Blend") as app:
         gr.Markdown(f"## Diffusion Blend: choose a preference at inference time\n{studio.description}")
         with gr.Row():
             with gr.Column(scale=1):
-                inputs = _inputs_column(studio, names)
+                inputs = _inputs_column(studio, names, initial_smc or {})
             with gr.Column(scale=2):
                 outputs = _outputs_column(pareto_reference)
         ui = Controls(**inputs, **outputs)
@@ -239,7 +249,8 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None)
                      f"{smc_text}, seed {seed}.")
             if hasattr(studio, "target_line"):  # experts of their own alphas: the distribution this serves
                 shown += f" The blend serves the {studio.target_line(preference)}."
-            return (result.images, format_scores(result.scores, result.seconds, result.standard_errors),
+            return (result.images, format_scores(result.scores, result.seconds, result.standard_errors,
+                                                 getattr(studio, "score_labels", None)),
                     pareto_figure(pareto_reference, result.scores, result.standard_errors), shown,
                     {"values": list(values), "shown": shown})
 

@@ -14,6 +14,7 @@ and says why (:attr:`PipelineStudio.smc_unavailable`).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -22,7 +23,22 @@ from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.pipelines.session import BlendSession
 from diffusion_blend.preference import Preference
+from diffusion_blend.smc import SMCOptions
 from diffusion_blend.ui.studio import Generation, image_grid
+
+
+def score_label(name: str, reward: str | None) -> str:
+    """How a score is labelled: by the reward it measures (``"bright (brightness)"``; the reward alone when the
+    expert is named after it)."""
+    return name if reward in (None, name) else f"{name} ({reward})"
+
+
+def sampler_line(session: BlendSession, steps: int, guidance_scale: float) -> str:
+    """The sampler a session runs, in words: the kind's (``flow SDE noise level 0.7, 28 steps, guidance 7``) or the
+    base's own scheduler."""
+    if session.noise_level is None:
+        return f"the base's own {type(session.pipe.scheduler).__name__}, {steps} steps, guidance {guidance_scale:g}"
+    return session.spec.sampler_line(steps, guidance_scale, session.noise_level)
 
 
 class PipelineStudio:
@@ -31,7 +47,8 @@ class PipelineStudio:
     text_conditioned = True
 
     def __init__(self, session: BlendSession, *, num_images: int = 4, steps: int | None = None,
-                 guidance_scale: float | None = None, resolution: int | None = None, target_alpha: float | None = None):
+                 guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+                 target_alpha: float | None = None, smc: SMCOptions | None = None, routing: str = "auto"):
         for value, what in ((num_images, "number of images"), (steps or 1, "number of steps")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DiffusionBlendError(f"{what} must be a positive integer, got {value!r}")
@@ -41,13 +58,14 @@ class PipelineStudio:
         self.num_images = num_images
         self.steps = session.spec.steps if steps is None else steps
         self.guidance_scale = session.spec.guidance_scale if guidance_scale is None else float(guidance_scale)
-        self.resolution = resolution
+        self.height, self.width = height, width
         self.target_alpha = target_alpha
-        labels = ", ".join(f"{name} ({session.experts[name].reward})" for name in self.reward_names)
+        self.smc = smc or SMCOptions()  # the page's sliders set particles and the proposal tilt
+        self.routing = routing
+        self.score_labels = {name: score_label(name, session.experts[name].reward) for name in self.reward_names}
         self.description = (
-            f"{session.spec.label} base with experts {labels}; {num_images} images per prompt, "
-            f"{session.spec.sampler_line(self.steps, self.guidance_scale, session.noise_level)}; "
-            "same seed = same noise.")
+            f"{session.spec.label} base with experts {', '.join(self.score_labels.values())}; {num_images} images per "
+            f"prompt, {sampler_line(session, self.steps, self.guidance_scale)}; same seed = same noise.")
 
     @property
     def smc_unavailable(self) -> str | None:
@@ -91,14 +109,12 @@ class PipelineStudio:
             if method != "mpa" or not self.supports_smc:
                 raise DiffusionBlendError("SMC particles > 1 need method DB-MPA (its proposal) and the experts' alpha: "
                                           f"{self.smc_unavailable or 'choose DB-MPA'}")
-            from diffusion_blend.smc import SMCOptions
-
             method = "smc"
-            options["smc"] = SMCOptions(particles=int(particles), proposal_tilt=float(proposal_tilt))
+            options["smc"] = replace(self.smc, particles=int(particles), proposal_tilt=float(proposal_tilt))
         result = self.session.generate(
             prompt.strip(), preference, method=method, num_images=self.num_images, seed=int(seed), steps=self.steps,
-            guidance_scale=self.guidance_scale, height=self.resolution, width=self.resolution, output_type="pt",
-            target_alpha=self.target_alpha, **options)
+            guidance_scale=self.guidance_scale, height=self.height, width=self.width, output_type="pt",
+            target_alpha=self.target_alpha, routing=self.routing, **options)
         images = result.images.float().cpu()
         prompts = [prompt.strip()] * images.shape[0]
         stats = {name: mean_and_standard_error(fn(images, prompts).detach()) for name, fn in self.rewards.items()}

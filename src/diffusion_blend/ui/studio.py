@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,6 +86,7 @@ class LoraStudio:
         eta: float = 1.0,
         description: str = "",
         alpha: float | None = None,
+        smc: SMCOptions | None = None,
     ):
         self.family = LoraFamily(model.eval(), forward, expert_names=list(rewards))
         self.reward_names = tuple(rewards)
@@ -98,10 +99,18 @@ class LoraStudio:
         self.eta = eta
         self.description = description
         self.alpha = alpha  # the experts' KL weight: needed by SMC's target p_pre exp(lambda r_w / alpha)
+        self.smc = smc or SMCOptions()  # the page's sliders set particles and the proposal tilt
 
     @property
     def supports_smc(self) -> bool:
         return self.alpha is not None
+
+    @property
+    def smc_unavailable(self) -> str | None:
+        """Why SMC is off (the experts' KL weight alpha unknown), or ``None`` when it runs."""
+        if self.supports_smc:
+            return None
+        return "SMC needs the experts' KL weight alpha, which these adapters do not state"
 
     @torch.no_grad()
     def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
@@ -123,7 +132,7 @@ class LoraStudio:
                 self.scheduler,
                 reward=r_w,
                 alpha=self.alpha,
-                options=SMCOptions(particles=int(particles), proposal_tilt=float(proposal_tilt)),
+                options=replace(self.smc, particles=int(particles), proposal_tilt=float(proposal_tilt)),
                 generator=seed,
                 shape=(self.num_images, *self.sample_shape),
                 num_inference_steps=self.num_inference_steps,

@@ -5,7 +5,7 @@ Every value comes from the run (sweeps, oracle, expert rollouts); nothing is ass
 (one row per method and preference), ``checks.csv``, ``experts.csv``, ``pareto.json`` (the UI's reference:
 ``{"rewards": [r1, r2], "series": {"base": [...], "DB-MPA": [...], "DB-MPA-LS": [...], "oracle (IS)": [...],
 "experts": [...]}}``, each point ``{r1: .., r2: .., "w": weight of r1 or null}``), ``pareto.png``,
-``reward_vs_lambda.png``, the image grids, and the two sweeps' own folders (``sweep-*/summary.html``).
+``reward_vs_lambda.png``, the image grids, and the two sweeps' own folders (``sweep-*/report/index.html``).
 """
 
 from __future__ import annotations
@@ -160,9 +160,35 @@ def quality_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]],
               *_kla_checks(config, points)]
     for check in checks:
         check["bar_met"] = check["status"] == "PASS"
+        kind = check.pop("kind")
+        check["why"] = FAIL_REASONS[kind] if check["status"] == "FAIL" else ""
+        check["docs"] = FAIL_DOCS[kind] if check["status"] == "FAIL" else ""
         if config.smoke_run:  # a verdict at a smoke budget means nothing: the value is shown, not judged
             check["status"] = SMOKE
     return checks
+
+
+FAIL_REASONS = {
+    "expert": "The expert did not reach the bar's share of its best objective: its fine-tuning budget (iterations, "
+              "learning rate) was too small for this reward; every blend inherits the shortfall.",
+    "mpa": "DB-MPA blends the experts' steps, not their distributions (paper Lemma 2): where a reward selects (here "
+           "digit_prob_3 picks a class early) the blend pushes toward it too weakly and falls short of the exact "
+           "target, although the experts are good. SMC on the blend, below, corrects it.",
+    "ls": "DB-MPA-LS picks one expert per step: where the experts disagree its samples differ from DB-MPA's (at "
+          "w = 0.8 it keeps more 3s and is closer to the oracle); the check measures agreement, not quality.",
+    "smc": "SMC's particles did not cover the target (low final ESS): raise the particle count, or tilt the "
+           "proposal toward the preference.",
+    "kla": "The expert's reward did not rise with the KL scale: the expert is too weak for DB-KLA to extrapolate.",
+}
+"""One sentence per kind of check: why it can fail (shown next to a FAIL)."""
+FAIL_DOCS = {
+    "expert": "docs/demo.md#choices-measured",
+    "mpa": "docs/demo.md#why-db-mpa-falls-short-at-w--05-and-08-the-blend-not-the-experts",
+    "ls": "docs/demo.md#why-db-mpa-falls-short-at-w--05-and-08-the-blend-not-the-experts",
+    "smc": "docs/demo.md#smc-on-the-blend-in-the-demo",
+    "kla": "docs/demo.md#choices-measured",
+}
+"""Where the docs explain each kind of FAIL (the section of docs/demo.md)."""
 
 
 
@@ -173,7 +199,7 @@ def _expert_checks(config: DemoConfig, experts: Mapping[str, Mapping[str, float]
     for reward, e in experts.items():
         fraction = e["achieved_fraction"]
         checks.append({
-            "name": f"expert {reward}: achieved fraction of the best objective", "value": fraction,
+            "kind": "expert", "name": f"expert {reward}: achieved fraction of the best objective", "value": fraction,
             "threshold": f">= {EXPERT_BAR}", "status": "PASS" if fraction >= EXPERT_BAR else "FAIL",
             "detail": (f"J_ft = E_ft[r] - alpha KL = {e['expert_reward']:.4f} - {config.alpha:g} x {e['path_kl']:.3f} "
                        f"= {e['objective']:.4f}; E_pre[r] = {e['base_reward']:.4f}; best alpha log E_pre exp(r/alpha)"
@@ -193,7 +219,7 @@ def _blend_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> li
             if mpa["oracle_gain_weighted_reward"] > 0 else float("nan")
         checks.append(
             {
-                "name": f"DB-MPA at w={w:g}: gain in r_w over the base / the oracle's gain",
+                "kind": "mpa", "name": f"DB-MPA at w={w:g}: gain in r_w over the base / the oracle's gain",
                 "value": ratio,
                 "threshold": f">= {MPA_ORACLE_BAR}",
                 "status": "PASS" if ratio >= MPA_ORACLE_BAR else "FAIL",
@@ -209,6 +235,7 @@ def _blend_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> li
             gap = abs(ls["gain_weighted_reward"] - mpa["gain_weighted_reward"])
             relative = gap / abs(mpa["gain_weighted_reward"]) if mpa["gain_weighted_reward"] != 0 else float("inf")
             checks.append({
+                "kind": "ls",
                 "name": f"DB-MPA-LS at w={w:g}: |gain_LS - gain_MPA| / |gain_MPA| (gains in r_w over the base)",
                 "value": relative, "threshold": f"<= {LS_TOLERANCE:g}",
                 "status": "PASS" if relative <= LS_TOLERANCE else "FAIL",
@@ -230,6 +257,7 @@ def _smc_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> list
         mpa = _find(points, MPA, w=float(w))
         checks.append(
             {
+                "kind": "smc",
                 "name": f"SMC on the blend (N = {smc['particles']}) at w={w:g}: gain in r_w over the base / the "
                 "oracle's gain",
                 "value": ratio,
@@ -262,7 +290,8 @@ def _kla_checks(config: DemoConfig, points: Sequence[Mapping[str, Any]]) -> list
         scales = ", ".join(f"{p['kl_scale']:g}" for p in line)
         means = ", ".join(f"{v:.4f}" for v in values)
         checks.append({
-            "name": f"DB-KLA {reward}: mean {reward} rises monotonically with lambda", "value": min(steps),
+            "kind": "kla", "name": f"DB-KLA {reward}: mean {reward} rises monotonically with lambda",
+            "value": min(steps),
             "threshold": "every step > 0", "status": "PASS" if min(steps) > 0 else "FAIL",
             "detail": f"lambda {scales}: {reward} {means}; {significant} of {len(steps)} steps exceed 2 se",
         })
@@ -352,7 +381,7 @@ def plot_pareto(config: DemoConfig, reference: Mapping[str, Any], points: Sequen
 
 def plot_reward_vs_lambda(config: DemoConfig, points: Sequence[Mapping[str, Any]], path: Path) -> str:
     rewards = list(config.rewards)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.5))
     base = _find(points, BASE_LABEL)
     for ax, reward in zip(axes, rewards):
         line = sorted((p for p in points if p["method"] == KLA and p["expert"] == reward), key=lambda p: p["kl_scale"])
@@ -360,12 +389,12 @@ def plot_reward_vs_lambda(config: DemoConfig, points: Sequence[Mapping[str, Any]
                     yerr=[p[f"se_{reward}"] for p in line], marker="o", capsize=3, label=f"DB-KLA ({reward} expert)")
         ax.plot([p["kl_scale"] for p in line], [p[f"oracle_{reward}"] for p in line], "^:", label="oracle (IS)")
         for p in line:
-            ax.annotate(f"ESS {p['oracle_ess']:.0f}", (p["kl_scale"], p[f"oracle_{reward}"]), fontsize=6,
+            ax.annotate(f"ESS {p['oracle_ess']:.0f}", (p["kl_scale"], p[f"oracle_{reward}"]), fontsize=8,
                         xytext=(2, -9), textcoords="offset points")
         ax.set_xlabel("KL scale lambda")
         ax.set_ylabel(f"mean {reward}")
         ax.set_title(f"DB-KLA: {reward} vs lambda")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     ax = axes[2]
     for i, w in enumerate(config.combined_weights):
         line = [p for p in points if p["method"] in (MPA, COMBINED) and p["w"] is not None and abs(p["w"] - w) < 1e-9]
@@ -381,7 +410,7 @@ def plot_reward_vs_lambda(config: DemoConfig, points: Sequence[Mapping[str, Any]
     ax.set_xlabel("KL scale lambda")
     ax.set_ylabel("r_w")
     ax.set_title("combined (w, lambda): r_w vs lambda")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=8, ncol=2)
     return save_figure(fig, path)
 
 
@@ -392,13 +421,43 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _docs_ref(target: str) -> str:
+    """``docs/demo.md#section`` as the page names it: the docs live with the code, not in the report folder (whose
+    links are all relative to it), so the reference is text."""
+    path, _, anchor = target.partition("#")
+    return f"see <code>{html.escape(path)}</code>, section <code>#{html.escape(anchor)}</code>"
+
+
+def _check_rows(checks: Sequence[Mapping[str, Any]]) -> str:
+    """The checks table's rows; a FAIL carries the sentence that says why and where the docs explain it."""
+    rows = []
+    for c in checks:
+        measured = html.escape(c["detail"])
+        if c.get("why"):
+            measured += f"<br><b>Why:</b> {html.escape(c['why'])} ({_docs_ref(c['docs'])})"
+        rows.append(f"<tr class='{c['status'].lower()}'><td><b>{c['status']}</b></td><td>{html.escape(c['name'])}</td>"
+                    f"<td>{format_cell(c['value'])}</td><td>{html.escape(c['threshold'])}</td><td>{measured}</td></tr>")
+    return "".join(rows)
+
+
+def _pass_count(config: Mapping[str, Any], checks: Sequence[Mapping[str, Any]]) -> str:
+    if config.get("smoke_run"):
+        return f"<p class='smoke'><b>{html.escape(SMOKE_NOTE)}</b></p>"
+    passed = sum(c["status"] == "PASS" for c in checks)
+    failed = len(checks) - passed
+    return (f"<p><b>{passed} of {len(checks)} checks pass</b>" + (f"; {failed} fail, each with the reason in its row."
+                                                                  if failed else ".") + "</p>")
+
+
+POINT_SUMMARY = ("method", "expert", "w", "kl_scale", "weighted_reward", "se_weighted_reward", "gain_weighted_reward",
+                 "oracle_gain_weighted_reward", "oracle_ess", "network_evaluations_per_sample")
+"""The page's points table (every column is in points.csv)."""
+
+
 def render_index(summary: Mapping[str, Any]) -> str:
     """The report page: every link is a relative path to a file in the report folder."""
     config = summary["config"]
-    checks = "".join(
-        f"<tr class='{c['status'].lower()}'><td><b>{c['status']}</b></td><td>{html.escape(c['name'])}</td>"
-        f"<td>{format_cell(c['value'])}</td><td>{html.escape(c['threshold'])}</td><td>{html.escape(c['detail'])}</td></tr>"
-        for c in summary["checks"])
+    checks = _check_rows(summary["checks"])
     experts = [{"reward": k, **v} for k, v in summary["experts"].items()]
     grids = "".join(
         f"<figure><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
@@ -409,9 +468,10 @@ def render_index(summary: Mapping[str, Any]) -> str:
     rewards = config["rewards"]
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Diffusion Blend demo: {html.escape(" vs ".join(rewards))}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;margin-bottom:1em}}
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:13px}}tr.pass td:first-child{{color:#070}}
-tr.fail td:first-child{{color:#b00}}figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:640px}}</style>
+tr.fail td:first-child{{color:#b00}}figure{{display:inline-block;margin:0 1em 1em 0;max-width:100%}}
+img{{max-width:100%}}figure.wide{{display:block}}figure.wide img{{width:100%}}</style>
 </head><body>
 <h1>Diffusion Blend on handwritten digits: {html.escape(rewards[0])} vs {html.escape(rewards[1])}{
         " (smoke run)" if config.get("smoke_run") else ""
@@ -427,7 +487,7 @@ estimated by importance weighting {
 This run took {summary["timings"]["total_s"]:.0f} s; adapters: {
         html.escape("; ".join(summary.get("adapter_log", [])))
     }.</p>
-<h2>Quality checks</h2>{f"<p class='smoke'><b>{html.escape(SMOKE_NOTE)}</b></p>" if config.get("smoke_run") else ""}
+<h2>Quality checks</h2>{_pass_count(config, summary["checks"])}
 <table><tr><th>status</th><th>check</th><th>value</th><th>bar</th><th>measured</th></tr>{checks}</table>
 <h2>Diagnostics</h2>{_table(summary["diagnostics"], ["name", "value", "detail"])}
 <h2>Experts</h2>{
@@ -450,10 +510,11 @@ This run took {summary["timings"]["total_s"]:.0f} s; adapters: {
 <h2>Plots</h2>
 <figure><img src="pareto.png" alt="Pareto plot">
 <figcaption>Pareto plot: base, experts, DB-MPA, DB-MPA-LS, SMC on the blend, oracle</figcaption></figure>
-<figure><img src="reward_vs_lambda.png" alt="reward vs lambda">
+<figure class="wide"><img src="reward_vs_lambda.png" alt="reward vs lambda">
 <figcaption>Reward vs KL scale lambda</figcaption></figure>
 <h2>Samples (same seeds in every column: a row is one digit as w or lambda moves)</h2>{grids}
-<h2>All points</h2>{_table(summary["points"], summary["point_columns"])}
+<h2>All points</h2><p>The main columns; <a href="points.csv">points.csv</a> has every column (each reward's
+mean and standard error, the oracle's, SMC's counts).</p>{_table(summary["points"], POINT_SUMMARY)}
 <h2>Files</h2><ul>{links}</ul>
 </body></html>
 """
@@ -473,14 +534,14 @@ def write_report(report_dir: Path, config: DemoConfig, *, sweeps: Mapping[str, M
     columns = point_columns(config)
     _write_json(report_dir / "pareto.json", reference)
     _write_csv(report_dir / "points.csv", points, columns)
-    _write_csv(report_dir / "checks.csv", checks, ["name", "status", "bar_met", "value", "threshold", "detail"])
+    _write_csv(report_dir / "checks.csv", checks, ["name", "status", "bar_met", "value", "threshold", "detail", "why"])
     expert_rows = [{"reward": k, **v} for k, v in experts.items()]
     _write_csv(report_dir / "experts.csv", expert_rows, list(expert_rows[0]))
     plot_pareto(config, reference, points, report_dir / "pareto.png")
     plot_reward_vs_lambda(config, points, report_dir / "reward_vs_lambda.png")
     files = ["results.json", "points.csv", "checks.csv", "experts.csv", "pareto.json", "pareto.png",
-             "reward_vs_lambda.png", *grids, "sweep-weights/summary.html", "sweep-weights/results.csv",
-             "sweep-kl-scales/summary.html", "sweep-kl-scales/results.csv", "sweep-smc/summary.html",
+             "reward_vs_lambda.png", *grids, "sweep-weights/report/index.html", "sweep-weights/results.csv",
+             "sweep-kl-scales/report/index.html", "sweep-kl-scales/results.csv", "sweep-smc/report/index.html",
              "sweep-smc/results.csv", *adapters.values()]
     timings["total_s"] = time.perf_counter() - started
     summary = {

@@ -97,30 +97,33 @@ class DigitProbability(Reward):
         return self.classifier(images).softmax(1)[:, self.digit]
 
 
-@register_reward("ink", "digits: boldness, mean pixel intensity in [0, 1]")
+@register_reward("ink", "digits: boldness, mean pixel intensity in [0, 1]", returns=InkReward)
 def ink() -> Reward:
     return InkReward()
 
 
-@register_reward("symmetry", "digits: left-right mirror agreement 1 - mean|x - flip(x)| in [0, 1]")
+@register_reward("symmetry", "digits: left-right mirror agreement 1 - mean|x - flip(x)| in [0, 1]",
+                 returns=SymmetryReward)
 def symmetry() -> Reward:
     return SymmetryReward()
 
 
-@register_reward("compressibility", "digits: 1 - (runs - 1)/(pixels - 1) of the quantised raster scan; "
-                 "non-differentiable")
+@register_reward("compressibility", "digits: 1 - (runs - 1)/(pixels - 1) of the quantised raster scan",
+                 returns=RunLengthCompressibility)
 def compressibility(levels: int = 4) -> Reward:
     return RunLengthCompressibility(levels)
 
 
-@register_reward("digit_prob", "digits: classifier probability of digit=d (trained CNN) in [0, 1]")
+@register_reward("digit_prob", "digits: classifier probability of digit=d (trained CNN) in [0, 1]",
+                 returns=DigitProbability, weights="the committed digits classifier (package data)")
 def digit_prob(digit: int, classifier_dir: str | os.PathLike | None = None) -> Reward:
     return DigitProbability(digit, classifier_dir)
 
 
 def _register_digit(digit: int) -> None:
     @register_reward(
-        f"digit_prob_{digit}", f"digits: classifier probability of a {digit} (digit_prob with digit={digit})"
+        f"digit_prob_{digit}", f"digits: classifier probability of a {digit} (digit_prob with digit={digit})",
+        returns=DigitProbability, weights="the committed digits classifier (package data)",
     )
     def factory(classifier_dir: str | os.PathLike | None = None) -> Reward:
         return DigitProbability(digit, classifier_dir)

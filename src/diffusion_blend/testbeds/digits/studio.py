@@ -15,6 +15,7 @@ from diffusion_blend.adapters import (
 )
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.rewards import get_reward
+from diffusion_blend.smc import SMCOptions
 from diffusion_blend.testbeds.digits.data import IMAGE_SHAPE, to_image_space
 from diffusion_blend.testbeds.digits.model import digits_forward, digits_scheduler
 from diffusion_blend.testbeds.digits.train import load_default_digits_model
@@ -22,7 +23,8 @@ from diffusion_blend.ui.studio import LoraStudio
 
 
 def digits_studio(
-    adapters: Mapping[str, str | os.PathLike], *, num_images: int = 16, num_inference_steps: int = 50
+    adapters: Mapping[str, str | os.PathLike], *, num_images: int = 16, num_inference_steps: int = 50,
+    smc: SMCOptions | None = None,
 ) -> LoraStudio:
     """Load the committed digits base, put every adapter on it, and score with each adapter's basis reward."""
     if not adapters:
@@ -40,7 +42,7 @@ def digits_studio(
     return LoraStudio(
         model, digits_forward, digits_scheduler("ddim"), IMAGE_SHAPE,
         {name: get_reward(expert.reward) for name, expert in experts.items()}, decode=to_image_space,
-        num_images=num_images, num_inference_steps=num_inference_steps, alpha=alpha,
+        num_images=num_images, num_inference_steps=num_inference_steps, alpha=alpha, smc=smc,
         description=f"Embedded 8x8 handwritten-digits model; experts: {', '.join(adapters)}. "
         f"{num_images} samples, DDIM eta=1, {num_inference_steps} steps; same seed = same initial noise.",
     )
