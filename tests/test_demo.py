@@ -26,6 +26,8 @@ from diffusion_blend.testbeds.digits.experts import ensure_demo_adapters  # noqa
 CONFIG = DemoConfig.quick()
 REWARDS = list(CONFIG.rewards)
 
+NO_SCHEDULE = (False, 0.5, 0.5)  # the app's last inputs: schedule off, last-step weights
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -266,9 +268,11 @@ def test_ui_studio_runs_smc_on_the_demo_experts(demo):
 
     app = build_app(studio)
     generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    images, scores, _, shown, _ = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 1.0)  # particles, tilt come last
+    # particles and tilt come after the prompt, then the schedule box
+    images, scores, _, shown, _ = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 1.0, *NO_SCHEDULE)
     assert images.ndim == 3 and "| ink |" in scores and "SMC, 2 particles" in shown
     tilted = studio.generate(preference, "mpa", 0, None, particles=2, proposal_tilt=2.0)
     assert not (tilted.images == result.images).all()  # the proposal reaches the sampler
-    assert "proposal tilt 2" in generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 2.0)[3]
-    assert "Invalid input: SMC proposal tilt" in generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 9.0)[3]
+    assert "proposal tilt 2" in generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 2.0, *NO_SCHEDULE)[3]
+    invalid = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 9.0, *NO_SCHEDULE)[3]
+    assert "Invalid input: SMC proposal tilt" in invalid

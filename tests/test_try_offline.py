@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from diffusion_blend.cli import main
 
@@ -34,14 +33,6 @@ def page_commands() -> list[str]:
             if command and not command.startswith("#"):
                 commands.append(command)
     return commands
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_page_has_the_commands_the_issue_asks_for():

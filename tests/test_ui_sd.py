@@ -25,13 +25,15 @@ from diffusion_blend.pipelines.tiny import (
     save_diffusers_lora,
     tiny_sd_pipeline,
 )
-from diffusion_blend.preference import Preference, PreferenceError
+from diffusion_blend.preference import Preference, PreferenceError, PreferenceSchedule
 from diffusion_blend.rewards import get_reward
 from diffusion_blend.ui.app import MPA_LABEL, build_app
 from diffusion_blend.ui.pipeline_studio import PipelineStudio
 from diffusion_blend.ui.studio import image_grid
 
 STEPS, GUIDANCE, IMAGES = 3, 3.0, 2
+
+NO_SCHEDULE = (False, 0.5, 0.5)  # the app's last inputs: schedule off, last-step weights
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -126,21 +128,35 @@ def test_same_seed_same_images_and_the_preference_moves_them(studio):
 def test_app_generate_returns_images_and_scores_and_refuses_empty_prompt(studio):
     app = build_app(studio)
     generate = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    images, scores, pareto, status, shown = generate(
-        1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0
-    )  # particles, tilt last
+    # the page's inputs: weights, KL scale, method, seed, prompt, SMC particles and tilt, schedule, last-step weights
+    images, scores, pareto, status, shown = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0, *NO_SCHEDULE)
     assert images.ndim == 3 and images.dtype.name == "uint8" and pareto is None
     # scores labelled by the reward they measure
     assert "| small (jpeg_compressibility) |" in scores and "| big (jpeg_incompressibility) |" in scores
     assert "standard error" in scores
     assert status.startswith("Result for weights small 1, big 0, KL scale 1, DB-MPA, seed 5")
     mark_stale = next(fn.fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") == "mark_stale")
-    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", 1, 1.0, shown).startswith("**Stale**")
-    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0, shown) == status  # back to the shown settings
-    invalid = generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0)  # a value typed outside the slider's range
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a dog", 1, 1.0, *NO_SCHEDULE, shown).startswith("**Stale**")
+    assert mark_stale(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0, *NO_SCHEDULE, shown) == status  # as shown
+    invalid = generate(5.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0, *NO_SCHEDULE)  # typed outside the range
     assert invalid[3] == "⚠️ Invalid input: weight: small must be between -1 and 2, got 5.0"
     assert all(isinstance(output, dict) for output in invalid[:3])  # gr.update(): the result on show stays
-    assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "", 1, 1.0)[3] == "⚠️ Invalid input: enter a prompt"
+    assert generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "", 1, 1.0, *NO_SCHEDULE)[3] == "⚠️ Invalid input: enter a prompt"
+
+
+def test_the_page_schedules_weights_from_the_first_step_to_the_last(studio):
+    """The schedule box: the sliders give the first step's weights, the last-step sliders the last step's; the page
+    runs the studio with that schedule (the same images as the studio called with it) and says it is no tilt."""
+    generate = next(fn.fn for fn in build_app(studio).fns.values() if getattr(fn.fn, "__name__", "") == "generate")
+    images, _, _, status, _ = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 1, 1.0, True, 0.0, 1.0)
+    schedule = PreferenceSchedule({"small": ((0.0, 1.0), (1.0, 0.0)), "big": ((0.0, 0.0), (1.0, 1.0))})
+    direct = studio.generate(schedule, "mpa", 5, "a cat")
+    assert (images == direct.images).all()
+    constant = studio.generate(Preference({"small": 1.0, "big": 0.0}), "mpa", 5, "a cat")
+    assert (images != constant.images).any()  # the schedule reached the sampler
+    assert "small 1, big 0 (first step) to small 0, big 1" in status and "not a tilt" in status
+    refused = generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2, 1.0, True, 0.0, 1.0)[3]
+    assert refused.startswith("⚠️ Invalid input: SMC targets a fixed preference")
 
 
 def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, files):
@@ -163,12 +179,12 @@ def test_smc_particles_run_the_pipelines_smc_with_the_experts_alpha(studio, file
         smc_studio.generate(preference, "ls", 3, "a cat", particles=2)
     generate = next(fn.fn for fn in build_app(smc_studio).fns.values()
                     if getattr(fn.fn, "__name__", "") == "generate")
-    assert "with SMC, 2 particles" in generate(0.5, 0.5, 1.0, MPA_LABEL, 3, "a cat", 2, 1.0)[3]
+    assert "with SMC, 2 particles" in generate(0.5, 0.5, 1.0, MPA_LABEL, 3, "a cat", 2, 1.0, *NO_SCHEDULE)[3]
     tilted = smc_studio.generate(preference, "mpa", 3, "a cat", particles=2, proposal_tilt=2.0)
     assert not (tilted.images == result.images).all()  # the proposal tilt reaches the pipeline's SMC
     assert not studio.supports_smc  # 'big' is a foreign LoRA: no alpha
     generate = next(fn.fn for fn in build_app(studio).fns.values() if getattr(fn.fn, "__name__", "") == "generate")
-    assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2, 1.0)[3]
+    assert "not available" in generate(1.0, 0.0, 1.0, MPA_LABEL, 5, "a cat", 2, 1.0, *NO_SCHEDULE)[3]
     mixed = open_studio(
         files / "base", {"small": files / "small.safetensors", "busy": files / "busy-alpha3.safetensors"}, **kwargs)
     assert mixed.supports_smc  # experts of different alphas: SMC targets what the blend serves (issue 22)

@@ -64,8 +64,14 @@ def setting_lines(setting: Mapping[str, Any]) -> dict[str, Any]:
     lines["steps"] = setting.get("num_inference_steps")
     lines["sampler noise (eta)"] = setting.get("eta")
     lines["experts' alpha"] = setting.get("alphas") or setting.get("alpha")
-    if setting.get("target_alpha") is not None:
-        lines["target alpha"] = setting["target_alpha"]
+    target_alpha = setting.get("target_alpha")
+    if target_alpha is not None:
+        lines["target alpha"] = target_alpha
+        lines["each preference's target"] = (f"p_pre exp(λ Σ_i w_i r_i / {target_alpha:g}): the coefficients are "
+                                             f"λ w_i α_i / {target_alpha:g}")
+    else:
+        lines["each preference's target"] = ("p_pre exp(λ Σ_i w_i r_i / α_i): reward i weighs w_i / α_i "
+                                             "(docs/method.md, experts with different KL weights)")
     return lines
 
 

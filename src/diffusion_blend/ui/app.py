@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from diffusion_blend.errors import DiffusionBlendError  # noqa: E402
-from diffusion_blend.preference import Preference  # noqa: E402
+from diffusion_blend.preference import Preference, PreferenceSchedule  # noqa: E402
 from diffusion_blend.ui.studio import Studio  # noqa: E402
 
 METHODS = {"DB-MPA (blend every step)": "mpa", "DB-MPA-LS (one model per step)": "ls"}
@@ -131,6 +131,8 @@ class Controls:
     method_note: Any
     particles: Any
     tilt: Any
+    schedule: Any
+    end_weights: list[Any]
     seed: Any
     prompt: Any
     button: Any
@@ -142,7 +144,8 @@ class Controls:
 
     @property
     def inputs(self) -> list[Any]:
-        return [*self.weights, self.kl_scale, self.method, self.seed, self.prompt, self.particles, self.tilt]
+        return [*self.weights, self.kl_scale, self.method, self.seed, self.prompt, self.particles, self.tilt,
+                self.schedule, *self.end_weights]
 
     @property
     def outputs(self) -> list[Any]:
@@ -169,11 +172,19 @@ def _inputs_column(studio: Studio, names: tuple[str, ...], initial_smc: Mapping[
                           interactive=smc, info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 "
                           "where DB-MPA falls short of the preference, < 1 where it overshoots"
                           if smc else f"SMC is off: {why_not}")
+    with gr.Accordion("Weights over the steps", open=False, elem_id="schedule-box"):
+        schedule = gr.Checkbox(False, label="vary the weights from the first step to the last", elem_id="schedule",
+                               info="the weight sliders above set the first step, these the last, linear in between; "
+                               "a schedule is in general not a tilt of the base, and SMC needs a fixed preference "
+                               "(docs/method.md)")
+        end_weights = [checked_slider(*WEIGHT_RANGE, value=1.0 / len(names), step=0.05,
+                                      label=f"last-step weight: {name}", elem_id=f"end-weight-{name}")
+                       for name in names]
     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
     prompt = gr.Textbox(label="prompt", visible=studio.text_conditioned, elem_id="prompt")
     button = gr.Button("Generate", variant="primary", elem_id="generate")
     return dict(weights=weights, kl_scale=kl_scale, method=method, method_note=method_note, particles=particles,
-                tilt=tilt, seed=seed, prompt=prompt, button=button)
+                tilt=tilt, schedule=schedule, end_weights=end_weights, seed=seed, prompt=prompt, button=button)
 
 
 def _outputs_column(pareto_reference: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -191,9 +202,11 @@ def _outputs_column(pareto_reference: Mapping[str, Any] | None) -> dict[str, Any
 
 
 def checked_request(studio: Studio, names: tuple[str, ...], weights: list[float], kl_scale: float, method_label: str,
-                    seed_value: Any, prompt_text: str | None, particle_count: Any,
-                    tilt_value: Any) -> tuple[Preference, str, int, dict[str, Any]]:
-    """The page's values as a preference, method, seed and SMC options; one readable line for a bad value."""
+                    seed_value: Any, prompt_text: str | None, particle_count: Any, tilt_value: Any,
+                    end_weights: list[float] | None = None) -> tuple[Preference | PreferenceSchedule, str, int,
+                                                                     dict[str, Any]]:
+    """The page's values as a preference (a schedule from the first step's weights to ``end_weights``), method, seed
+    and SMC options; one readable line for a bad value."""
     check_ranges(weights, kl_scale, names)
     if seed_value is None or float(seed_value) != int(seed_value) or int(seed_value) < 0:
         raise DiffusionBlendError(f"the seed must be a non-negative whole number, got {seed_value}")
@@ -210,9 +223,16 @@ def checked_request(studio: Studio, names: tuple[str, ...], weights: list[float]
         raise DiffusionBlendError(f"SMC proposal tilt must be between {TILT_RANGE[0]:g} and {TILT_RANGE[1]:g}, "
                                   f"got {tilt_value}")
     smc = {"particles": int(particle_count), "proposal_tilt": float(tilt_value)} if int(particle_count) > 1 else {}
+    if smc and end_weights is not None:
+        raise DiffusionBlendError("SMC targets a fixed preference; a weight schedule is not one (set particles to 1 "
+                                  "or untick the schedule)")
     if smc and not getattr(studio, "supports_smc", False):
         why_not = getattr(studio, "smc_unavailable", None) or "this model has no SMC"
         raise DiffusionBlendError(f"SMC particles are not available: {why_not} (set particles to 1)")
+    if end_weights is not None:
+        check_ranges(end_weights, kl_scale, tuple(f"last-step {name}" for name in names))
+        preference = PreferenceSchedule({n: ((0.0, w), (1.0, e)) for n, w, e in zip(names, weights, end_weights)},
+                                        ((0.0, kl_scale), (1.0, kl_scale)))
     return preference, METHODS[method_label], int(seed_value), smc
 
 
@@ -233,21 +253,28 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None,
             return method_state(list(values[:-1]), values[-1], names)
 
         def generate(*values: Any) -> tuple[np.ndarray, str, np.ndarray | None, str, dict]:
-            *weights, kl_scale, method_label, seed_value, prompt_text, particle_count, tilt_value = values
+            weights, rest = list(values[:len(names)]), values[len(names):]
+            kl_scale, method_label, seed_value, prompt_text, particle_count, tilt_value, scheduled = rest[:7]
+            end_weights = list(rest[7:]) if scheduled else None
             try:
                 preference, method, seed, smc = checked_request(studio, names, weights, kl_scale, method_label,
-                                                                seed_value, prompt_text, particle_count, tilt_value)
+                                                                seed_value, prompt_text, particle_count, tilt_value,
+                                                                end_weights)
                 result = studio.generate(preference, method, seed, prompt_text or None, **smc)
             except (DiffusionBlendError, ValueError) as err:
                 # in the status line, with the last result kept: a raised gr.Error would also put "Error" pills
                 # over every output
                 return gr.update(), gr.update(), gr.update(), f"⚠️ Invalid input: {err}", gr.update()
             weights_text = ", ".join(f"{n} {w:g}" for n, w in zip(names, weights))
+            if end_weights is not None:
+                weights_text += " (first step) to " + ", ".join(f"{n} {w:g}" for n, w in zip(names, end_weights))
             smc_text = f" with SMC, {smc['particles']} particles" if smc else ""
             smc_text += f", proposal tilt {tilt_value:g}" if smc and tilt_value != 1 else ""
             shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}"
                      f"{smc_text}, seed {seed}.")
-            if hasattr(studio, "target_line"):  # experts of their own alphas: the distribution this serves
+            if isinstance(preference, PreferenceSchedule):
+                shown += " A weight schedule: in general not a tilt of the base (docs/method.md)."
+            elif hasattr(studio, "target_line"):  # experts of their own alphas: the distribution this serves
                 shown += f" The blend serves the {studio.target_line(preference)}."
             return (result.images, format_scores(result.scores, result.seconds, result.standard_errors,
                                                  getattr(studio, "score_labels", None)),

@@ -22,7 +22,7 @@ import torch
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.pipelines.session import BlendSession
-from diffusion_blend.preference import Preference
+from diffusion_blend.preference import Preference, PreferenceSchedule
 from diffusion_blend.smc import SMCOptions
 from diffusion_blend.ui.studio import Generation, image_grid
 
@@ -97,7 +97,7 @@ class PipelineStudio:
         return self.smc_unavailable is None
 
     @torch.no_grad()
-    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
+    def generate(self, preference: Preference | PreferenceSchedule, method: str, seed: int, prompt: str | None = None,
                  particles: int = 1, proposal_tilt: float = 1.0) -> Generation:
         """Images for ``prompt`` under ``preference`` (DB-MPA / DB-MPA-LS) and each reward's mean; ``particles > 1``:
         SMC on the blend (DB-MPA proposal at ``proposal_tilt x lambda``) with that many particles per image."""

@@ -19,8 +19,8 @@ from diffusion_blend.denoisers import make_denoiser
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.lora import Forward, LoraFamily
-from diffusion_blend.preference import Preference
-from diffusion_blend.sampling import sample
+from diffusion_blend.preference import Preference, PreferenceSchedule
+from diffusion_blend.sampling import sample, timestep_progress
 from diffusion_blend.smc import SMCOptions, smc_sample
 
 RewardFn = Callable[[torch.Tensor, Sequence[str] | None], torch.Tensor]
@@ -113,7 +113,7 @@ class LoraStudio:
         return "SMC needs the experts' KL weight alpha, which these adapters do not state"
 
     @torch.no_grad()
-    def generate(self, preference: Preference, method: str, seed: int, prompt: str | None = None,
+    def generate(self, preference: Preference | PreferenceSchedule, method: str, seed: int, prompt: str | None = None,
                  particles: int = 1, proposal_tilt: float = 1.0) -> Generation:
         """``particles > 1``: SMC on the blend (``diffusion_blend.smc``; DB-MPA proposal at ``proposal_tilt x
         lambda``) instead of plain sampling."""
@@ -140,7 +140,8 @@ class LoraStudio:
                 progress=False,
             ).samples
         else:
-            denoiser = make_denoiser(self.family, preference, method, generator=seed + 1_000_003)
+            denoiser = make_denoiser(self.family, preference, method, generator=seed + 1_000_003,
+                                     progress=timestep_progress(self.scheduler))
             samples = sample(
                 denoiser, self.scheduler, generator=seed, shape=(self.num_images, *self.sample_shape),
                 num_inference_steps=self.num_inference_steps, eta=self.eta, progress=False,
