@@ -168,6 +168,9 @@ def test_ui_in_headless_chromium(server, capfd):
         # invalid input is rejected in the page with a readable message, no traceback
         seed = page.locator("#seed input")
         seed.fill("-3")
+        seed.press("Enter")
+        # the seed's change event marks the result stale; wait for it, or its answer could land after Generate's
+        expect(status).to_contain_text("Stale", timeout=30_000)
         generate.click()
         expect(page.get_by_text("the seed must be a non-negative whole number")).to_be_visible(timeout=60_000)
         assert "Traceback" not in page.content()
