@@ -164,12 +164,15 @@ def test_ui_in_headless_chromium(server, capfd):
         kl_box.fill("1")
         kl_box.press("Enter")
         expect(page.locator("#method-note")).to_contain_text("base: -1, ink: +1.5", timeout=30_000)
+        # the controls are back to the last result's: its line returns in place of the stale mark
+        expect(status).not_to_contain_text("Stale", timeout=30_000)
 
         # invalid input is rejected in the page with a readable message, no traceback
         seed = page.locator("#seed input")
         seed.fill("-3")
         seed.press("Enter")
-        # the seed's change event marks the result stale; wait for it, or its answer could land after Generate's
+        # the seed's change event marks the result stale; wait for it, or its answer could land after Generate's and
+        # replace the message
         expect(status).to_contain_text("Stale", timeout=30_000)
         generate.click()
         expect(page.get_by_text("the seed must be a non-negative whole number")).to_be_visible(timeout=60_000)
