@@ -43,3 +43,11 @@ def quick_demo(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)  # run_demo sets the config's one thread
     return out, summary, messages, time.perf_counter() - started
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_base(tmp_path_factory):
+    """``dblend tiny-base --kind sd``'s files, written once per session: ``{"base", "brightness", "saturation"}``."""
+    from diffusion_blend.pipelines.tiny import write_tiny_base
+
+    return write_tiny_base(tmp_path_factory.mktemp("tiny-sd") / "tiny", kind="sd")

@@ -122,13 +122,10 @@ def test_finetune_digits_killed_anywhere_resumes_to_the_same_adapter(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    from diffusion_blend.pipelines.tiny import write_tiny_base
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    files = write_tiny_base(root / "tiny", kind="sd")
-    (root / "prompts.txt").write_text("a red car\na blue boat\n")
-    return files, root / "prompts.txt"
+def tiny_sd(tiny_sd_base, tmp_path_factory):
+    prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompts.write_text("a red car\na blue boat\n")
+    return tiny_sd_base, prompts
 
 
 def test_finetune_tiny_sd_killed_anywhere_resumes_to_the_same_adapter(tiny_sd, tmp_path):

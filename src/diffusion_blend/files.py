@@ -55,7 +55,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 def disk_full_error(path: str | os.PathLike) -> DiskFullError:
     """The one line for a full disk while writing ``path``."""
-    return DiskFullError(f"no space left on the device to write {path}; the file was left as it was (earlier "
+    return DiskFullError(f"no space left on the device to write {path} (nothing half-written is left; earlier "
                          "results are intact): free some space and run the command again")
 
 
