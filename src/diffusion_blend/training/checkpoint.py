@@ -98,7 +98,8 @@ def load_checkpoint(
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise DiffusionBlendError(f"checkpoint {path} is corrupt or unreadable ({err})") from None
+        raise DiffusionBlendError(f"checkpoint {path} is corrupt or unreadable ({err}); a fresh output folder (or "
+                                  "--no-resume) starts over") from None
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise DiffusionBlendError(f"{path} is not a fine-tuning checkpoint of this version")
     try:
