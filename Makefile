@@ -7,7 +7,9 @@ export HF_HUB_OFFLINE := 1
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-slow lint clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: install demo test test-slow lint clean chromium
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,14 +22,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dblend demo
 
-test: $(STAMP)
+# Debian's Chromium for tests/test_ui_browser.py (Playwright's own browser download cannot work offline); installed
+# here, before the suite runs, never by a test (issue 23)
+chromium:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		> /dev/null; }
+	@test -x $(CHROMIUM) || { echo "make chromium: $(CHROMIUM) is missing and could not be installed" >&2; exit 1; }
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q
 
 lint: $(STAMP)  # also part of `make test` (tests/test_layout.py)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/lint-imports
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) chromium
 	$(PY) -m pytest -q -m slow
 
 clean:
