@@ -86,7 +86,7 @@ def refuse_existing_results(out: str | os.PathLike, patterns: list[str], overwri
         raise DiffusionBlendError(f"--out {out} exists and is not a folder")
     found = sorted({path for pattern in patterns for path in glob.glob(str(out / pattern))})
     if not found:
-        remove_partial_files(out)
+        remove_partial_files(out, recursive=False)
         return
     if not overwrite:
         shown = ", ".join(Path(path).name for path in found[:3]) + (", ..." if len(found) > 3 else "")
@@ -97,7 +97,7 @@ def refuse_existing_results(out: str | os.PathLike, patterns: list[str], overwri
             shutil.rmtree(path)
         else:
             os.unlink(path)
-    remove_partial_files(out)
+    remove_partial_files(out, recursive=False)
 
 
 def rounded(value: Any, digits: int = 12) -> Any:
@@ -159,13 +159,16 @@ def _kill_hook(path: Path, tmp: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files and folders that killed runs left under ``folder`` (names holding
-    ``.partial-``, :func:`atomic_path`); returns what was removed. Call it before a run starts writing there."""
+def remove_partial_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files and folders that killed runs left in ``folder`` (and its subfolders, when
+    ``recursive``; names holding ``.partial-``, :func:`atomic_path`); returns what was removed. Call it before a run
+    starts writing there."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = sorted(path for path in folder.rglob(f".*{PARTIAL}*") if path.name.startswith("."))
+    pattern = f".*{PARTIAL}*"
+    found = sorted(path for path in (folder.rglob(pattern) if recursive else folder.glob(pattern))
+                   if path.name.startswith(".") and path.exists())
     for path in found:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

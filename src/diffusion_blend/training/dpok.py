@@ -696,7 +696,7 @@ def finetune(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(out)  # what a killed run was writing (files.atomic_path)
+        remove_partial_files(out, recursive=False)  # what a killed run was writing (files.atomic_path)
     if config.estimator == "pathwise":
         _check_differentiable(target, list(config.reward_weights))
     if config.adapter_name in lora.adapter_names(target.model):
