@@ -30,7 +30,7 @@ chromium:
 	@test -x $(CHROMIUM) || { echo "make chromium: $(CHROMIUM) is missing and could not be installed" >&2; exit 1; }
 
 # two pytest-xdist workers, a module's tests on one worker (its fixtures built once): 5.5 min against 10.5 min serial
-# on this 2-core machine under the same load (issue 23)
+# on the 2-core development machine, both runs while other jobs loaded it (load average 2 to 7; issue 23)
 test: $(STAMP) chromium
 	$(PY) -m pytest -q -n 2 --dist loadscope
 
