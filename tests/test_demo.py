@@ -30,10 +30,10 @@ NO_SCHEDULE = (False, 0.5, 0.5)  # the app's last inputs: schedule off, last-ste
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    messages: list[str] = []
-    summary = run_demo(out, CONFIG, progress=False, log=messages.append)
+def demo(quick_demo):
+    """The session's quick demo run (tests/conftest.py): ``DemoConfig.quick()``, as ``CONFIG``."""
+    assert quick_demo[1]["config"] == CONFIG.to_dict()
+    out, summary, messages, _ = quick_demo
     return out, summary, messages
 
 

@@ -4,8 +4,8 @@ Each sub-command lives in its own module under ``diffusion_blend.commands`` and 
 ``register(subparsers)``, which adds a parser whose ``func(args)`` runs the command. Registering must stay
 cheap: command modules import torch, diffusers and the rest inside ``func``, so ``dblend --help``,
 ``dblend COMMAND --help`` and ``dblend coefficients`` start without them (tests/test_cli.py checks that no
-heavy module is imported). Bad input ends with one readable line on stderr and exit status 2; ``--debug`` shows
-the traceback instead.
+heavy module is imported). Bad input, and a full disk, end with one readable line on stderr and exit status 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from diffusion_blend.files import is_disk_full
     from diffusion_blend.quiet import install_log_filters
 
     install_log_filters()
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # unexpected: still one line unless --debug
         if args.debug:
             raise
+        if is_disk_full(err):  # a writer outside files.atomic_path (a library's save) ran out of space
+            print(f"dblend: error: no space left on the device ({_one_line(err)}); free some space and run the "
+                  "command again", file=sys.stderr)
+            return 2
         print(f"dblend: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for details)",
               file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@ for every method, so the pairing holds). Settings: ``gmm`` here, ``sd`` (Stable 
 experts) in :mod:`.sd_setting`.
 
 Resumable: each finished cell is written atomically to ``cells/<method>/<key>.json`` together with a fingerprint of
-the setting and sweep configuration; a rerun skips finished cells with the same fingerprint. Under ``torchrun`` /
+the setting and sweep configuration and a checksum of its own record (:func:`cell_checksum`); a rerun skips finished
+cells with the same fingerprint and an intact checksum (a cell edited by hand is computed again). Under ``torchrun`` /
 ``accelerate launch`` the cells still to do are split across processes with
 ``PartialState().split_between_processes``; every process writes its own cells and rank 0 aggregates after a
 barrier (:mod:`.report`-style outputs are written by :func:`aggregate` and :func:`write_reports`).
@@ -32,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,7 +64,7 @@ from diffusion_blend.evaluation.pareto import (
     pareto_front,
 )
 from diffusion_blend.evaluation.stats import mean_and_standard_error
-from diffusion_blend.files import atomic_write, write_json_atomic
+from diffusion_blend.files import atomic_write, remove_partial_files, write_json_atomic
 from diffusion_blend.lora import LoraFamily
 from diffusion_blend.preference import BASE, BlendTarget, Preference
 from diffusion_blend.rewards.weighted import active_rewards, weighted_reward_scores
@@ -500,13 +502,32 @@ def run_cell(
     return record
 
 
-def _finished(path: Path, print_: str) -> bool:
+def cell_checksum(record: Mapping[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a cell's record without its ``checksum``: a cell edited by hand or damaged after it
+    was written no longer matches, and a rerun computes it again."""
+    body = {key: value for key, value in record.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=False).encode()).hexdigest()[:16]
+
+
+def _finished(path: Path, print_: str, say: bool = True) -> bool:
+    """Whether ``path`` holds this sweep's finished cell: the setting's and sweep's fingerprint, and its own checksum
+    (a cell that fails it is computed again, with a line on stderr when ``say``)."""
     if not path.exists():
         return False
     try:
-        return json.loads(path.read_text()).get("fingerprint") == print_
-    except json.JSONDecodeError:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict) or record.get("fingerprint") != print_:
         return False
+    try:
+        intact = record.get("checksum") == cell_checksum(record)
+    except (TypeError, ValueError):  # a value JSON cannot hold (NaN typed in by hand)
+        intact = False
+    if not intact and say:
+        print(f"evaluate: cell {path} does not match its checksum (edited or damaged after it was written); "
+              "computing it again", file=sys.stderr)
+    return intact
 
 
 def run_sweep(
@@ -521,13 +542,17 @@ def run_sweep(
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU runs under torchrun need cpu=True (gloo)
     print_ = fingerprint(setting, config)
     cells = cells_of(setting, config)
-    todo = [cell for cell in cells if not _finished(cell_path(out, cell), print_)]
+    if state.is_main_process:
+        remove_partial_files(out)  # what a killed run was writing (files.atomic_path)
+    todo = [cell for cell in cells if not _finished(cell_path(out, cell), print_, say=state.is_main_process)]
     state.wait_for_everyone()  # every process has listed the same unfinished cells before anyone writes
     with state.split_between_processes(todo) as mine:
         for cell in tqdm(mine, desc=f"evaluate [rank {state.process_index}]", disable=not progress):
             record = run_cell(setting, config, cell, out)
             record["fingerprint"] = print_
             record["process_index"] = state.process_index
+            record = json.loads(json.dumps(record, allow_nan=False))  # the values as the file will hold them
+            record["checksum"] = cell_checksum(record)
             write_json_atomic(cell_path(out, cell), record, sort_keys=True, allow_nan=False)
     state.wait_for_everyone()
     if not state.is_main_process:

@@ -64,13 +64,17 @@ def export_diffusers_lora(
     if config is None:
         raise DiffusionBlendError(f"the UNet has no LoRA adapter named {adapter_name!r}")
     layers = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    adapter_config = config.to_dict()
+    if isinstance(adapter_config.get("target_modules"), list | set | frozenset):  # a set: its order changes per process
+        adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora-export-") as scratch:
+    # named like files.atomic_path's temporaries, so the next run removes what a killed one left
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.partial-export-") as scratch:
         if pipeline_class is None:
             pipeline_class = lora_pipeline_class(unet)
         component = "transformer" if hasattr(pipeline_class, "transformer_name") else "unet"
         pipeline_class.save_lora_weights(
-            scratch, **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": config.to_dict()},
+            scratch, **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": adapter_config},
             weight_name=path.name, safe_serialization=True,
         )
         written = Path(scratch) / path.name

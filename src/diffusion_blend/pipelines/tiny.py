@@ -232,17 +232,21 @@ def write_tiny_base(out: Path, kind: str = "sd", seed: int = 0, alpha: float = T
     import shutil
 
     from diffusion_blend.adapters import AdapterMetadata, base_fingerprint
-    from diffusion_blend.files import give_user_mode
+    from diffusion_blend.files import atomic_directory, give_user_mode
     from diffusion_blend.pipelines.kinds import spec_of
     from diffusion_blend.pipelines.lora_files import export_diffusers_lora, unet_architecture
 
     spec = spec_of(kind)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = tiny_pipeline(kind, out, seed=seed)
-    base = save_pipeline(pipe, out / "base")
-    for scratch in ("_tokenizer_src", "_t5_tokenizer_src"):  # the tokenizers are saved inside base/
-        shutil.rmtree(out / scratch, ignore_errors=True)
+    try:
+        pipe = tiny_pipeline(kind, out, seed=seed)
+        with atomic_directory(out / "base") as folder:  # a full disk leaves no half-written base
+            save_pipeline(pipe, folder)
+        base = out / "base"
+    finally:
+        for scratch in ("_tokenizer_src", "_t5_tokenizer_src"):  # the tokenizers are saved inside base/
+            shutil.rmtree(out / scratch, ignore_errors=True)
     denoiser = type(getattr(pipe, spec.denoiser)).from_pretrained(base / spec.denoiser)
     fingerprint = base_fingerprint(denoiser, unet_architecture(denoiser))
     targets = list(TRANSFORMER_PROJECTIONS if spec.flow else ATTENTION_PROJECTIONS)

@@ -32,6 +32,7 @@ class CheckpointState:
     curves: list[dict[str, float]]
     config: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the float16 gradient scaler's state
+    recipe: dict[str, Any] = field(default_factory=dict)  # what was fine-tuned: the target's name, base fingerprint
 
 
 def save_checkpoint(
@@ -60,16 +61,34 @@ def save_checkpoint(
         "curves": json.dumps(state.curves),
         "config": json.dumps(state.config, default=str),
         "extra": json.dumps(state.extra, default=str),
+        "recipe": json.dumps(state.recipe, default=str),
         "optimizer_param_groups": json.dumps(optimizer_state["param_groups"]),
         "optimizer_scalars": json.dumps(scalars),
     }
     return atomic_save_safetensors(tensors, path, metadata)
 
 
+def check_recipe(path: Path, written: dict[str, Any], expected: dict[str, Any] | None) -> None:
+    """Refuse (one line) a checkpoint written while fine-tuning another target or base than ``expected``; a
+    checkpoint of an earlier version carries no recipe (its config and layout are still checked)."""
+    if not expected or not written:
+        return
+    if written.get("target") != expected.get("target"):
+        raise DiffusionBlendError(f"checkpoint {path} was written while fine-tuning {written.get('target')!r}, not "
+                                  f"{expected.get('target')!r}; use a fresh output folder (or --no-resume)")
+    theirs, ours = written.get("base_fingerprint"), expected.get("base_fingerprint")
+    if theirs and ours and theirs != ours:
+        raise DiffusionBlendError(f"checkpoint {path} was written on another base model (fingerprint {theirs[:12]}..., "
+                                  f"this base is {ours[:12]}...); use a fresh output folder (or --no-resume)")
+
+
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer
+    path: str | os.PathLike, model: nn.Module, adapter_name: str, optimizer: torch.optim.Optimizer,
+    *, recipe: dict[str, Any] | None = None,
 ) -> CheckpointState:
-    """Restore the adapter and optimizer in place; return the iteration, generator states and curves."""
+    """Restore the adapter and optimizer in place; return the iteration, generator states and curves. With
+    ``recipe`` a checkpoint of another target or base is refused before anything is restored
+    (:func:`check_recipe`)."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -79,9 +98,15 @@ def load_checkpoint(
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise DiffusionBlendError(f"checkpoint {path} is corrupt or unreadable ({err})") from None
+        raise DiffusionBlendError(f"checkpoint {path} is corrupt or unreadable ({err}); a fresh output folder (or "
+                                  "--no-resume) starts over") from None
     if metadata.get("format") != CHECKPOINT_FORMAT:
         raise DiffusionBlendError(f"{path} is not a fine-tuning checkpoint of this version")
+    try:
+        written = json.loads(metadata.get("recipe", "{}"))
+    except json.JSONDecodeError:
+        raise DiffusionBlendError(f"checkpoint {path} has corrupt metadata (recipe)") from None
+    check_recipe(path, written, recipe)
     adapter = {key[len("adapter."):]: value for key, value in tensors.items() if key.startswith("adapter.")}
     expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
     if set(adapter) != set(expected) or any(adapter[k].shape != expected[k].shape for k in expected):
@@ -101,4 +126,5 @@ def load_checkpoint(
         curves=json.loads(metadata["curves"]),
         config=json.loads(metadata["config"]),
         extra=json.loads(metadata.get("extra", "{}")),
+        recipe=written,
     )

@@ -75,7 +75,7 @@ from diffusion_blend import lora
 from diffusion_blend.adapters import base_fingerprint, save_adapter
 from diffusion_blend.denoisers import Denoiser
 from diffusion_blend.errors import DiffusionBlendError, RewardError
-from diffusion_blend.files import write_json_atomic
+from diffusion_blend.files import remove_partial_files, write_json_atomic
 from diffusion_blend.preference import BASE
 from diffusion_blend.sampling import (
     gaussian_log_prob,
@@ -630,13 +630,16 @@ def _attach_policy(target: FinetuneTarget, config: DPOKConfig, accelerator: Acce
 
 
 def _resume(checkpoint: Path, model: nn.Module, config: DPOKConfig, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator, scaler: Any, accelerator: Accelerator) -> tuple[int, list[dict[str, float]]]:
+            generator: torch.Generator, scaler: Any, accelerator: Accelerator,
+            recipe: Mapping[str, Any]) -> tuple[int, list[dict[str, float]]]:
     """Continue from ``checkpoint``: the LoRA and Adam state, every process's generator and the curves so far; a
-    checkpoint of another config or process count is refused in one line."""
-    state = load_checkpoint(checkpoint, model, config.adapter_name, optimizer)
-    if state.config != json.loads(json.dumps(config.to_dict(), default=str)):
-        raise DiffusionBlendError(f"checkpoint {checkpoint} belongs to a run with another config; "
-                                  "use a fresh output folder or the same config")
+    checkpoint of another recipe (target, base weights), config or process count is refused in one line."""
+    state = load_checkpoint(checkpoint, model, config.adapter_name, optimizer, recipe=recipe)
+    ours = json.loads(json.dumps(config.to_dict(), default=str))
+    if state.config != ours:
+        fields = sorted(key for key in {*state.config, *ours} if state.config.get(key) != ours.get(key))
+        raise DiffusionBlendError(f"checkpoint {checkpoint} belongs to a run with another config (it differs in "
+                                  f"{', '.join(fields)}); use a fresh output folder or the same config")
     if state.generator_states.shape[0] != accelerator.num_processes:
         raise DiffusionBlendError(f"checkpoint {checkpoint} was written by {state.generator_states.shape[0]} "
                                   f"process(es); resume with the same number ({accelerator.num_processes} now)")
@@ -644,6 +647,14 @@ def _resume(checkpoint: Path, model: nn.Module, config: DPOKConfig, optimizer: t
     if state.extra.get("grad_scaler"):
         scaler.load_state_dict(state.extra["grad_scaler"])
     return state.iteration, state.curves
+
+
+def _fingerprint_if_needed(target: FinetuneTarget, out: Path | None, accelerator: Accelerator) -> str | None:
+    """The base's :func:`~diffusion_blend.adapters.base_fingerprint` where it is needed: on the process that writes
+    the adapter, and on every process when a checkpoint is to be resumed (its recipe is checked everywhere)."""
+    if out is None or not (accelerator.is_main_process or (out / CHECKPOINT_NAME).exists()):
+        return None
+    return base_fingerprint(target.model, target.architecture)
 
 
 def _curve_row(iteration: int, config: DPOKConfig, reward: torch.Tensor, path_kl: torch.Tensor,
@@ -685,13 +696,13 @@ def finetune(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(out, recursive=False)  # what a killed run was writing (files.atomic_path)
     if config.estimator == "pathwise":
         _check_differentiable(target, list(config.reward_weights))
     if config.adapter_name in lora.adapter_names(target.model):
         raise DiffusionBlendError(f"the model already carries an adapter named {config.adapter_name!r}")
     # the base's identity as given (before any cast to config.dtype): the adapter is bound to these weights
-    fingerprint = (base_fingerprint(target.model, target.architecture)
-                   if out is not None and accelerator.is_main_process else None)
+    fingerprint = _fingerprint_if_needed(target, out, accelerator)
     model = _attach_policy(target, config, accelerator)
     target = dataclasses.replace(target, forward=precision_forward(target.forward, config.torch_dtype))
     parameters = [p for n, p in model.named_parameters() if p.requires_grad and f".{config.adapter_name}." in n]
@@ -701,9 +712,10 @@ def finetune(
     pair = adapter_pair(model, target.forward, config.adapter_name, routing=routing)
     update = _pathwise_update if config.estimator == "pathwise" else _score_function_update
     checkpoint = out / CHECKPOINT_NAME if out is not None else None
+    recipe = {"target": target.name, "base_fingerprint": fingerprint}
     start, curves = 0, []
     if resume and checkpoint is not None and checkpoint.exists():
-        start, curves = _resume(checkpoint, model, config, optimizer, generator, scaler, accelerator)
+        start, curves = _resume(checkpoint, model, config, optimizer, generator, scaler, accelerator, recipe)
     bar = tqdm(range(start, config.iterations), desc=f"finetune {target.name}", initial=start,
                total=config.iterations, disable=not (progress and accelerator.is_main_process))
     for iteration in bar:
@@ -717,7 +729,7 @@ def finetune(
             if accelerator.is_main_process:
                 save_checkpoint(checkpoint, model, config.adapter_name, optimizer,
                                 CheckpointState(done, generator_states, curves, config.to_dict(),
-                                                {"grad_scaler": scaler.state_dict()}))
+                                                {"grad_scaler": scaler.state_dict()}, recipe))
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after and done < config.iterations:
             raise TrainingInterrupted(f"stopped after iteration {done} (test hook)")

@@ -32,6 +32,7 @@ from diffusion_blend.denoisers import BlendedDenoiser, SwitchingDenoiser
 from diffusion_blend.evaluation.oracle import achieved_fraction, best_objective
 from diffusion_blend.evaluation.stats import mean_and_standard_error
 from diffusion_blend.evaluation.sweep import SweepConfig, run_sweep
+from diffusion_blend.files import remove_partial_files
 from diffusion_blend.preference import Preference
 from diffusion_blend.sampling import sample
 from diffusion_blend.testbeds.digits.config import DemoConfig
@@ -162,6 +163,7 @@ def run_demo(
     out = Path(out_dir)
     report_dir = out / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(out)  # what a killed run was writing (files.atomic_path)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     paths = ensure_demo_adapters(out, config, progress=progress, log=log)

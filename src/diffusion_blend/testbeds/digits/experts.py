@@ -24,6 +24,7 @@ import torch
 
 from diffusion_blend.adapters import base_fingerprint, read_adapter
 from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.files import write_text_atomic
 from diffusion_blend.testbeds.digits.config import DemoConfig
 
 ADAPTER_DIR = "adapters"
@@ -61,19 +62,27 @@ def train_expert(reward: str, config: DemoConfig, out_dir: str | os.PathLike, pr
     work = Path(out_dir) / ADAPTER_DIR / f".train-{reward}"
     training = config.training(reward)
     stamp = work / "demo-config.json"
-    if work.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != _json_normal(training.to_dict())):
+    if work.exists() and _stamp(stamp) != _json_normal(training.to_dict()):
         shutil.rmtree(work)  # a checkpoint of another configuration cannot be resumed: start afresh
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(_json_normal(training.to_dict()), sort_keys=True))
+    write_text_atomic(stamp, json.dumps(_json_normal(training.to_dict()), sort_keys=True))
     target = digits_finetune_target([reward], progress=progress)
     target.name = f"digits:{reward}"
     target.target_modules = list(config.lora_targets)
     result = finetune(target, training, out_dir=work, progress=progress)
     final = adapter_path(out_dir, reward)
+    os.replace(work / "log.json", final.with_suffix(".log.json"))  # the log first: an adapter in place is whole
     os.replace(result.adapter_path, final)
-    os.replace(work / "log.json", final.with_suffix(".log.json"))
     shutil.rmtree(work, ignore_errors=True)
     return str(final)
+
+
+def _stamp(path: Path) -> object:
+    """The training configuration a work folder was started with (``None``: none, or unreadable)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _train_in_workers(rewards: Sequence[str], config: DemoConfig, out: Path, progress: bool) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -146,12 +147,21 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    state = load_file(str(Path(directory) / WEIGHTS_NAME))
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # truncated, zero bytes, not safetensors
+        raise DiffusionBlendError(f"{path} is corrupt or truncated ({_first_line(err)}); reinstall diffusion-blend, or "
+                                  "rebuild it (docs/digits.md)") from None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise DiffusionBlendError(f"weights in {directory} do not fit the architecture: {err}") from err
     return module.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def save_digits_model(model: DigitsDenoiser, directory: str | os.PathLike, training: dict[str, Any]) -> Path:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_blend.files import atomic_path
 from diffusion_blend.sampling import sample
 from diffusion_blend.testbeds.digits.data import (
     NUM_CLASSES,
@@ -81,9 +82,11 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int = 16, title: 
     if title:
         fig.suptitle(title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path, suffix=".png") as temporary:
+            fig.savefig(temporary, dpi=100, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
