@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 
 from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
+from diffusion_blend.commands import TILT_HELP, proposal_tilt
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.files import refuse_existing_results, rounded
 from diffusion_blend.preference import Preference
@@ -61,9 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="smc: proposal: the blend's step (default; experts trained on this sampler's chain), or "
                         "the base's step moved by its variance times the blend's score deviation (twisted SMC, for "
                         "experts whose steps are continuous-time tilts; docs/method.md)")
-    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0,
-                        help="smc: the proposal blends at KL scale tilt x lambda (the target keeps lambda): > 1 where "
-                        "DB-MPA falls short of the preference, < 1 where it overshoots (default 1)")
+    parser.add_argument("--smc-proposal-tilt", type=proposal_tilt, default="auto", help="smc: " + TILT_HELP)
     parser.add_argument("--smc-potential", choices=("tweedie", "none", "experts"), default="tweedie",
                         help="smc: potential: r_w of the Tweedie estimate (default), 0, or the experts' value "
                         "increments (no reward before the end)")

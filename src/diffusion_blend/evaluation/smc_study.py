@@ -39,7 +39,7 @@ class SMCStudyConfig:
     samples_per_seed: int = 256
     equal_nfe: bool = True
     potential: str = "tweedie"
-    proposal_tilt: float = 1.0
+    proposal_tilt: float | str = "auto"
 
 
 def members_per_particle(family: DenoiserFamily, preference: Preference) -> int:
