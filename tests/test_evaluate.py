@@ -12,6 +12,8 @@ import matplotlib.image
 import pytest
 
 from diffusion_blend.cli import main
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.evaluation.oracle import importance_weighted_oracle
 from diffusion_blend.evaluation.sweep import (
     Cell,
     CountingFamily,
@@ -21,8 +23,6 @@ from diffusion_blend.evaluation.sweep import (
     run_cell,
     run_sweep,
 )
-from diffusion_blend.errors import DiffusionBlendError
-from diffusion_blend.evaluation.oracle import importance_weighted_oracle
 from diffusion_blend.preference import BASE, Preference
 from diffusion_blend.sampling import sample
 from diffusion_blend.testbeds.gmm.closed_form import expected_rewards, tilted_target

@@ -247,8 +247,10 @@ class SMCOptions:
 
     @property
     def adaptive_tilt(self) -> bool:
-        """Whether the tilt is learned from the run: ``"auto"`` on a blended proposal with the Tweedie potential."""
-        return self.proposal_tilt == AUTO and self.proposal in BLENDED and self.potential == "tweedie"
+        """Whether the tilt is learned from the run: ``"auto"`` on a blended proposal with the Tweedie potential and
+        ``N > 1`` (one particle is never reweighted: ``N = 1`` stays the blend sampler itself)."""
+        return (self.proposal_tilt == AUTO and self.proposal in BLENDED and self.potential == "tweedie"
+                and self.particles > 1)
 
     @property
     def initial_tilt(self) -> float:

@@ -90,10 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-rgg-tempering", action="store_true")
     parser.add_argument("--oracle-samples", type=int, default=20_000,
                         help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells)")
-    parser.add_argument("--gmm-oracle", choices=("chain", "exact"), default="chain",
-                        help="gmm: the IS oracle reweights base-sampler draws (chain: the target of every method on "
-                             "this sampler, SMC's included; default) or exact mixture draws (the continuous-time "
-                             "target the 20-step chain's tilt misses by up to 0.25 at w = 1)")
+    parser.add_argument("--gmm-oracle", choices=("chain", "exact"), default="chain", help="gmm: the IS oracle "
+                        "reweights base-chain draws (SMC's target; default) or exact mixture draws (continuous time)")
     parser.add_argument("--particles", type=int, default=8, help="SMC particles per sample (methods smc, fk)")
     parser.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
     parser.add_argument("--smc-proposal", choices=("blend", "twisted"), default=None,

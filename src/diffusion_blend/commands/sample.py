@@ -24,8 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
 from diffusion_blend.commands import TILT_HELP, proposal_tilt
+from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.files import refuse_existing_results, rounded
 from diffusion_blend.preference import Preference

@@ -17,7 +17,6 @@ from diffusion_blend.testbeds.gmm.closed_form import (
 from diffusion_blend.testbeds.gmm.spec import GMM_SPEC
 from diffusion_blend.testbeds.gmm.study import study_testbed
 
-
 ORACLES = ("chain", "exact")
 
 
