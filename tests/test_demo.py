@@ -272,3 +272,5 @@ def test_ui_studio_runs_smc_on_the_demo_experts(demo):
     assert not (tilted.images == result.images).all()  # the proposal reaches the sampler
     assert "proposal tilt 2" in generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 2.0)[3]
     assert "Invalid input: SMC proposal tilt" in generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 9.0)[3]
+    automatic = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 0.0)  # the slider's 0 (its default): the automatic tilt
+    assert (automatic[0] == result.images).all() and "proposal tilt" not in automatic[3]  # the studio's default too

@@ -531,7 +531,7 @@ def test_refusals_are_one_line() -> None:
         smc_sample(family, PREFERENCE, stochastic_ddim(), eta=0.0, **common)
     for bad in (dict(particles=0), dict(proposal="expert"), dict(potential="max"), dict(ess_threshold=1.5),
                 dict(potential_every=0), dict(proposal="base", potential="experts"), dict(proposal_tilt=0.0),
-                dict(proposal_tilt=float("nan")), dict(proposal="base", proposal_tilt=2.0)):
+                dict(proposal_tilt=float("nan")), dict(proposal="base", proposal_tilt=2.0), dict(proposal_tilt="on")):
         with pytest.raises(DiffusionBlendError) as info:
             SMCOptions(**bad)  # refused where the options enter, once
         assert "\n" not in str(info.value)
@@ -584,6 +584,11 @@ def test_sweep_cells_report_cost_and_ess(tmp_path) -> None:
     assert main([*args[:-1], "--particles", "0"]) == 2
     assert main([*args, "--smc-proposal", "blend", "--out", str(tmp_path / "blend")]) == 0
     assert main([*args, "--smc-proposal-tilt", "0", "--out", str(tmp_path / "bad-tilt")]) == 2
+    assert main([*args, "--smc-proposal-tilt", "auto", "--out", str(tmp_path / "auto")]) == 0
+    with pytest.raises(SystemExit):  # neither 'auto' nor a number: argparse's own refusal
+        main([*args, "--smc-proposal-tilt", "sometimes", "--out", str(tmp_path / "bad-word")])
+    assert SMCOptions().proposal_tilt == "auto" and SweepConfig(methods=("smc",), preferences=[preference]
+                                                                ).smc_options("blend").adaptive_tilt
 
 
 def test_smc_study_writes_rows_and_plot(tmp_path) -> None:
