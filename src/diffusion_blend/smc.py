@@ -48,7 +48,14 @@ tilt: the blend proposal is theirs (on the digits experts twisted is worse: docs
 ``proposal_tilt = t`` blends the proposal at KL scale ``t lambda`` while the target keeps ``lambda`` (any proposal
 leaves the weights exact): ``t > 1`` where the blend falls short of the target (the demo's digits experts at w = 0.8:
 DB-MPA reaches 0.24 of the oracle's gain), ``t < 1`` where it overshoots; a tilt too strong leaves the target's mass
-in the proposal's tail (docs/method.md, "Proposal tilt"; measured in docs/evaluation.md).
+in the proposal's tail (docs/method.md, "Proposal tilt"; measured in docs/evaluation.md). ``proposal_tilt="auto"``
+(the default) learns the tilt step by step from the run's own incremental weights (:class:`TiltAdapter`: a
+regression of the increments on the proposal noise along the blend's shift, no extra network evaluation), never
+below the blend's own step.
+
+Where the blend is exact for the target the weights stay equal (``lambda = 0``; experts that are the exact tilted
+chain); a group whose weights are equal (to ``CONSTANT_SPREAD``) is never resampled and returns its first particle,
+so SMC then returns the blend sampler's own samples (tested).
 
 The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
 batched :meth:`~diffusion_blend.denoisers.DenoiserFamily.predict_all` (one more member, still one forward).
@@ -294,11 +301,15 @@ class TiltAdapter:
     ``D``: the tilt at which the proposal moves as far along the blend's direction as the potential rises there (the
     twisted-SMC step, Wu et al. 2023, with the gradient replaced by a regression over the particles). The estimate of
     step ``k`` sets the tilt of step ``k + 1``; it is shrunk toward the current tilt by its own sampling error
-    (positive-part James-Stein: no move when the slope is within one standard error of 0, so a few particles leave
-    the blend alone) and kept in ``[0, MAX_TILT]``. Where the increments are already equal (the blend is exact for
-    the target: ``lambda = 0``, an exact expert) nothing moves: the slope is 0. No network evaluation: it reuses the
-    increments and means the filter computes anyway. With ``potential_every = k`` the slope is taken over the ``k``
-    steps between two evaluations of the potential.
+    (positive-part James-Stein: no move when the slope is within one standard error of it) and kept in
+    ``[MIN_TILT, MAX_TILT] = [1, 10]``. The floor: the slope is that of the look-ahead potential, not of the target's
+    value; where the look-ahead is flat while the value is not (the Gaussian mixture's exact experts at early, noisy
+    steps: slope 0.1-0.3 of the experts' step, while the final particles' moment match says 1.5-2;
+    docs/evaluation.md) it would pull the proposal back toward the base, so the tilt never drops below the experts'
+    own step. Where the increments are already equal (the blend is exact for the target: ``lambda = 0``, an exact
+    expert) nothing moves: the slope is 0. No network evaluation: it reuses the increments and means the filter
+    computes anyway. With ``potential_every = k`` the slope is taken over the ``k`` steps between two evaluations of
+    the potential.
     """
 
     def __init__(self, tilt: float = 1.0):
@@ -496,7 +507,6 @@ class _ParticleFilter:
             self.lineage.append((a, b))
             if self.adapter is not None:
                 self.adapter.observe_move(a)
-
         x64, std64 = self.x.to(torch.float64), std.to(torch.float64)
         log_prob_pre = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64)
         self.pending = log_prob_pre - gaussian_log_prob(x64, mean_q.to(torch.float64), std64)
@@ -517,7 +527,6 @@ class _ParticleFilter:
             self.n, self.batch)
         final_ess = effective_sample_size(self.log_weights)
         self.ess_history.append(final_ess.cpu())
-
         probabilities = torch.softmax(self.log_weights, dim=0).T.cpu()  # (B, N)
         chosen = torch.multinomial(probabilities, 1, generator=self.generator).flatten()
         # a group whose weights stayed equal and were never resampled returns its first particle: the blend's own
