@@ -27,7 +27,8 @@ steps divided by the steps (the first step includes warm-up).
     python benchmarks/bench_smc.py --device cuda --particles 1,2,4,8 --steps 10   # not run: no GPU lent
     python benchmarks/bench_smc.py --family sd15 --dtype float32 --particles 2 --proposal twisted  # twisted proposal
 
-``--proposal twisted`` / ``--proposal-tilt t`` apply to the ``smc_N`` variants (docs/method.md).
+``--proposal twisted`` / ``--proposal-tilt auto|t`` apply to the ``smc_N`` variants (docs/method.md; default ``auto``,
+the library's default since issue 25: the reward, the mean latent, gives the automatic tilt a signal to learn from).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ EXPERTS = 2
 
 
 def run_variant(family_name: str, particles: int, base_only: bool, steps: int, device: str, dtype_name: str,
-                seed: int, latent: int, prompt_tokens: int, proposal: str = "blend", tilt: float = 1.0) -> dict:
+                seed: int, latent: int, prompt_tokens: int, proposal: str = "blend",
+                tilt: float | str = "auto") -> dict:
     import torch
     from diffusers import DDIMScheduler
 
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--proposal", default="blend", choices=("blend", "twisted"), help="the smc_N variants' proposal"
     )
-    parser.add_argument("--proposal-tilt", type=float, default=1.0, help="the smc_N variants' proposal tilt")
+    parser.add_argument("--proposal-tilt", type=lambda v: v if v == "auto" else float(v), default="auto",
+                        help="the smc_N variants' proposal tilt: auto (the library's default) or a number")
     parser.add_argument("--latent", type=int, default=sd3.LATENT, help=f"latent side (default {sd3.LATENT})")
     parser.add_argument("--prompt-tokens", type=int, default=sd3.PROMPT_TOKENS)
     parser.add_argument("--num-layers", type=int, default=24, help="joint blocks (24 = SD3-Medium; fewer: smoke run)")
@@ -198,12 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     markdown = "\n".join([f"Command: `{command}`", "",
                           f"Device {args.device}, {args.dtype}, {args.steps} steps per variant, {meta['latents']}, "
-                          f"m = {EXPERTS} experts, {args.proposal} proposal (tilt {args.proposal_tilt:g}); {network}. "
+                          f"m = {EXPERTS} experts, {args.proposal} proposal (tilt {args.proposal_tilt}); {network}. "
                           f"Memory: {meta['memory_method']}.",
                           "", *table, ""])
     print(markdown)
     suffix = (
-        "" if (args.proposal, args.proposal_tilt) == ("blend", 1.0) else f"_{args.proposal}_t{args.proposal_tilt:g}"
+        "" if (args.proposal, args.proposal_tilt) == ("blend", "auto") else f"_{args.proposal}_t{args.proposal_tilt}"
     )
     write_results(args.out, f"smc_{args.family}_{args.device.split(':')[0]}_{args.dtype}{suffix}", meta, results,
                   markdown)

@@ -12,6 +12,7 @@ import argparse
 import pytest
 
 from diffusion_blend.cli import build_parser
+from diffusion_blend.commands.options import proposal_tilt
 from diffusion_blend.devices import DTYPE_CHOICES, ROUTINGS
 from diffusion_blend.pipelines.kinds import SPECS
 from diffusion_blend.smc import SMCOptions
@@ -40,7 +41,7 @@ SHARED = {
     "progress": ("--no-progress", ("sample", "evaluate", "finetune"), {"default": False}),
     "SMC particles": ("--particles", PIPELINE_COMMANDS, {"default": None, "type": int}),
     "SMC proposal": ("--smc-proposal", PIPELINE_COMMANDS, {"default": None, "choices": ["blend", "twisted"]}),
-    "SMC proposal tilt": ("--smc-proposal-tilt", PIPELINE_COMMANDS, {"default": None, "type": float}),
+    "SMC proposal tilt": ("--smc-proposal-tilt", PIPELINE_COMMANDS, {"default": None, "type": proposal_tilt}),
     "SMC potential": ("--smc-potential", PIPELINE_COMMANDS,
                       {"default": None, "choices": ["tweedie", "none", "experts"]}),
     "SMC potential every": ("--smc-potential-every", PIPELINE_COMMANDS, {"default": None, "type": int}),

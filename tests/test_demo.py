@@ -276,3 +276,5 @@ def test_ui_studio_runs_smc_on_the_demo_experts(demo):
     assert "proposal tilt 2" in generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 2.0, *NO_SCHEDULE)[3]
     invalid = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 9.0, *NO_SCHEDULE)[3]
     assert "Invalid input: SMC proposal tilt" in invalid
+    automatic = generate(0.5, 0.5, 1.0, MPA_LABEL, 0, "", 2, 0.0, *NO_SCHEDULE)  # the slider's 0 (default): auto tilt
+    assert (automatic[0] == result.images).all() and "proposal tilt" not in automatic[3]  # the studio's default too

@@ -13,6 +13,8 @@ import matplotlib.image
 import pytest
 
 from diffusion_blend.cli import main
+from diffusion_blend.errors import DiffusionBlendError
+from diffusion_blend.evaluation.oracle import importance_weighted_oracle
 from diffusion_blend.evaluation.sweep import (
     Cell,
     CountingFamily,
@@ -22,7 +24,8 @@ from diffusion_blend.evaluation.sweep import (
     run_cell,
     run_sweep,
 )
-from diffusion_blend.preference import Preference
+from diffusion_blend.preference import BASE, Preference
+from diffusion_blend.sampling import sample
 from diffusion_blend.testbeds.gmm.closed_form import expected_rewards, tilted_target
 from diffusion_blend.testbeds.gmm.setting import gmm_setting
 from diffusion_blend.testbeds.gmm.study import study_testbed
@@ -101,7 +104,7 @@ def test_miniature_sweep_writes_every_file_and_resumes(tmp_path):
 
 
 def test_importance_weighted_oracle_matches_closed_form_on_gmm():
-    setting = gmm_setting(num_inference_steps=5, alpha=1.0)
+    setting = gmm_setting(num_inference_steps=5, alpha=1.0, oracle="exact")
     base, rewards = study_testbed()
     preference = Preference({"right": 0.5, "corner": 0.5}, 1.0)
     config = _config(setting, oracle_samples=200_000)
@@ -110,6 +113,25 @@ def test_importance_weighted_oracle_matches_closed_form_on_gmm():
     for name, value in exact.items():
         assert abs(record["expected_rewards"][name] - value) < 5 * record["standard_errors"][name] + 1e-3
     assert 0 < record["effective_sample_size"] < 200_000
+
+
+def test_gmm_oracle_reweights_the_base_chain_by_default():
+    """The gmm setting's target is the base sampler's chain tilted (SMC's target, docs/method.md): its IS oracle
+    reweights ``oracle_samples`` draws of the 5-step chain, equal to importance weighting by hand; the exact-draw
+    oracle stays available (``oracle="exact"``) and the two differ by the chain's discretisation."""
+    preference = Preference({"right": 0.5, "corner": 0.5}, 1.0)
+    chain = gmm_setting(num_inference_steps=5)
+    record = run_cell(chain, _config(chain, oracle_samples=50_000), Cell("is-oracle", preference, 3))
+    draws = sample(chain.family.member(BASE), chain.scheduler_factory(), generator=3, shape=(50_000, 2),
+                   num_inference_steps=5, progress=False).samples
+    by_hand = importance_weighted_oracle({n: r(draws) for n, r in chain.rewards.items()}, preference, 1.0)
+    for name, value in by_hand.expected_rewards.items():
+        assert record["expected_rewards"][name] == pytest.approx(value, rel=1e-9)
+    exact = run_cell(gmm_setting(5, oracle="exact"), _config(chain, oracle_samples=50_000),
+                     Cell("is-oracle", preference, 3))
+    assert abs(exact["expected_rewards"]["right"] - record["expected_rewards"]["right"]) > 0.05
+    with pytest.raises(DiffusionBlendError, match="oracle"):
+        gmm_setting(5, oracle="closed")
 
 
 def test_cli_rejects_bad_input(tmp_path, capsys):

@@ -48,7 +48,14 @@ tilt: the blend proposal is theirs (on the digits experts twisted is worse: docs
 ``proposal_tilt = t`` blends the proposal at KL scale ``t lambda`` while the target keeps ``lambda`` (any proposal
 leaves the weights exact): ``t > 1`` where the blend falls short of the target (the demo's digits experts at w = 0.8:
 DB-MPA reaches 0.24 of the oracle's gain), ``t < 1`` where it overshoots; a tilt too strong leaves the target's mass
-in the proposal's tail (docs/method.md, "Proposal tilt"; measured in docs/evaluation.md).
+in the proposal's tail (docs/method.md, "Proposal tilt"; measured in docs/evaluation.md). ``proposal_tilt="auto"``
+(the default) learns the tilt step by step from the run's own incremental weights (:class:`TiltAdapter`: a
+regression of the increments on the proposal noise along the blend's shift, no extra network evaluation), never
+below the blend's own step.
+
+Where the blend is exact for the target the weights stay equal (``lambda = 0``; experts that are the exact tilted
+chain); a group whose weights are equal (to ``CONSTANT_SPREAD``) is never resampled and returns its first particle,
+so SMC then returns the blend sampler's own samples (tested).
 
 The base's mean is needed at every step: when its blend coefficient is 0 (DB-MPA) the base is added to the one
 batched :meth:`~diffusion_blend.denoisers.DenoiserFamily.predict_all` (one more member, still one forward).
@@ -71,7 +78,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -96,6 +103,9 @@ from diffusion_blend.sampling import (
 PROPOSALS = ("blend", "twisted", "base")
 BLENDED = ("blend", "twisted")  # proposals built from the blended experts
 POTENTIALS = ("tweedie", "none", "experts")
+AUTO = "auto"  # proposal_tilt learned from the run (TiltAdapter)
+MIN_TILT, MAX_TILT = 1.0, 10.0  # the adaptive tilt's range: never below the blend's own step (TiltAdapter)
+CONSTANT_SPREAD = 1e-9  # log-weights of a group closer than this count as equal (float round-off of exact weights)
 Reward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -109,6 +119,11 @@ class SMCOutput:
     ``resampling_steps``: per output sample, how many times its group was resampled; ``ess_history[k, b]``: the
     ESS of group ``b`` after the weights of state ``k`` (``K + 1`` rows: states ``x_T .. x_0``);
     ``particles`` ``(N, B, ...)`` and ``log_weights`` ``(N, B)`` (normalised per group): the final particle system.
+    ``tilts`` ``(K,)``: the proposal tilt of every move (the adaptive tilt's path; constant for a fixed tilt).
+    ``target_tilts`` ``(K,)`` (blended proposals; NaN otherwise): per move, the tilt whose Gaussian step matches the
+    final weighted particles' ancestral paths along the blend's direction, ``t_k + E_W[a_k] / E_W[b_k]`` (moment
+    matching, i.e. the cross-entropy / forward-KL choice against the target as the run estimates it; ``a_k``,
+    ``b_k`` as in :class:`TiltAdapter`): a diagnostic of which tilts the target wanted, known only at the end.
     """
 
     samples: torch.Tensor
@@ -119,6 +134,14 @@ class SMCOutput:
     ess_history: torch.Tensor
     particles: torch.Tensor
     log_weights: torch.Tensor
+    tilts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    target_tilts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+
+
+def constant_groups(log_weights: torch.Tensor) -> torch.Tensor:
+    """Per column of ``log_weights`` ``(N, B)``: whether its weights are equal (spread below ``CONSTANT_SPREAD``)."""
+    spread = log_weights.max(0).values - log_weights.min(0).values
+    return spread.nan_to_num(0.0) <= CONSTANT_SPREAD
 
 
 def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
@@ -187,8 +210,10 @@ class SMCOptions:
     ``particles``: ``N`` per output sample. ``proposal``: ``"blend"`` (the preference's blend), ``"twisted"`` (the
     base's step moved by ``s_k^2`` times the blend's score deviation), ``"base"`` (FK steering) or any denoiser (e.g.
     an exact target, for tests). ``potential``: ``"tweedie"`` (``r_w`` of the Tweedie estimate), ``"none"`` or
-    ``"experts"`` (the experts' value increments; blended proposals). ``proposal_tilt``: the blended proposal's KL
-    scale is ``proposal_tilt x lambda`` (the target keeps ``lambda``). ``ess_threshold``: resample a group when its
+    ``"experts"`` (the experts' value increments; blended proposals). ``proposal_tilt``: ``"auto"`` (default: the
+    tilt is learned step by step from the run's own incremental weights, :class:`TiltAdapter`; with the Tweedie
+    potential only, the others give it no signal before ``x_0``, so there it is 1) or a number ``t``: the blended
+    proposal's KL scale is ``t x lambda`` (the target keeps ``lambda``). ``ess_threshold``: resample a group when its
     ESS falls below ``ess_threshold x N``. ``potential_every = k`` evaluates ``h`` only every ``k`` steps (held in
     between), bounding the reward cost. Bad values raise one-line :class:`DiffusionBlendError`.
     """
@@ -196,7 +221,7 @@ class SMCOptions:
     particles: int = 4
     proposal: str | Denoiser = "blend"
     potential: str = "tweedie"
-    proposal_tilt: float = 1.0
+    proposal_tilt: float | str = AUTO
     ess_threshold: float = 0.5
     potential_every: int = 1
 
@@ -217,11 +242,27 @@ class SMCOptions:
         every = self.potential_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise DiffusionBlendError(f"potential_every must be an integer >= 1, got {every!r}")
+        if isinstance(self.proposal_tilt, str):
+            if self.proposal_tilt != AUTO:
+                raise DiffusionBlendError(f"proposal_tilt must be 'auto' or a number > 0, got {self.proposal_tilt!r}")
+            return
         tilt = positive_number(self.proposal_tilt, "proposal_tilt (the proposal's lambda / the target's)")
         object.__setattr__(self, "proposal_tilt", tilt)
         if tilt != 1 and self.proposal not in BLENDED:
             raise DiffusionBlendError("proposal_tilt scales the blended proposal's lambda: it needs proposal='blend' "
                                       "or 'twisted'")
+
+    @property
+    def adaptive_tilt(self) -> bool:
+        """Whether the tilt is learned from the run: ``"auto"`` on a blended proposal with the Tweedie potential and
+        ``N > 1`` (one particle is never reweighted: ``N = 1`` stays the blend sampler itself)."""
+        return (self.proposal_tilt == AUTO and self.proposal in BLENDED and self.potential == "tweedie"
+                and self.particles > 1)
+
+    @property
+    def initial_tilt(self) -> float:
+        """The tilt of the first move (``"auto"``: 1, the blend itself)."""
+        return 1.0 if self.proposal_tilt == AUTO else float(self.proposal_tilt)
 
     def describe(self) -> dict[str, Any]:
         """The options as settings.json and reports record them."""
@@ -236,6 +277,80 @@ def check_alpha(alpha: Any) -> float:
     if isinstance(alpha, bool) or not (isinstance(alpha, int | float) and alpha > 0 and math.isfinite(alpha)):
         raise DiffusionBlendError(f"alpha (the experts' KL weight) must be a positive number, got {alpha!r}")
     return float(alpha)
+
+
+def step_projections(x: torch.Tensor, mean_q: torch.Tensor, shift: torch.Tensor,
+                     std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, ``a = (x' - mu_q).D / s^2`` and ``b = |D|^2 / s^2`` of a move (float64; :class:`TiltAdapter`)."""
+    dims = tuple(range(1, x.ndim))
+    shift64, variance = shift.to(torch.float64), float(std) ** 2
+    a = ((x.to(torch.float64) - mean_q.to(torch.float64)) * shift64).sum(dims) / variance
+    return a, (shift64**2).sum(dims) / variance
+
+
+class TiltAdapter:
+    """The adaptive proposal tilt of ``proposal_tilt="auto"``, learned step by step from the run's own weights.
+
+    A move with tilt ``t`` draws ``x' = mu_pre + t D + s z`` (``D``: the blended proposal's shift of the base's step
+    mean, the blend's or the twisted one; ``z ~ N(0, I)``). Had the move used ``t + delta``, the same ``x'`` would carry
+    the incremental log-weight ``L - delta a + delta^2 b / 2`` with ``a = (x' - mu_q).D / s^2`` and ``b = |D|^2 / s^2``
+    (only ``log q`` changes; the potential is a function of ``x'``). So the tilt that makes a step's incremental weights
+    most even is, to first order, ``t + Cov(L, a) / Var(a)``: the weighted regression slope of the increments on the
+    proposal noise along ``D``, over all particles of the batch (one tilt for all groups: they share the preference).
+    With the ratio's part worked out, ``Cov(L, a) / Var(a) + t`` is the slope of the potential's increment along
+    ``D``: the tilt at which the proposal moves as far along the blend's direction as the potential rises there (the
+    twisted-SMC step, Wu et al. 2023, with the gradient replaced by a regression over the particles). The estimate of
+    step ``k`` sets the tilt of step ``k + 1``; it is shrunk toward the current tilt by its own sampling error
+    (positive-part James-Stein: no move when the slope is within one standard error of it) and kept in
+    ``[MIN_TILT, MAX_TILT] = [1, 10]``. The floor: the slope is that of the look-ahead potential, not of the target's
+    value; where the look-ahead is flat while the value is not (the Gaussian mixture's exact experts at early, noisy
+    steps: slope 0.1-0.3 of the experts' step, while the final particles' moment match says 1.5-2;
+    docs/evaluation.md) it would pull the proposal back toward the base, so the tilt never drops below the experts'
+    own step. Where the increments are already equal (the blend is exact for the target: ``lambda = 0``, an exact
+    expert) nothing moves: the slope is 0. No network evaluation: it reuses the increments and means the filter
+    computes anyway. With ``potential_every = k`` the slope is taken over the ``k`` steps between two evaluations of
+    the potential.
+    """
+
+    def __init__(self, tilt: float = 1.0):
+        self.tilt = float(tilt)
+        self.projection: torch.Tensor | None = None  # a, summed over the moves since the last update (rows)
+        self.increment: torch.Tensor | None = None  # L, summed likewise
+
+    def observe_move(self, a: torch.Tensor) -> None:
+        """Record ``a = (x' - mu_q).D / s^2`` of the move just drawn (:func:`step_projections`)."""
+        self.projection = a if self.projection is None else self.projection + a
+
+    def observe_increment(self, increment: torch.Tensor) -> None:
+        self.increment = increment if self.increment is None else self.increment + increment
+
+    def gather(self, gather: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Follow the rows through resampling."""
+        if self.projection is not None:
+            self.projection = gather(self.projection)
+        if self.increment is not None:
+            self.increment = gather(self.increment)
+
+    def update(self, log_weights: torch.Tensor) -> None:
+        """Move the tilt by the shrunk regression slope; ``log_weights`` ``(N, B)``: the weights the increments
+        multiply (pooled over groups, each group's weights normalised to ``1 / B``)."""
+        a, increment, self.projection, self.increment = self.projection, self.increment, None, None
+        if a is None or increment is None:
+            return
+        weights = (torch.softmax(log_weights.to(torch.float64), dim=0) / log_weights.shape[1]).reshape(-1)
+        weights = weights.to(a.device)
+        da = a - (weights * a).sum()
+        dl = increment - (weights * increment).sum()
+        variance = float((weights * da**2).sum())
+        if not variance > 0 or float((weights * dl**2).sum()) <= CONSTANT_SPREAD**2:
+            return  # the blend moves nothing, or the increments are equal: nothing to learn
+        delta = float((weights * da * dl).sum()) / variance
+        residual = dl - delta * da
+        error2 = float((weights**2 * residual**2 * da**2).sum()) / variance**2
+        if not math.isfinite(delta) or delta == 0.0:
+            return
+        shrink = max(0.0, 1.0 - error2 / delta**2)
+        self.tilt = min(max(self.tilt + shrink * delta, MIN_TILT), MAX_TILT)
 
 
 @dataclass
@@ -253,7 +368,7 @@ class _Members:
         if options.proposal not in BLENDED:
             family.check_members([BASE])
             return cls([BASE], 0, [], {})
-        tilted = Preference(preference.weights, preference.kl_scale * options.proposal_tilt)
+        tilted = Preference(preference.weights, preference.kl_scale * options.initial_tilt)
         active = tilted.coefficients(family.expert_names).active()
         members = [member for member, _ in active]
         if BASE not in members:
@@ -303,6 +418,9 @@ class _ParticleFilter:
         self.pending = zeros  # log p_pre / q of the last transition
         self.pending_value = zeros  # sum_i c_i log q_i / p_pre of it
         self.resampled = torch.zeros(batch, dtype=torch.long)
+        self.adapter = TiltAdapter(options.initial_tilt) if options.adaptive_tilt else None
+        self.tilts: list[float] = []
+        self.lineage: list[tuple[torch.Tensor, torch.Tensor]] = []  # (a_k, b_k) along each row's ancestry
         self.ess_history: list[torch.Tensor] = []
         self.network_rows = self.reward_rows = 0
 
@@ -329,7 +447,8 @@ class _ParticleFilter:
         """Multiply in the last transition's ratio and the potential's increment; record the ESS."""
         increment = self.pending
         potential = self.options.potential
-        if potential == "tweedie" and k % self.options.potential_every == 0:
+        evaluated = potential == "tweedie" and k % self.options.potential_every == 0
+        if evaluated:
             value = self.scale * _check_values(self.reward(tweedie_x0(self.scheduler, out_q, t, self.x)), self.rows)
             value = value.to(self.x.device)
             self.reward_rows += self.rows
@@ -338,12 +457,17 @@ class _ParticleFilter:
         elif potential == "experts":
             increment = increment + self.pending_value
             self.potential_prev = self.potential_prev + self.pending_value
-        self.log_weights = self.log_weights + increment.view(self.n, self.batch)
+        before, self.log_weights = self.log_weights, self.log_weights + increment.view(self.n, self.batch)
+        if self.adapter is not None and k > 0:
+            self.adapter.observe_increment(increment)
+            if evaluated:
+                self.adapter.update(before)
         self.ess_history.append(effective_sample_size(self.log_weights).cpu())
 
     def resample(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Systematic resampling of the groups whose ESS fell below the threshold; ``tensors`` follow their rows."""
         needed = self.ess_history[-1].to(self.x.device) < self.options.ess_threshold * self.n
+        needed &= ~constant_groups(self.log_weights)  # equal weights: resampling could only drop particles
         if self.n == 1 or not bool(needed.any()):
             return tensors
         identity = torch.arange(self.n, device=self.x.device).unsqueeze(1).expand(self.n, self.batch)
@@ -352,6 +476,9 @@ class _ParticleFilter:
         self.x, self.potential_prev = self.gather(self.x, ancestors), self.gather(self.potential_prev, ancestors)
         self.log_weights = torch.where(needed.unsqueeze(0), torch.zeros_like(self.log_weights), self.log_weights)
         self.resampled += needed.cpu().long()
+        self.lineage = [(self.gather(a, ancestors), self.gather(b, ancestors)) for a, b in self.lineage]
+        if self.adapter is not None:
+            self.adapter.gather(lambda tensor: self.gather(tensor, ancestors))
         return [self.gather(tensor, ancestors) for tensor in tensors]
 
     def move(self, t: Any, predictions: list[torch.Tensor], out_pre: torch.Tensor, out_q: torch.Tensor) -> None:
@@ -364,8 +491,22 @@ class _ParticleFilter:
             mean_q = mean_pre
         else:
             mean_q, _ = model_transition(scheduler, out_q, t, x, eta)
+        tilt = self.options.initial_tilt if self.adapter is None else self.adapter.tilt
+        shift = None  # the blended proposal's shift of the base's step at tilt 1
+        if self.options.proposal in BLENDED:
+            shift = mean_q - mean_pre
+            if self.adapter is None:
+                shift = shift / tilt
+            elif tilt != 1.0:
+                mean_q = mean_pre + tilt * shift
+        self.tilts.append(tilt)
         noise = randn_tensor(x.shape, generator=self.noise_generator, device=x.device, dtype=mean_q.dtype)
         self.x = (mean_q + std * noise).to(self.state_dtype)
+        if shift is not None:
+            a, b = step_projections(self.x, mean_q, shift, std)
+            self.lineage.append((a, b))
+            if self.adapter is not None:
+                self.adapter.observe_move(a)
         x64, std64 = self.x.to(torch.float64), std.to(torch.float64)
         log_prob_pre = gaussian_log_prob(x64, mean_pre.to(torch.float64), std64)
         self.pending = log_prob_pre - gaussian_log_prob(x64, mean_q.to(torch.float64), std64)
@@ -387,14 +528,27 @@ class _ParticleFilter:
         final_ess = effective_sample_size(self.log_weights)
         self.ess_history.append(final_ess.cpu())
         probabilities = torch.softmax(self.log_weights, dim=0).T.cpu()  # (B, N)
-        chosen = torch.multinomial(probabilities, 1, generator=self.generator).flatten().to(self.x.device)
+        chosen = torch.multinomial(probabilities, 1, generator=self.generator).flatten()
+        # a group whose weights stayed equal and were never resampled returns its first particle: the blend's own
+        # sample of that row (exact where the blend is exact; any fixed choice among equal weights is unbiased)
+        untouched = constant_groups(self.log_weights).cpu() & (self.resampled == 0)
+        chosen = torch.where(untouched, torch.zeros_like(chosen), chosen).to(self.x.device)
         grouped = self.x.view(self.n, self.batch, *self.x.shape[1:])
         return SMCOutput(
             samples=grouped[chosen, self.groups], network_evaluations=self.network_rows / self.batch,
             reward_evaluations=self.reward_rows / self.batch, final_ess=final_ess.cpu(),
             resampling_steps=self.resampled, ess_history=torch.stack(self.ess_history), particles=grouped,
             log_weights=torch.log_softmax(self.log_weights, dim=0),
+            tilts=torch.tensor(self.tilts, dtype=torch.float64), target_tilts=self.target_tilts(),
         )
+
+    def target_tilts(self) -> torch.Tensor:
+        """:attr:`SMCOutput.target_tilts` from the final weights and the rows' ancestral ``(a_k, b_k)``."""
+        if not self.lineage:
+            return torch.full((len(self.tilts),), math.nan, dtype=torch.float64)
+        weights = (torch.softmax(self.log_weights, dim=0) / self.batch).reshape(-1)
+        return torch.tensor([tilt + float((weights * a).sum() / (weights * b).sum()) if float((weights * b).sum()) > 0
+                             else math.nan for tilt, (a, b) in zip(self.tilts, self.lineage)], dtype=torch.float64)
 
 
 @torch.no_grad()

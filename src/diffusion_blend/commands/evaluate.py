@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     baselines.add_argument("--oracle-samples", type=int, default=20_000,
                            help="gmm: base draws of the IS oracle (sd reweights the sweep's own base cells; "
                            "default 20000)")
+    baselines.add_argument("--gmm-oracle", choices=("chain", "exact"), default="chain",
+                           help="gmm: the IS oracle reweights base-chain draws (SMC's target; default) or exact "
+                           "mixture draws (continuous time)")
     smc = parser.add_argument_group("SMC (methods smc, fk)")
     options.add_smc(smc)
     smc.add_argument("--fk-particles", type=int, help="FK steering's particles (default: --particles)")
@@ -180,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     smc = options.smc_options(args)  # checked now, in the flags' spelling; the sweep takes its fields
     if args.setting != "digits" and (args.demo_dir or args.quick):
         raise DiffusionBlendError(f"--demo-dir and --quick belong to --setting digits, not --setting {args.setting}")
+    if args.setting != "gmm" and args.gmm_oracle != "chain":
+        raise DiffusionBlendError(f"--gmm-oracle belongs to --setting gmm, not --setting {args.setting}")
     if args.setting == "digits":
         return _digits_table(args)
     if args.setting == "sd":
@@ -197,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
         if per_expert or args.target_alpha is not None:
             raise DiffusionBlendError("--alpha NAME=A and --target-alpha are for --setting sd (the mixture's experts "
                                       "share one alpha: --alpha A)")
-        setting = gmm_setting(num_inference_steps=args.steps or GMM_SPEC.steps, alpha=1.0 if alpha is None else alpha)
+        setting = gmm_setting(num_inference_steps=args.steps or GMM_SPEC.steps, alpha=1.0 if alpha is None else alpha,
+                              oracle=args.gmm_oracle)
         methods = methods or ["base", "mpa", "ls", "code", "rgg", "is-oracle", "morl"]
         samples_per_seed, batch_size = args.samples_per_seed or 64, args.batch_size
     preferences = parse_preference_grid(list(setting.rewards), args.weights, args.grid, _floats(args.kl_scales))

@@ -107,9 +107,7 @@ def add_smc(parser: Any) -> None:
                         help="SMC's proposal: the blend's step, or the base's step moved by its variance times the "
                         "blend's score deviation (twisted SMC, for experts whose steps are continuous-time tilts; "
                         "docs/method.md) (default blend; evaluate --setting gmm: twisted)")
-    parser.add_argument("--smc-proposal-tilt", type=float, default=None,
-                        help="SMC's proposal blends at KL scale tilt x lambda; the target keeps lambda: > 1 where "
-                        "DB-MPA falls short of the preference, < 1 where it overshoots (default 1)")
+    parser.add_argument("--smc-proposal-tilt", type=proposal_tilt, default=None, help=TILT_HELP)
     parser.add_argument("--smc-potential", choices=SMC_POTENTIALS, default=None,
                         help="SMC's potential: r_w of the Tweedie estimate, 0, or the experts' value increments "
                         "(default tweedie)")
@@ -118,6 +116,21 @@ def add_smc(parser: Any) -> None:
     parser.add_argument("--smc-ess-threshold", type=float, default=None,
                         help="SMC: resample an image's particles when their ESS < threshold x N (0: never, 1: always; "
                         "default 0.5)")
+
+
+TILT_HELP = ("SMC's proposal tilt: 'auto' (default: learned step by step from the run's own weights, never below the "
+             "blend; docs/method.md) or a number t > 0: the proposal blends at KL scale t x lambda, the target keeps "
+             "lambda")
+
+
+def proposal_tilt(text: str) -> float | str:
+    """``--smc-proposal-tilt``: ``auto`` or a number (checked by ``SMCOptions`` where the options are built)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
 
 
 def add_device(parser: Any, *, routing: bool = True) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffusion_blend.commands.options import TILT_HELP, proposal_tilt
 from diffusion_blend.errors import DiffusionBlendError
 
 
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="gmm: the experts' KL weight")
     parser.add_argument("--smc-potential", default="tweedie", choices=("tweedie", "none", "experts"),
                         help="SMC's potential")
-    parser.add_argument("--smc-proposal-tilt", type=float, default=1.0, help="SMC's proposal blends at tilt x lambda")
+    parser.add_argument("--smc-proposal-tilt", type=proposal_tilt, default="auto", help=TILT_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

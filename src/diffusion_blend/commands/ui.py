@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _initial_smc(args: argparse.Namespace) -> dict[str, float]:
-    """The page's SMC sliders start at --particles (unset: 1, SMC off until raised) and --smc-proposal-tilt."""
-    return {"particles": args.particles or 1, "proposal_tilt": args.smc_proposal_tilt or 1.0}
+def _initial_smc(args: argparse.Namespace) -> dict[str, float | str]:
+    """The page's SMC sliders start at --particles (unset: 1, SMC off until raised) and --smc-proposal-tilt (unset:
+    SMCOptions' default, the automatic tilt)."""
+    return {"particles": args.particles or 1, "proposal_tilt": options.smc_options(args).proposal_tilt}

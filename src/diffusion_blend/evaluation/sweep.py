@@ -172,7 +172,7 @@ class SweepConfig:
     particles: int = SMCOptions.particles  # the one default of every SMC entry point
     fk_particles: int | None = None  # None: as many as ``particles``
     smc_proposal: str | None = None  # None: the setting's (Setting.smc_proposal)
-    smc_proposal_tilt: float = 1.0
+    smc_proposal_tilt: float | str = "auto"  # 'auto': learned from the run (smc.TiltAdapter)
     smc_potential: str = "tweedie"
     smc_potential_every: int = 1
     smc_ess_threshold: float = 0.5

@@ -26,9 +26,9 @@ Samplers (checked at every blended call, one-line :class:`~diffusion_blend.error
   ODE DPM-Solver) are refused.
 
 ``method="smc"`` (beyond the paper, :mod:`diffusion_blend.smc`) runs N particles per image with the blend (or its
-twisted step, ``proposal="twisted"``; ``proposal_tilt``) as proposal, reweighted to the exact target
-``p_pre exp(lambda r_w / alpha)``; it needs its own loop (the stock loop has one chain), shared by every pipeline
-(:meth:`BlendPipelineMixin._smc_call`), and one small hook per pipeline
+twisted step, ``proposal="twisted"``; ``proposal_tilt``, learned from the run by default) as proposal, reweighted to
+the exact target ``p_pre exp(lambda r_w / alpha)``; it needs its own loop (the stock loop has one chain), shared by
+every pipeline (:meth:`BlendPipelineMixin._smc_call`), and one small hook per pipeline
 (``_smc_setup`` -> :class:`SMCSetup`: stock prompt encoding as a conditioning dict, the guided forward, the particles'
 initial latents from ``prepare_latents``, sampler settings, output class). SD 1.x/2.x and SDXL (pooled text embeds and
 time ids in both CFG branches) here; SD3 and FLUX in :mod:`.flow`:

@@ -34,7 +34,7 @@ from diffusion_blend.ui.studio import Studio  # noqa: E402
 
 METHODS = {"DB-MPA (blend every step)": "mpa", "DB-MPA-LS (one model per step)": "ls"}
 MPA_LABEL, LS_LABEL = list(METHODS)
-WEIGHT_RANGE, KL_RANGE, PARTICLE_RANGE, TILT_RANGE = (-1.0, 2.0), (0.0, 3.0), (1, 32), (0.25, 4.0)
+WEIGHT_RANGE, KL_RANGE, PARTICLE_RANGE, TILT_RANGE = (-1.0, 2.0), (0.0, 3.0), (1, 32), (0.0, 4.0)  # tilt 0: auto
 STALE = "**Stale**: the controls changed since this result was generated; press Generate for the new settings."
 
 
@@ -167,11 +167,11 @@ def _inputs_column(studio: Studio, names: tuple[str, ...], initial_smc: Mapping[
                                interactive=smc, info="1 = the blend alone; N > 1 = SMC on the DB-MPA blend, "
                                "reweighted to the exact target (N x (experts + 1) network evaluations per image)"
                                if smc else f"SMC is off: {why_not}")
-    tilt = checked_slider(*TILT_RANGE, value=initial_smc.get("proposal_tilt", 1.0), step=0.25,
-                          label="SMC proposal tilt", elem_id="proposal-tilt",
-                          interactive=smc, info="SMC's proposal blends at tilt x lambda, the target stays lambda: > 1 "
-                          "where DB-MPA falls short of the preference, < 1 where it overshoots"
-                          if smc else f"SMC is off: {why_not}")
+    initial_tilt = initial_smc.get("proposal_tilt", "auto")
+    tilt = checked_slider(*TILT_RANGE, value=0.0 if initial_tilt == "auto" else initial_tilt, step=0.25,
+                          label="SMC proposal tilt (0 = auto)", elem_id="proposal-tilt", interactive=smc,
+                          info="0: learned from the run's own weights (default); t > 0: SMC's proposal blends at "
+                          "t x lambda, the target stays lambda" if smc else f"SMC is off: {why_not}")
     with gr.Accordion("Weights over the steps", open=False, elem_id="schedule-box"):
         schedule = gr.Checkbox(False, label="vary the weights from the first step to the last", elem_id="schedule",
                                info="the weight sliders above set the first step, these the last, linear in between; "
@@ -222,7 +222,8 @@ def checked_request(studio: Studio, names: tuple[str, ...], weights: list[float]
     if tilt_value is None or not TILT_RANGE[0] <= tilt_value <= TILT_RANGE[1]:
         raise DiffusionBlendError(f"SMC proposal tilt must be between {TILT_RANGE[0]:g} and {TILT_RANGE[1]:g}, "
                                   f"got {tilt_value}")
-    smc = {"particles": int(particle_count), "proposal_tilt": float(tilt_value)} if int(particle_count) > 1 else {}
+    tilt = "auto" if float(tilt_value) == 0 else float(tilt_value)
+    smc = {"particles": int(particle_count), "proposal_tilt": tilt} if int(particle_count) > 1 else {}
     if smc and end_weights is not None:
         raise DiffusionBlendError("SMC targets a fixed preference; a weight schedule is not one (set particles to 1 "
                                   "or untick the schedule)")
@@ -269,7 +270,7 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None,
             if end_weights is not None:
                 weights_text += " (first step) to " + ", ".join(f"{n} {w:g}" for n, w in zip(names, end_weights))
             smc_text = f" with SMC, {smc['particles']} particles" if smc else ""
-            smc_text += f", proposal tilt {tilt_value:g}" if smc and tilt_value != 1 else ""
+            smc_text += f", proposal tilt {tilt_value:g}" if smc and tilt_value not in (0, 1) else ""
             shown = (f"Result for weights {weights_text}, KL scale {kl_scale:g}, {method_label.split(' ')[0]}"
                      f"{smc_text}, seed {seed}.")
             if isinstance(preference, PreferenceSchedule):

@@ -98,9 +98,10 @@ class PipelineStudio:
 
     @torch.no_grad()
     def generate(self, preference: Preference | PreferenceSchedule, method: str, seed: int, prompt: str | None = None,
-                 particles: int = 1, proposal_tilt: float = 1.0) -> Generation:
+                 particles: int = 1, proposal_tilt: float | str = "auto") -> Generation:
         """Images for ``prompt`` under ``preference`` (DB-MPA / DB-MPA-LS) and each reward's mean; ``particles > 1``:
-        SMC on the blend (DB-MPA proposal at ``proposal_tilt x lambda``) with that many particles per image."""
+        SMC on the blend (DB-MPA proposal; ``proposal_tilt``: ``"auto"`` or ``t``, the blend at ``t x lambda``) with
+        that many particles per image."""
         if not prompt or not prompt.strip():
             raise DiffusionBlendError("enter a prompt")
         start = time.perf_counter()
@@ -110,7 +111,7 @@ class PipelineStudio:
                 raise DiffusionBlendError("SMC particles > 1 need method DB-MPA (its proposal) and the experts' alpha: "
                                           f"{self.smc_unavailable or 'choose DB-MPA'}")
             method = "smc"
-            options["smc"] = replace(self.smc, particles=int(particles), proposal_tilt=float(proposal_tilt))
+            options["smc"] = replace(self.smc, particles=int(particles), proposal_tilt=proposal_tilt)
         result = self.session.generate(
             prompt.strip(), preference, method=method, num_images=self.num_images, seed=int(seed), steps=self.steps,
             guidance_scale=self.guidance_scale, height=self.height, width=self.width, output_type="pt",

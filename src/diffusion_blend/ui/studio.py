@@ -114,9 +114,9 @@ class LoraStudio:
 
     @torch.no_grad()
     def generate(self, preference: Preference | PreferenceSchedule, method: str, seed: int, prompt: str | None = None,
-                 particles: int = 1, proposal_tilt: float = 1.0) -> Generation:
-        """``particles > 1``: SMC on the blend (``diffusion_blend.smc``; DB-MPA proposal at ``proposal_tilt x
-        lambda``) instead of plain sampling."""
+                 particles: int = 1, proposal_tilt: float | str = "auto") -> Generation:
+        """``particles > 1``: SMC on the blend (``diffusion_blend.smc``; DB-MPA proposal, ``proposal_tilt``:
+        ``"auto"`` or ``t`` for the blend at ``t x lambda``) instead of plain sampling."""
         start = time.perf_counter()
         if particles > 1:
             if method != "mpa" or not self.supports_smc:
@@ -132,7 +132,7 @@ class LoraStudio:
                 self.scheduler,
                 reward=r_w,
                 alpha=self.alpha,
-                options=replace(self.smc, particles=int(particles), proposal_tilt=float(proposal_tilt)),
+                options=replace(self.smc, particles=int(particles), proposal_tilt=proposal_tilt),
                 generator=seed,
                 shape=(self.num_images, *self.sample_shape),
                 num_inference_steps=self.num_inference_steps,
