@@ -436,7 +436,8 @@ def test_training_benchmark_measures_the_dblend_finetune_command(monkeypatch, tm
         seen.append(argv)
         dtype = argv[argv.index("--dtype") + 1]
         peak = 2**30 if dtype == "float32" else 2**29
-        return {"peak_rss_bytes": peak, "process_seconds": 2.0, "seconds_per_iteration": 1.0,
+        return {"peak_rss_bytes": peak, "process_seconds": 2.0, "process_cpu_seconds": 3.0,
+                "process_system_seconds": 0.5, "seconds_per_iteration": 1.0,
                 "iteration_seconds": [1.0], "cuda_max_memory_allocated": None, "peak_memory_bytes": peak,
                 "malloc_mmap_threshold": "131072 (fixed)", "device": "cpu"}
 
