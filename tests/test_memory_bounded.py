@@ -218,6 +218,60 @@ def test_low_precision_keeps_lora_adam_and_fingerprint_in_float32(tmp_path):
     assert read_adapter(result.adapter_path)[1].base_fingerprint == fresh_fingerprint  # the base as given
 
 
+@pytest.mark.parametrize("layout", ["float32", "float16-sharded"])
+def test_training_base_loads_frozen_weights_in_low_precision_with_the_float32_fingerprint(tmp_path, layout):
+    """``load_training_base`` (``dblend finetune``'s loader) fills the denoiser tensor by tensor in the run's dtype:
+    the same values as the stock float32 load cast afterwards, the fingerprint of that float32 load (what
+    ``dblend sample`` checks), and no mapping of the weights file left behind (a float32 mapping kept while the
+    cast copy is built was the bfloat16 peak, benchmarks/README.md). A float16 file in shards loads the same way."""
+    import gc
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_blend.pipelines.loading import load_training_base
+
+    folder = tmp_path / "base"
+    pipe = tiny_sd_pipeline(tmp_path)
+    if layout == "float16-sharded":
+        pipe.unet.to(torch.float16)
+    pipe.save_pretrained(folder)
+    if layout == "float16-sharded":
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+        pipe.unet.save_pretrained(folder / "unet", max_shard_size="20KB")
+        assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    stock = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    expected = base_fingerprint(stock.unet, unet_architecture(stock.unet))
+    reference = {key: value.clone() for key, value in stock.unet.state_dict().items()}
+    del stock
+    gc.collect()
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        loaded, fingerprint = load_training_base(StableDiffusionPipeline, folder, dtype, **kwargs)
+        assert fingerprint == expected
+        assert (loaded.unet.dtype, loaded.text_encoder.dtype) == (dtype, dtype)
+        assert loaded.vae.dtype == (torch.float32 if dtype == torch.float16 else dtype)  # force_upcast under fp16
+        state = loaded.unet.state_dict()
+        assert set(state) == set(reference)
+        assert all(torch.equal(state[key], reference[key].to(dtype)) for key in reference)
+        if Path("/proc/self/maps").exists():
+            assert str(folder / "unet") not in Path("/proc/self/maps").read_text()
+
+
+def test_training_base_falls_back_to_the_stock_float32_load(tmp_path):
+    """Weights the streaming loader does not read (a ``.bin`` file) load the stock way: float32, no fingerprint (the
+    trainer fingerprints and casts them as before)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_blend.pipelines.loading import load_training_base
+
+    folder = tmp_path / "base"
+    tiny_sd_pipeline(tmp_path).save_pretrained(folder, safe_serialization=False)
+    loaded, fingerprint = load_training_base(StableDiffusionPipeline, folder, torch.bfloat16, safety_checker=None,
+                                             requires_safety_checker=False)
+    assert fingerprint is None and loaded.unet.dtype == torch.float32
+
+
 def test_float16_uses_a_gradient_scaler_whose_state_is_checkpointed(tmp_path):
     from safetensors import safe_open
 
@@ -336,35 +390,76 @@ def test_brightness_and_saturation_closed_forms_and_gradients():
         saturation(torch.zeros(1, 1, 2, 2))
 
 
-def test_training_benchmark_fixes_the_cpu_allocator_threshold_and_refuses_bad_options(monkeypatch, tmp_path):
-    """bench_sd_train's parent process: CPU workers get glibc's MALLOC_MMAP_THRESHOLD_ (so the resident peak follows
-    the live tensors, benchmarks/README.md), 0 keeps glibc's dynamic default; bad options are one line, exit 2.
-    The workers are replaced by a stub (the real iterations take minutes), so this checks the plumbing only."""
-    import json
+def test_finetune_fixes_glibc_mmap_threshold_on_cpu_and_checks_the_option(monkeypatch):
+    """``dblend finetune`` on CPU fixes glibc's mmap threshold of its own process (resident memory then follows the
+    live tensors, benchmarks/README.md); 0 keeps glibc's dynamic default, an environment setting is left alone, a GPU
+    run only checks the value, and a value glibc refuses is one line. A fresh process: the setting is process-wide."""
+    import platform
+    import subprocess
+    import sys
+
+    from diffusion_blend.devices import MALLOC_MMAP_THRESHOLD, fix_malloc_mmap_threshold
+    from diffusion_blend.errors import DiffusionBlendError
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert fix_malloc_mmap_threshold(MALLOC_MMAP_THRESHOLD, apply=False) == "not applied (not a CPU run)"
+    assert fix_malloc_mmap_threshold(0) in ("glibc default (dynamic)", "not glibc: allocator unchanged")
+    for bad in (-1, 64 * 2**20):
+        with pytest.raises(DiffusionBlendError, match="between 0 and"):
+            fix_malloc_mmap_threshold(bad, apply=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert fix_malloc_mmap_threshold() == "MALLOC_MMAP_THRESHOLD_=65536 (environment)"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    code = "from diffusion_blend.devices import fix_malloc_mmap_threshold as f; print(f())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert done == ("131072 (fixed)" if glibc else "not glibc: allocator unchanged")
+
+
+def test_training_benchmark_measures_the_dblend_finetune_command(monkeypatch, tmp_path):
+    """bench_sd_train runs the user's command (``dblend finetune`` with the configuration's flags, the command's own
+    allocator setting unless ``--malloc-mmap-threshold`` is given) and divides its figures; bad options are one
+    line, exit 2. The commands are replaced by a stub here (the real ones take minutes)."""
     import pathlib
     import subprocess
     import sys
 
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_sd_train
+    try:
+        import bench_sd_train
+    finally:
+        sys.path.pop(0)
 
-    seen, real_run = [], subprocess.run
+    seen = []
 
-    def fake_run(cmd, **kwargs):
-        if "--worker" not in cmd:  # anything else (platform probes) runs for real
-            return real_run(cmd, **kwargs)
-        seen.append(kwargs["env"].get("MALLOC_MMAP_THRESHOLD_"))
-        row = {"config": cmd[-1], "estimator": "score", "batch_size": 1, "minibatch_size": 1, "steps": 2,
-               "dtype": "float32", "gradient_checkpointing": False, "seconds": 1.0, "peak_memory_bytes": 2**30,
-               "peak_before_training_bytes": 2**29, "memory_method": "stub"}
-        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(row) + "\n", stderr="")
+    def fake_run(argv, out, env=None, timeout=None, fork=False):
+        seen.append(argv)
+        dtype = argv[argv.index("--dtype") + 1]
+        peak = 2**30 if dtype == "float32" else 2**29
+        return {"peak_rss_bytes": peak, "process_seconds": 2.0, "process_cpu_seconds": 3.0,
+                "process_system_seconds": 0.5, "seconds_per_iteration": 1.0,
+                "iteration_seconds": [1.0], "cuda_max_memory_allocated": None, "peak_memory_bytes": peak,
+                "malloc_mmap_threshold": "131072 (fixed)", "device": "cpu"}
 
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    assert bench_sd_train.main(["--configs", "score_b1", "--out", str(tmp_path)]) == 0
-    assert bench_sd_train.main(["--configs", "score_b1", "--out", str(tmp_path), "--malloc-mmap-threshold", "0"]) == 0
-    assert seen == ["131072", None]
-    assert "MALLOC_MMAP_THRESHOLD_: 131072" not in (tmp_path / "sd_train_cpu_256.md").read_text()  # last run: 0
+    monkeypatch.setattr(bench_sd_train, "run_finetune", fake_run)
+    base = tmp_path / "base"
+    base.mkdir()
+    args = ["--configs", "score_b1,score_b1_bf16,pathwise_s4", "--base", str(base), "--out", str(tmp_path)]
+    assert bench_sd_train.main(args) == 0
+    assert bench_sd_train.main([*args, "--malloc-mmap-threshold", "0"]) == 0
+    first = seen[0]
+    assert first[first.index("finetune") + 1:first.index("finetune") + 3] == ["--kind", "sd"]
+    for flag, value in (("--estimator", "score"), ("--batch-size", "1"), ("--steps", "2"), ("--dtype", "float32"),
+                        ("--resolution", "256"), ("--iterations", "1"), ("--device", "cpu")):
+        assert first[first.index(flag) + 1] == value
+    assert "--gradient-checkpointing" in first and "--malloc-mmap-threshold" not in first
+    assert seen[1][seen[1].index("--dtype") + 1] == "bfloat16"
+    assert seen[2][seen[2].index("--estimator") + 1] == "pathwise"
+    assert seen[-1][seen[-1].index("--malloc-mmap-threshold") + 1] == "0"
+    table = (tmp_path / "sd_train_cpu_256.md").read_text()
+    assert "| peak memory, bfloat16 / float32 | 0.50x | <= 0.6 (met) |" in table
+    assert "dblend finetune" in table and (tmp_path / "sd_train_cpu_256_mmap0.json").exists()
     for bad in (["--malloc-mmap-threshold", "-1"], ["--configs", "score_b3"]):
-        proc = real_run([sys.executable, bench_sd_train.__file__, *bad], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([sys.executable, bench_sd_train.__file__, *bad], capture_output=True, text=True,
+                              timeout=120)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

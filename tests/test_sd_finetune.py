@@ -211,6 +211,12 @@ def test_cli_pathwise_low_precision_checkpointed_run_and_its_refusals(trained, t
         "pathwise", "bfloat16", True, 2)
     # SD defaults (DDPO/DPOK range) fill what the flags leave: minibatch 2 <= batch 2, lr 1e-4, eta 1
     assert (config["minibatch_size"], config["learning_rate"], config["eta"]) == (2, 1e-4, 1.0)
+    # the base loaded directly in bfloat16; the adapter is bound to its float32 fingerprint, as `dblend sample` checks
+    stock = UNet2DConditionModel.from_pretrained(root / "base" / "unet")
+    fingerprint = read_diffusers_lora_metadata(out / DIFFUSERS_LORA_NAME).base_fingerprint
+    assert fingerprint == base_fingerprint(stock, unet_architecture(stock))
+    process = json.loads((out / "log.json").read_text())["process"]
+    assert process["device"] == "cpu" and len(process["seconds_per_iteration"]) == 1
     capsys.readouterr()
     refusals = [["--backprop-steps", "2"],  # DRaFT-K without the pathwise estimator
                 ["--dtype", "float8"]]

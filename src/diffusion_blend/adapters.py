@@ -60,15 +60,29 @@ def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+class Fingerprint:
+    """The running SHA-256 of :func:`base_fingerprint`: the architecture config, then ``add(key, tensor)`` for every
+    non-LoRA tensor in sorted key order. A loader that streams the weights tensor by tensor
+    (:func:`diffusion_blend.pipelines.loading.load_training_base`) computes the same digest without holding them."""
+
+    def __init__(self, architecture: Mapping[str, Any]) -> None:
+        self._digest = hashlib.sha256(json.dumps(dict(architecture), sort_keys=True).encode())
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        tensor = value.detach().to("cpu").contiguous()
+        self._digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        self._digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no bytes copy
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
 def base_fingerprint(model: nn.Module, architecture: Mapping[str, Any] | None = None) -> str:
     """SHA-256 of the base model: architecture config plus every non-LoRA weight (unchanged by adding LoRA)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps(architecture_config(model, architecture), sort_keys=True).encode())
+    fingerprint = Fingerprint(architecture_config(model, architecture))
     for key, value in sorted(_base_state(model).items()):
-        tensor = value.detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        fingerprint.add(key, value)
+    return fingerprint.hexdigest()
 
 
 @dataclass

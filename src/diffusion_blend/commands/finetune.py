@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from diffusion_blend.commands import options
+from diffusion_blend.devices import MALLOC_MMAP_THRESHOLD, fix_malloc_mmap_threshold
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.preference import Preference
 
@@ -46,7 +47,7 @@ def sd_target_builder(reward_names: Sequence[str], args: argparse.Namespace) -> 
     options = json.loads(args.reward_options) if args.reward_options else {}
     return load_sd_target(args.base, args.prompts, reward_names, reward_options=options,
                           guidance_scale=args.guidance_scale, resolution=args.resolution,
-                          sdxl=True if args.kind == "sdxl" else None)
+                          sdxl=True if args.kind == "sdxl" else None, dtype=args.load_dtype)
 
 
 def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespace], FinetuneTarget]:
@@ -59,7 +60,8 @@ def flow_target_builder(kind: str) -> Callable[[Sequence[str], argparse.Namespac
             raise DiffusionBlendError(f"--kind {kind} needs --base PATH_OR_ID and --prompts FILE")
         options = json.loads(args.reward_options) if args.reward_options else {}
         return load_flow_target(kind, args.base, args.prompts, reward_names, reward_options=options,
-                                guidance_scale=args.guidance_scale, resolution=args.resolution)
+                                guidance_scale=args.guidance_scale, resolution=args.resolution,
+                                dtype=args.load_dtype)
 
     return build
 
@@ -183,6 +185,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "below; 1 = none)")
     parser.add_argument("--resolution", metavar="N",
                         help="sd/sdxl/sd3/flux: square image size in pixels (default: the denoiser's native size)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=MALLOC_MMAP_THRESHOLD, metavar="BYTES",
+                        help="CPU runs on glibc Linux: fix malloc's mmap threshold of this process, so that resident "
+                        "memory follows the live tensors instead of growing with the sampler steps (default "
+                        f"{MALLOC_MMAP_THRESHOLD}, glibc's starting value; 0 = glibc's dynamic default)")
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     options.add_progress(parser)
     options.deprecated(parser, "--target", "--kind", "kind")
@@ -232,8 +238,9 @@ PIPELINE_TARGETS = ("sd", "sdxl", "sd3", "flux")
 def build_target(args: argparse.Namespace, config: DPOKConfig) -> FinetuneTarget:
     """The target of ``--target`` with the kind's guidance when ``--guidance-scale`` is not given; for pipeline
     targets the base, prompts, guidance and resolution go into ``config.extra`` (the checkpoint: a resume must match,
-    and the adapter's metadata)."""
+    and the adapter's metadata) and the base loads with its frozen weights directly in ``config.dtype``."""
     if args.kind in PIPELINE_TARGETS:
+        args.load_dtype = config.torch_dtype
         if args.guidance_scale is None:
             args.guidance_scale = target_specs()[args.kind].guidance_scale
         config.extra = {**config.extra, args.kind: {"base": str(args.base), "prompts": str(args.prompts),
@@ -271,11 +278,13 @@ def run(args: argparse.Namespace) -> int:
     resolve_kind_and_options(args)
     config = build_config(args)
     accelerator = make_accelerator(args.device)
+    # before the base loads (its tensors are the first large blocks); CPU runs only
+    allocator = fix_malloc_mmap_threshold(args.malloc_mmap_threshold, apply=accelerator.device.type == "cpu")
     if args.no_resume and (args.out / "checkpoint.safetensors").exists():
         (args.out / "checkpoint.safetensors").unlink()
     target = build_target(args, config)
     result = finetune(target, config, out_dir=args.out, accelerator=accelerator, progress=not args.no_progress,
-                      routing=args.routing)
+                      routing=args.routing, log_extra={"malloc_mmap_threshold": allocator})
     last = result.curves[-1]
     print(f"adapter: {result.adapter_path}")
     for line in EXPORTS.get(args.kind, lambda *_: [])(result, args):

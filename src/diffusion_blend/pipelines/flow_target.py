@@ -156,9 +156,11 @@ def load_flow_target(
     reward_options: Mapping[str, Mapping[str, Any]] | None = None,
     guidance_scale: float | None = None,
     resolution: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> FinetuneTarget:
-    """The ``dblend finetune --target sd3|flux`` target: rewards and prompts are checked before the base is loaded."""
-    from diffusion_blend.pipelines.classes import load_blend_pipeline
+    """The ``dblend finetune --target sd3|flux`` target: rewards and prompts are checked before the base is loaded;
+    the frozen weights load directly in ``dtype`` (:func:`~diffusion_blend.pipelines.loading.load_training_base`)."""
+    from diffusion_blend.pipelines.classes import load_blend_training_base
     from diffusion_blend.pipelines.kinds import pipeline_kind
     from diffusion_blend.rewards import get_reward
 
@@ -175,5 +177,8 @@ def load_flow_target(
         raise DiffusionBlendError(f"{base} is a {found} pipeline, not {kind}")
     if kind not in ("sd3", "flux"):
         raise DiffusionBlendError(f"unknown flow target {kind!r}; choose sd3 or flux")
-    pipe = load_blend_pipeline(base, kind)  # a subclass of the stock pipeline; without a preference it is stock
-    return flow_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution)
+    # a subclass of the stock pipeline; without a preference it is stock
+    pipe, fingerprint = load_blend_training_base(base, kind, dtype)
+    target = flow_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution)
+    target.base_fingerprint = fingerprint
+    return target

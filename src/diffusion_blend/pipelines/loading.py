@@ -26,8 +26,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from diffusion_blend.adapters import Fingerprint, architecture_config
 from diffusion_blend.errors import AdapterMismatchError, DiffusionBlendError
 from diffusion_blend.lora import PEFT_BASE, adapter_names
+from diffusion_blend.pipelines.lora_files import unet_architecture
 from diffusion_blend.quiet import no_loading_bars, quiet_third_party
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -191,8 +193,6 @@ def load_base_pipeline(pipeline_class: type, base: str | os.PathLike, **from_pre
         raise DiffusionBlendError(f"cannot load base model {str(base)!r}: {_short(err)}") from None
 
 
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(:[\w./\-]+)?(@[\w.\-/]+)?$")
 ADAPTER_PATTERNS = ("*.safetensors", "*.json")
 LORA_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
@@ -227,3 +227,110 @@ def resolve_adapter_source(source: str | os.PathLike) -> Path:
     if not folder.exists():
         raise AdapterMismatchError(f"adapter {text!r}: the hub repository has no folder {subfolder!r}")
     return folder
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def load_training_base(pipeline_class: type, base: str | os.PathLike, dtype: torch.dtype,
+                       **from_pretrained_kwargs: Any) -> tuple[Any, str | None]:
+    """The base pipeline for fine-tuning, its frozen weights loaded directly in ``dtype``, and the float32
+    fingerprint of its denoiser (:func:`~diffusion_blend.adapters.base_fingerprint` of the base loaded in float32,
+    which is what adapters are bound to and what ``dblend sample`` checks).
+
+    ``from_pretrained`` maps a safetensors checkpoint and keeps the whole mapping until every tensor has been cast,
+    so a float32 UNet loaded in bfloat16 is resident twice over (its float32 pages, then the bfloat16 copy: 5.2 GiB
+    for SD 1.5's 3.4 GB UNet, benchmarks/README.md). Here the denoiser (``unet`` or ``transformer``) is built on the
+    meta device and filled one tensor at a time, read with ``pread`` (no mapping: nothing stays resident but the
+    tensor in hand), hashed in float32 and cast to ``dtype``; the text encoders and VAE load through
+    ``from_pretrained`` in ``dtype`` (a ``force_upcast`` VAE stays float32 under float16, as the trainer keeps it).
+    A denoiser without a single or sharded ``diffusion_pytorch_model.safetensors`` whose keys and shapes are exactly
+    the model's (a ``.bin`` file, a variant, legacy key names) loads the stock way instead: in float32, fingerprint
+    ``None`` (the trainer fingerprints it and casts it, as before).
+    """
+    folder = _pipeline_folder(pipeline_class, base)
+    index = _read_json(folder / "model_index.json") if folder is not None else None
+    component = "transformer" if index and "transformer" in index else "unet"
+    streamed = None if index is None else _stream_denoiser(folder / component, dtype)
+    if streamed is None:
+        return load_base_pipeline(pipeline_class, base, **from_pretrained_kwargs), None
+    model, fingerprint = streamed
+    dtypes: dict[str, torch.dtype] = {"default": dtype}
+    vae_config = _read_json(folder / "vae" / "config.json") or {}
+    if dtype == torch.float16 and vae_config.get("force_upcast", True):  # AutoencoderKL's default is True
+        dtypes["vae"] = torch.float32
+    pipe = load_base_pipeline(pipeline_class, folder, **{component: model}, dtype=dtypes,
+                              **from_pretrained_kwargs)
+    return pipe, fingerprint
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _pipeline_folder(pipeline_class: type, base: str | os.PathLike) -> Path | None:
+    """The local folder of ``base``: itself, or the Hugging Face cache's snapshot (``download`` fetches it when the
+    hub is reachable, as ``from_pretrained`` would); ``None`` when it cannot be had (the stock load then reports)."""
+    if Path(base).is_dir():
+        return Path(base)
+    try:
+        with quiet_third_party(), no_loading_bars():
+            return Path(pipeline_class.download(str(base)))
+    except Exception:  # noqa: BLE001 - the stock load that follows gives the one-line error
+        return None
+
+
+def _weight_files(folder: Path) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of a diffusers model folder (single file or sharded with an index)."""
+    from safetensors import safe_open
+
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        with safe_open(single, framework="pt", device="cpu", backend="pread") as handle:
+            return {key: single for key in handle.keys()}
+    sharded = _read_json(folder / (WEIGHTS_NAME + ".index.json"))
+    if sharded is None or not isinstance(sharded.get("weight_map"), dict):
+        return None
+    return {key: folder / name for key, name in sharded["weight_map"].items()}
+
+
+def _stream_denoiser(folder: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, str] | None:
+    """The diffusers model of ``folder`` in ``dtype`` and its float32 fingerprint, filled tensor by tensor (see
+    :func:`load_training_base`); ``None`` when the folder's weights are not exactly the model's."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    config, files = _read_json(folder / "config.json"), _weight_files(folder)
+    model_class = getattr(diffusers, str((config or {}).get("_class_name")), None)
+    if files is None or not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
+        return None
+    with quiet_third_party(), init_empty_weights(include_buffers=False):
+        model = model_class.from_config(config)
+    expected = model.state_dict()
+    if set(files) != set(expected):
+        return None
+    keep_float32 = set(getattr(model_class, "_keep_in_fp32_modules", None) or ())
+    handles = {path: safe_open(path, framework="pt", device="cpu", backend="pread") for path in set(files.values())}
+    if any(tuple(handles[files[key]].get_slice(key).get_shape()) != tuple(expected[key].shape) for key in files):
+        return None
+    fingerprint = Fingerprint(architecture_config(model, unet_architecture(model)))
+    for key in sorted(files):
+        tensor = handles[files[key]].get_tensor(key)  # pread: only this tensor is resident
+        if tensor.is_floating_point():
+            fingerprint.add(key, tensor.to(torch.float32))
+            wanted = torch.float32 if keep_float32 & set(key.split(".")) else dtype
+            tensor = tensor.to(wanted)
+        else:
+            fingerprint.add(key, tensor)
+        module_name, _, name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if name in module._parameters:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+        else:
+            module._buffers[name] = tensor
+    model.register_to_config(_name_or_path=str(folder))
+    return model.eval(), fingerprint.hexdigest()

@@ -120,12 +120,18 @@ def sd_finetune_target(
 def load_sd_pipeline(base: str | os.PathLike, sdxl: bool | None = None) -> StableDiffusionPipeline:
     """The stock SD (no safety checker) or SDXL pipeline of ``base`` (``sdxl=None``: SDXL when the local folder's
     ``model_index.json`` names an XL class); one-line error when it cannot be loaded."""
-    from diffusion_blend.pipelines.kinds import is_sdxl_folder
     from diffusion_blend.pipelines.loading import load_base_pipeline
 
+    pipeline_class, kwargs = _sd_pipeline_class(base, sdxl)
+    return load_base_pipeline(pipeline_class, base, **kwargs)
+
+
+def _sd_pipeline_class(base: str | os.PathLike, sdxl: bool | None) -> tuple[type, dict[str, Any]]:
+    from diffusion_blend.pipelines.kinds import is_sdxl_folder
+
     if sdxl or (sdxl is None and is_sdxl_folder(base)):
-        return load_base_pipeline(StableDiffusionXLPipeline, base)
-    return load_base_pipeline(StableDiffusionPipeline, base, safety_checker=None, requires_safety_checker=False)
+        return StableDiffusionXLPipeline, {}
+    return StableDiffusionPipeline, {"safety_checker": None, "requires_safety_checker": False}
 
 
 def load_sd_target(
@@ -137,11 +143,14 @@ def load_sd_target(
     guidance_scale: float | None = None,
     resolution: int | None = None,
     sdxl: bool | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> FinetuneTarget:
     """The ``dblend finetune --target sd|sdxl`` target: rewards and prompts are checked before the base is loaded.
 
     ``sdxl``: load the base as ``StableDiffusionXLPipeline`` (``None``: when the local folder's
-    ``model_index.json`` names an XL class)."""
+    ``model_index.json`` names an XL class). ``dtype``: the frozen weights are loaded directly in it, the target
+    carrying the base's float32 fingerprint (:func:`~diffusion_blend.pipelines.loading.load_training_base`)."""
+    from diffusion_blend.pipelines.loading import load_training_base
     from diffusion_blend.rewards import get_reward
 
     options = dict(reward_options or {})
@@ -152,6 +161,9 @@ def load_sd_target(
     prompts = read_prompts(prompts_file)
     if guidance_scale is not None:
         check_guidance_scale(guidance_scale)
-    pipe = load_sd_pipeline(base, sdxl)
-    return sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
-                              name="sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd")
+    pipeline_class, kwargs = _sd_pipeline_class(base, sdxl)
+    pipe, fingerprint = load_training_base(pipeline_class, base, dtype, **kwargs)
+    target = sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,
+                                name="sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd")
+    target.base_fingerprint = fingerprint
+    return target

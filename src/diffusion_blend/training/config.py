@@ -45,6 +45,10 @@ class FinetuneTarget:
     """Frozen networks besides ``model`` (VAE, text encoders): the trainer moves them to its device and casts
     them to ``DPOKConfig.dtype`` (a module whose config says ``force_upcast``, like SDXL's VAE, stays float32
     under float16)."""
+    base_fingerprint: str | None = None
+    """The float32 fingerprint of ``model``'s base weights when a loader computed it (a base loaded directly in a
+    lower precision: ``pipelines.loading.load_training_base``); ``None``: the trainer fingerprints ``model`` as
+    given."""
 
     def draw_prompts(self, batch_size: int, generator: torch.Generator) -> list[str] | None:
         """``batch_size`` prompts drawn uniformly from ``generator`` (``None`` for an unconditional target)."""

@@ -59,6 +59,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,12 +348,15 @@ def kl_regularized_advantages(
 
 @dataclass
 class FinetuneResult:
-    """The fine-tuned model (carrying adapter ``adapter_name``), its file, and the per-iteration curves."""
+    """The fine-tuned model (carrying adapter ``adapter_name``), its file, the per-iteration curves, and what the
+    iterations of this call cost: wall seconds each, and on CUDA ``torch.cuda.max_memory_allocated`` (bytes)."""
 
     model: torch.nn.Module
     adapter_name: str
     adapter_path: Path | None
     curves: list[dict[str, float]] = field(default_factory=list)
+    seconds_per_iteration: list[float] = field(default_factory=list)
+    cuda_max_memory_allocated: int | None = None
 
 
 def _sync_gradients(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -654,7 +658,7 @@ def _fingerprint_if_needed(target: FinetuneTarget, out: Path | None, accelerator
     the adapter, and on every process when a checkpoint is to be resumed (its recipe is checked everywhere)."""
     if out is None or not (accelerator.is_main_process or (out / CHECKPOINT_NAME).exists()):
         return None
-    return base_fingerprint(target.model, target.architecture)
+    return target.base_fingerprint or base_fingerprint(target.model, target.architecture)
 
 
 def _curve_row(iteration: int, config: DPOKConfig, reward: torch.Tensor, path_kl: torch.Tensor,
@@ -679,6 +683,7 @@ def finetune(
     progress: bool = True,
     stop_after: int | None = None,
     routing: str = "auto",
+    log_extra: Mapping[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a LoRA adapter on ``target.model`` for ``r_w = sum_i w_i r_i`` at KL weight ``alpha``.
 
@@ -690,7 +695,8 @@ def finetune(
     policy and the base are evaluated, one batched forward (``"batched"``; with a CFG target the policy, the base
     and both branches are then ONE network call) or one forward each (``"sequential"``); ``"auto"`` is sequential
     on CPU and batched on CUDA when it fits. It changes no result beyond float rounding, so it is not part of the
-    config a resumed run must match.
+    config a resumed run must match. ``log.json`` also records the wall seconds of each iteration run by this call,
+    the peak CUDA memory on a GPU, and ``log_extra`` (the command's process settings); none of it is in the curves.
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     out = Path(out_dir) if out_dir is not None else None
@@ -718,8 +724,11 @@ def finetune(
         start, curves = _resume(checkpoint, model, config, optimizer, generator, scaler, accelerator, recipe)
     bar = tqdm(range(start, config.iterations), desc=f"finetune {target.name}", initial=start,
                total=config.iterations, disable=not (progress and accelerator.is_main_process))
+    result = FinetuneResult(model=model, adapter_name=config.adapter_name, adapter_path=None, curves=curves)
     for iteration in bar:
+        started = _synchronized_clock(accelerator.device)
         reward, path_kl, rewards = update(target, config, pair, parameters, optimizer, accelerator, generator, scaler)
+        result.seconds_per_iteration.append(_synchronized_clock(accelerator.device) - started)
         row = _curve_row(iteration, config, reward, path_kl, rewards, accelerator)
         curves.append(row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}", objective=f"{row['objective']:.3f}")
@@ -733,14 +742,31 @@ def finetune(
             accelerator.wait_for_everyone()
         if stop_after is not None and done >= stop_after and done < config.iterations:
             raise TrainingInterrupted(f"stopped after iteration {done} (test hook)")
-    adapter_path = None
+    if accelerator.device.type == "cuda":
+        result.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(accelerator.device)
     if out is not None:
-        adapter_path = out / ADAPTER_NAME
-        if accelerator.is_main_process:
-            save_adapter(model, config.adapter_name, adapter_path, rewards=config.reward_weights, alpha=config.alpha,
-                         steps=config.iterations, training_config=config.to_dict(), architecture=target.architecture,
-                         fingerprint=fingerprint)
-            write_json_atomic(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": curves},
-                              indent=2)
-        accelerator.wait_for_everyone()
-    return FinetuneResult(model=model, adapter_name=config.adapter_name, adapter_path=adapter_path, curves=curves)
+        _write_outputs(out, result, target, config, fingerprint, accelerator, log_extra)
+    return result
+
+
+def _synchronized_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _write_outputs(out: Path, result: FinetuneResult, target: FinetuneTarget, config: DPOKConfig,
+                   fingerprint: str | None, accelerator: Accelerator, log_extra: Mapping[str, Any] | None) -> None:
+    """``adapter.safetensors`` (bound to the base's ``fingerprint``) and ``log.json`` (curves, then what this call's
+    iterations cost and ``log_extra``), by the main process."""
+    result.adapter_path = out / ADAPTER_NAME
+    if accelerator.is_main_process:
+        save_adapter(result.model, config.adapter_name, result.adapter_path, rewards=config.reward_weights,
+                     alpha=config.alpha, steps=config.iterations, training_config=config.to_dict(),
+                     architecture=target.architecture, fingerprint=fingerprint)
+        process = {"device": str(accelerator.device), "seconds_per_iteration": result.seconds_per_iteration,
+                   "cuda_max_memory_allocated": result.cuda_max_memory_allocated, **dict(log_extra or {})}
+        write_json_atomic(out / LOG_NAME, {"target": target.name, "config": config.to_dict(), "curves": result.curves,
+                                           "process": process}, indent=2)
+    accelerator.wait_for_everyone()
