@@ -88,7 +88,7 @@ from tqdm.auto import tqdm
 
 from diffusion_blend.denoisers import Denoiser, DenoiserFamily, Member, repeat_rows
 from diffusion_blend.errors import DiffusionBlendError, check_scores, positive_number
-from diffusion_blend.preference import BASE, Preference, blend_predictions
+from diffusion_blend.preference import BASE, Preference, PreferenceSchedule, blend_predictions
 from diffusion_blend.sampling import (
     FlowMatchSDEScheduler,
     as_generator,
@@ -97,6 +97,7 @@ from diffusion_blend.sampling import (
     model_transition,
     scale_input,
     score_estimate,
+    timestep_progress,
     tweedie_x0,
 )
 
@@ -215,7 +216,11 @@ class SMCOptions:
     potential only, the others give it no signal before ``x_0``, so there it is 1) or a number ``t``: the blended
     proposal's KL scale is ``t x lambda`` (the target keeps ``lambda``). ``ess_threshold``: resample a group when its
     ESS falls below ``ess_threshold x N``. ``potential_every = k`` evaluates ``h`` only every ``k`` steps (held in
-    between), bounding the reward cost. Bad values raise one-line :class:`DiffusionBlendError`.
+    between), bounding the reward cost. ``proposal_schedule``: a
+    :class:`~diffusion_blend.preference.PreferenceSchedule` the blended proposal follows over the steps (step ``k``
+    blends at ``schedule.at(u_k)``) while the target stays the fixed preference given to :func:`smc_sample`: the
+    weights correct the proposal to it as for any proposal (docs/method.md, "Schedules over the steps"); the tilt
+    then stays 1. Bad values raise one-line :class:`DiffusionBlendError`.
     """
 
     particles: int = 4
@@ -224,6 +229,7 @@ class SMCOptions:
     proposal_tilt: float | str = AUTO
     ess_threshold: float = 0.5
     potential_every: int = 1
+    proposal_schedule: PreferenceSchedule | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.particles, bool) or not isinstance(self.particles, int) or self.particles < 1:
@@ -242,6 +248,7 @@ class SMCOptions:
         every = self.potential_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise DiffusionBlendError(f"potential_every must be an integer >= 1, got {every!r}")
+        self._check_schedule()
         if isinstance(self.proposal_tilt, str):
             if self.proposal_tilt != AUTO:
                 raise DiffusionBlendError(f"proposal_tilt must be 'auto' or a number > 0, got {self.proposal_tilt!r}")
@@ -251,13 +258,26 @@ class SMCOptions:
         if tilt != 1 and self.proposal not in BLENDED:
             raise DiffusionBlendError("proposal_tilt scales the blended proposal's lambda: it needs proposal='blend' "
                                       "or 'twisted'")
+        if tilt != 1 and self.proposal_schedule is not None:
+            raise DiffusionBlendError("proposal_schedule sets the proposal's weights and lambda at every step: "
+                                      "proposal_tilt must stay 1 or 'auto' with it")
+
+    def _check_schedule(self) -> None:
+        schedule = self.proposal_schedule
+        if schedule is None:
+            return
+        if not isinstance(schedule, PreferenceSchedule):
+            raise DiffusionBlendError(f"proposal_schedule must be a PreferenceSchedule, got {type(schedule).__name__}")
+        if self.proposal not in BLENDED:
+            raise DiffusionBlendError("proposal_schedule is the blended proposal's schedule: it needs "
+                                      "proposal='blend' or 'twisted'")
 
     @property
     def adaptive_tilt(self) -> bool:
         """Whether the tilt is learned from the run: ``"auto"`` on a blended proposal with the Tweedie potential and
         ``N > 1`` (one particle is never reweighted: ``N = 1`` stays the blend sampler itself)."""
         return (self.proposal_tilt == AUTO and self.proposal in BLENDED and self.potential == "tweedie"
-                and self.particles > 1)
+                and self.particles > 1 and self.proposal_schedule is None)
 
     @property
     def initial_tilt(self) -> float:
@@ -267,9 +287,12 @@ class SMCOptions:
     def describe(self) -> dict[str, Any]:
         """The options as settings.json and reports record them."""
         proposal = self.proposal if isinstance(self.proposal, str) else type(self.proposal).__name__
-        return {"particles": self.particles, "proposal": proposal, "potential": self.potential,
-                "proposal_tilt": self.proposal_tilt, "ess_threshold": self.ess_threshold,
-                "potential_every": self.potential_every}
+        described = {"particles": self.particles, "proposal": proposal, "potential": self.potential,
+                     "proposal_tilt": self.proposal_tilt, "ess_threshold": self.ess_threshold,
+                     "potential_every": self.potential_every}
+        if self.proposal_schedule is not None:
+            described["proposal_schedule"] = str(self.proposal_schedule)
+        return described
 
 
 def check_alpha(alpha: Any) -> float:
@@ -355,12 +378,22 @@ class TiltAdapter:
 
 @dataclass
 class _Members:
-    """Which family members a step evaluates: the proposal's blend (at ``tilt x lambda``) and the base."""
+    """Which family members a step evaluates: the proposal's blend (at ``tilt x lambda``, or the proposal schedule's
+    preference of the step) and the base."""
 
     members: list[Member]
     base_index: int
-    blend_coefficients: list[float]
+    blend_coefficients: list[float]  # over members[:len(blend_coefficients)]; with a schedule: those of u = 0
     value_coefficients: dict[Member, float]  # the TARGET's c_i = lambda w_i (the experts' potential)
+    schedule: PreferenceSchedule | None = None
+    expert_names: tuple[str, ...] = ()
+
+    def blend_at(self, progress: float) -> list[float]:
+        """The proposal's coefficients over ``members`` at the step of progress ``u`` (fixed without a schedule)."""
+        if self.schedule is None:
+            return self.blend_coefficients
+        coefficients = dict(self.schedule.at(progress).coefficients(self.expert_names).items())
+        return [coefficients.get(member, 0.0) for member in self.members]
 
     @classmethod
     def of(cls, family: DenoiserFamily, preference: Preference, options: SMCOptions) -> _Members:
@@ -368,6 +401,8 @@ class _Members:
         if options.proposal not in BLENDED:
             family.check_members([BASE])
             return cls([BASE], 0, [], {})
+        if options.proposal_schedule is not None:
+            return cls._scheduled(family, options.proposal_schedule, dict(coefficients.active()))
         tilted = Preference(preference.weights, preference.kl_scale * options.initial_tilt)
         active = tilted.coefficients(family.expert_names).active()
         members = [member for member, _ in active]
@@ -375,6 +410,19 @@ class _Members:
             members.append(BASE)
         family.check_members(members)
         return cls(members, members.index(BASE), [coef for _, coef in active], dict(coefficients.active()))
+
+    @classmethod
+    def _scheduled(cls, family: DenoiserFamily, schedule: PreferenceSchedule,
+                   value_coefficients: dict[Member, float]) -> _Members:
+        """The base and every expert that the schedule or the target's potential weighs at some step."""
+        names = tuple(family.expert_names)
+        used = set(value_coefficients)
+        for preference in schedule.preferences():  # validates the schedule's names against the family
+            used |= {member for member, _ in preference.coefficients(names).active()}
+        members = [BASE, *(name for name in names if name in used)]
+        family.check_members(members)
+        first = dict(schedule.at(0.0).coefficients(names).items())
+        return cls(members, 0, [first.get(member, 0.0) for member in members], value_coefficients, schedule, names)
 
 
 def _initial_particles(
@@ -408,6 +456,7 @@ class _ParticleFilter:
         self.family, self.m, self.options, self.scheduler = family, members, options, scheduler
         self.reward, self.scale, self.eta, self.cond = reward, scale, eta, cond
         self.generator, self.noise_generator = generator, noise_generator
+        self.progress = timestep_progress(scheduler)
         self.n, self.batch, self.rows = options.particles, batch, options.particles * batch
         self.x, self.state_dtype = x, x.dtype
         zeros = torch.zeros(self.rows, dtype=torch.float64, device=x.device)
@@ -436,7 +485,8 @@ class _ParticleFilter:
         out_pre = predictions[self.m.base_index]
         proposal = self.options.proposal
         if proposal in BLENDED:
-            out_q = blend_predictions(self.m.blend_coefficients, predictions[: len(self.m.blend_coefficients)])
+            coefficients = self.m.blend_at(self.progress(t))
+            out_q = blend_predictions(coefficients, predictions[: len(coefficients)])
         elif proposal == "base":
             out_q = out_pre
         else:

@@ -299,9 +299,11 @@ def build_app(studio: Studio, pareto_reference: Mapping[str, Any] | None = None,
             control.change(update_method, blend_controls, [ui.method, ui.method_note])
         for control in ui.inputs:
             control.change(mark_stale, [*ui.inputs, ui.last_settings], [ui.status], show_progress="hidden")
-        ui.button.click(generate, ui.inputs, ui.outputs)
+        # one queue for both events that run the model: gradio's limit of 1 is per event, and the page's first result
+        # running beside a click's would share the studio's network (its adapters are routed per call)
+        ui.button.click(generate, ui.inputs, ui.outputs, concurrency_id="generate")
         app.load(update_method, blend_controls, [ui.method, ui.method_note])
-        app.load(first_result, ui.inputs, ui.outputs)
+        app.load(first_result, ui.inputs, ui.outputs, concurrency_id="generate")
     return app
 
 
