@@ -123,11 +123,12 @@ def test_bad_configuration_is_refused():
 
 def test_figures_equal_the_digits_table_from_before_the_house_move(quick_run):
     """`dblend evaluate --setting digits --quick` reproduces the figures `dblend digits-table --quick` printed before
-    the digits table became a preset of the sweep (saved from main a01b7fb: tests/data/pre_move)."""
+    the digits table became a preset of the sweep (saved from main a01b7fb: tests/data/pre_move), every method but SMC,
+    whose default proposal tilt became the automatic one since (issue 25; its figures: docs/evaluation.md)."""
     _, summary, _, _ = quick_run
     saved = json.loads((Path(__file__).parent / "data" / "pre_move" / "digits_table_quick.json").read_text())
     rows = {(row["method"], row["w"]): row for row in summary["table"]}
-    for old in saved["table"]:
+    for old in (row for row in saved["table"] if row["method"] != "smc"):
         new = rows[(old["method"], old["w"])]
         for key, value in old.items():
             assert new[key] == (pytest.approx(value, rel=1e-9, abs=1e-12) if isinstance(value, float) else value), key

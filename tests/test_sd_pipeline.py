@@ -514,7 +514,7 @@ def test_cli_smc_matches_the_pipelines_smc_and_records_its_costs(sd_files, tmp_p
     assert cli(sd_files, tmp_path / "twisted", "--method", "smc", "--particles", "2", "--alpha", "0.5", *rewards,
                "--smc-proposal", "twisted") == 0
     assert json.loads((tmp_path / "twisted" / "settings.json").read_text())["smc"]["proposal"] == "twisted"
-    assert settings["smc"]["proposal"] == "blend" and settings["smc"]["proposal_tilt"] == 1.0
+    assert settings["smc"]["proposal"] == "blend" and settings["smc"]["proposal_tilt"] == "auto"  # the defaults
     images = {}
     for proposal, run_dir in (("blend", "smc"), ("twisted", "twisted")):
         expected = pipe(
