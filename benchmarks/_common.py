@@ -41,3 +41,20 @@ def write_results(out: Path, stem: str, meta: dict[str, Any], results: Any, mark
         tmp.write_text(text)
         os.replace(tmp, out / (stem + suffix))
     print(f"wrote {out / (stem + '.json')} and {stem}.md")
+
+
+def fill_random_(model: Any, generator: Any) -> Any:
+    """Random weights in place for a model materialised with ``to_empty`` (no download): 1-D weights 1 and biases 0
+    (norms as initialised), every other parameter N(0, 0.02^2) from ``generator``, buffers 0; the model, in eval
+    mode."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+        for buffer in model.buffers():
+            buffer.zero_()
+    return model.eval()

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import command_line, emit_result, worker_result, write_results
+from _common import command_line, emit_result, fill_random_, worker_result, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sd_blend import _add_adapters, _merged_copies, _rss_bytes  # noqa: E402
@@ -56,15 +56,7 @@ def _random_transformer(dtype, device, seed):
         model = SD3Transformer2DModel(**SD3_MEDIUM_CONFIG).to(dtype)  # no float32 copy is ever allocated
     model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        for buffer in model.buffers():
-            buffer.zero_()
-    return model.eval()
+    return fill_random_(model, generator)
 
 
 def model_bytes(dtype_name: str) -> int:

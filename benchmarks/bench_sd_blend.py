@@ -43,7 +43,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from _common import command_line, emit_result, worker_result, write_results
+from _common import command_line, emit_result, fill_random_, worker_result, write_results
 
 SD15_UNET_CONFIG = dict(
     sample_size=64,
@@ -72,14 +72,7 @@ def _random_unet(dtype, device, seed):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     unet = unet.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if param.ndim == 1:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        for buffer in unet.buffers():
-            buffer.zero_()
+    fill_random_(unet, generator)
     return unet.to(device=device, dtype=dtype).eval()
 
 

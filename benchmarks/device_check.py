@@ -249,16 +249,9 @@ def random_model(group: str, config: dict, dtype: Any, device: str, seed: int):
     for param in model.parameters():
         param.data = param.data.to(dtype)
     model = model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        for buffer in model.buffers():
-            buffer.zero_()
-    return model.eval()
+    from _common import fill_random_
+
+    return fill_random_(model, torch.Generator(device=device).manual_seed(seed))
 
 
 def conditioning(group: str, config: dict, settings: Settings, device: str, dtype: Any) -> dict:

@@ -14,7 +14,8 @@ References (none of them calls this project's preprocessing):
   tensors; ``antialias=False`` (torchvision < 0.17) with Keys' cubic convolution (``a = -0.75``) in numpy.
 
 Checks, on square, portrait, landscape and odd sizes: pixel differences (in ``[0, 1]`` units, i.e. the official
-output converted to float before normalisation) within the 8-bit rounding of the float path, and score differences
+output converted to float before normalisation) at most one 8-bit step and under 1e-5 on average (the passes round to
+8 bits as PIL does; with float passes it was 0.9-1.0e-3), and score differences
 under 0.5 % of the spread of the official scores over a batch of different images (one prompt), with the same tiny
 random weights. The tiny vision models get smooth (low-pass) random patch filters, see :func:`low_pass_`.
 
@@ -56,7 +57,7 @@ SIZES = [(160, 160), (224, 224), (300, 400), (416, 608), (512, 512), (512, 384),
          (1216, 832), (640, 1536)]
 BATCH = 6  # different images, one prompt: the spread is the images'
 PROMPT = "a red cat"
-PIL_MAX = 1.5 / 255  # PIL rounds to 8 bits after each of its two passes: <= 1/255 apart from the float path
+EIGHT_BIT_STEP = 1 / 255 + 1e-6
 LEARNED = ["imagereward", "hpsv2", "pickscore", "aesthetic", "clip_score"]
 
 
@@ -302,8 +303,10 @@ def test_preprocessing_matches_the_official_transform_on_every_size(rewards, nam
         assert result["shape"] == (SIZE, SIZE), where
         if name == "hpsv2":  # the official resize is itself a float one: only float rounding apart
             assert result["px_max"] < 1e-4 and result["px_mean"] < 1e-5, where
-        else:  # PIL rounds to 8 bits in each pass; the float path does not
-            assert result["px_max"] <= PIL_MAX and result["px_mean"] < 2e-3, where
+        else:  # 8-bit passes as PIL's: a few pixels one 8-bit step apart (PIL's fixed-point filter weights)
+            assert result["px_max"] <= EIGHT_BIT_STEP and result["px_mean"] < 1e-5, where
+        # the issue's bar, on the normalised tensors the models read: (x - mean) / std, std >= 0.26
+        assert result["px_mean"] / min(OPENAI_CLIP_STD) < 2e-3, where
         assert result["spread"] > 0 and result["score_max"] < 0.005 * result["spread"], where
 
 

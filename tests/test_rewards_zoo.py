@@ -131,14 +131,17 @@ def test_jpeg_grayscale_and_bad_quality():
 
 def test_clip_preprocess_normalises_crops_and_repeats_gray():
     """Basic plumbing; the per-reward comparisons with the official transforms are in test_reward_preprocessing.py."""
+    def eight_bit(t: torch.Tensor) -> torch.Tensor:  # the official scorers read 8-bit images
+        return (t * 255).round() / 255
+
     x = images(size=IMAGE)
     mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(clip_preprocess(x, IMAGE), (x - mean) / std)  # no resize, no crop
+    torch.testing.assert_close(clip_preprocess(x, IMAGE), (eight_bit(x) - mean) / std)  # no resize, no crop
     wide = torch.rand(1, 3, IMAGE, IMAGE + 10, generator=torch.Generator().manual_seed(3))
     out = clip_preprocess(wide, IMAGE, mean=(0, 0, 0), std=(1, 1, 1))
-    torch.testing.assert_close(out, wide[..., :, 5 : 5 + IMAGE])
-    gray = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out, eight_bit(wide)[..., :, 5 : 5 + IMAGE])
+    gray = eight_bit(torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(4)))
     resized = clip_preprocess(gray, IMAGE, mean=(0, 0, 0), std=(1, 1, 1), style="hpsv2")  # one float pass, no clamp
     pil = Image.fromarray(gray[0, 0].numpy().astype(np.float32), mode="F").resize((IMAGE, IMAGE), Image.BICUBIC)
     for channel in range(3):  # 1 channel is repeated to RGB
