@@ -133,39 +133,15 @@ def test_exact_tilted_flow_chain_as_proposal_gives_uniform_weights() -> None:
 def test_one_particle_is_the_blend_on_the_flow_sde() -> None:
     base, rewards = bimodal()
     family = ideal_family(base, rewards, ALPHA, sde())
-    out = smc_sample(
-        family,
-        PREFERENCE,
-        sde(),
-        reward=combined_reward(rewards, PREFERENCE),
-        alpha=ALPHA,
-        generator=4,
-        options=SMCOptions(particles=1),
-        shape=(16, 1),
-        num_inference_steps=6,
-        eta=LEVEL,
-        progress=False,
-        dtype=F64,
-    )
+    common = dict(reward=combined_reward(rewards, PREFERENCE), alpha=ALPHA, generator=4,
+                  options=SMCOptions(particles=1), shape=(16, 1), num_inference_steps=6, eta=LEVEL, progress=False,
+                  dtype=F64)
+    out = smc_sample(family, PREFERENCE, sde(), **common)
     blend = sample(BlendedDenoiser(family, PREFERENCE), sde(), generator=4, shape=(16, 1), num_inference_steps=6,
                    eta=LEVEL, record_trajectory=True, progress=False, dtype=F64).samples
     assert torch.equal(out.samples, blend)
     # a separate step-noise stream: x_T still from the generator, the steps from noise_generator
-    split = smc_sample(
-        family,
-        PREFERENCE,
-        sde(),
-        reward=combined_reward(rewards, PREFERENCE),
-        alpha=ALPHA,
-        generator=4,
-        options=SMCOptions(particles=1),
-        shape=(16, 1),
-        num_inference_steps=6,
-        eta=LEVEL,
-        progress=False,
-        dtype=F64,
-        noise_generator=torch.Generator().manual_seed(99),
-    )
+    split = smc_sample(family, PREFERENCE, sde(), **common, noise_generator=torch.Generator().manual_seed(99))
     assert not torch.equal(split.samples, blend)
 
 

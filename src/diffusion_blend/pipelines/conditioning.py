@@ -24,6 +24,37 @@ from diffusion_blend.errors import DiffusionBlendError
 DECODE_CHUNK = 8
 
 
+
+def check_resolution(resolution: Any, factor: int) -> int:
+    """A fine-tuning resolution: a positive multiple of ``factor`` (the latent grid's pixel size), one line if not."""
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
+        raise DiffusionBlendError(f"resolution must be a positive multiple of {factor} (the VAE's downsampling), "
+                                  f"got {resolution!r}")
+    return resolution
+
+
+def freeze(modules: Sequence[torch.nn.Module]) -> None:
+    """No gradients and eval mode for the frozen parts of a fine-tuning target (VAE, text encoders)."""
+    for module in modules:
+        module.requires_grad_(False)
+        module.eval()
+
+
+def follow(module: torch.nn.Module, leader: torch.nn.Module) -> torch.device:
+    """Move ``module`` to ``leader``'s device (where the trainer put the denoiser) if it is elsewhere."""
+    device = leader.device
+    if module.device != device:
+        module.to(device)
+    return device
+
+
+def decode_latents(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in ``[0, 1]``, ``DECODE_CHUNK`` at a time, the stock pipelines' scaling (and SD3 / FLUX's
+    shift); differentiable when grad mode is on (the pathwise estimator)."""
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    images = [vae.decode(chunk, return_dict=False)[0] for chunk in latents.split(DECODE_CHUNK)]
+    return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+
 def check_guidance_scale(guidance_scale: Any) -> float:
     if (
         isinstance(guidance_scale, bool)

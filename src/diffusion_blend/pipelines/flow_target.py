@@ -33,8 +33,11 @@ import torch
 
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.pipelines.conditioning import (
-    DECODE_CHUNK,
     check_guidance_scale,
+    check_resolution,
+    decode_latents,
+    follow,
+    freeze,
     transformer_conditioning,
     transformer_forward,
 )
@@ -98,38 +101,27 @@ def flow_finetune_target(
     if resolution is None:
         resolution = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
         resolution -= resolution % factor
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
-        raise DiffusionBlendError(f"resolution must be a positive multiple of {factor}, got {resolution!r}")
+    check_resolution(resolution, factor)
     encoders = [module for module in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
                                       getattr(pipe, "text_encoder_3", None)) if module is not None]
-    for module in (vae, *encoders):
-        module.requires_grad_(False)
-        module.eval()
+    freeze((vae, *encoders))
     use_cfg = (not flux) and guidance_scale > 1
     sample_shape, scheduler, image_ids = _flow_chain(pipe, flux, resolution)
-
-    def follow(module: torch.nn.Module) -> torch.device:
-        device = transformer.device
-        if module.device != device:
-            module.to(device)
-        return device
 
     @torch.no_grad()
     def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
         for module in encoders:
-            follow(module)
+            follow(module, transformer)
         return transformer_conditioning(pipe, batch, transformer.device, use_cfg, max_sequence_length)
 
     forward = transformer_forward(flux, guidance_scale, use_cfg, image_ids)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""
-        follow(vae)
+        follow(vae, transformer)
         if flux:
             latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        images = [vae.decode(chunk, return_dict=False)[0] for chunk in latents.split(DECODE_CHUNK)]
-        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+        return decode_latents(vae, latents)
 
     return FinetuneTarget(
         name="flux" if flux else "sd3",

@@ -27,8 +27,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 
 from diffusion_blend.errors import DiffusionBlendError
 from diffusion_blend.pipelines.conditioning import (
-    DECODE_CHUNK,
     check_guidance_scale,
+    check_resolution,
+    decode_latents,
+    follow,
+    freeze,
     guided_forward,
     unet_conditioning,
 )
@@ -72,33 +75,21 @@ def sd_finetune_target(
     factor = int(pipe.vae_scale_factor)
     if resolution is None:
         resolution = int(unet.config.sample_size) * factor
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:
-        raise DiffusionBlendError(f"resolution must be a positive multiple of {factor} (the VAE's downsampling), "
-                                  f"got {resolution!r}")
+    check_resolution(resolution, factor)
     text_encoders = [module for module in (text_encoder, getattr(pipe, "text_encoder_2", None)) if module is not None]
-    for module in (vae, *text_encoders):
-        module.requires_grad_(False)
-        module.eval()
+    freeze((vae, *text_encoders))
     use_cfg = guidance_scale > 1
-
-    def follow_unet(module: torch.nn.Module) -> torch.device:
-        device = unet.device
-        if module.device != device:
-            module.to(device)
-        return device
 
     @torch.no_grad()
     def encode_prompts(batch: Sequence[str]) -> dict[str, torch.Tensor]:
         for module in text_encoders:
-            device = follow_unet(module)
-        return unet_conditioning(pipe, batch, device, use_cfg, resolution, resolution, sdxl=sdxl)
+            follow(module, unet)
+        return unet_conditioning(pipe, batch, unet.device, use_cfg, resolution, resolution, sdxl=sdxl)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1]; differentiable when grad mode is on (the pathwise estimator)."""
-        follow_unet(vae)
-        images = [vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-                  for chunk in latents.split(DECODE_CHUNK)]
-        return (torch.cat(images).float() / 2 + 0.5).clamp(0, 1)
+        follow(vae, unet)
+        return decode_latents(vae, latents)
 
     latent_size = resolution // factor
     return FinetuneTarget(
@@ -115,15 +106,6 @@ def sd_finetune_target(
         encode_prompts=encode_prompts,
         frozen_modules=(vae, *text_encoders),
     )
-
-
-def load_sd_pipeline(base: str | os.PathLike, sdxl: bool | None = None) -> StableDiffusionPipeline:
-    """The stock SD (no safety checker) or SDXL pipeline of ``base`` (``sdxl=None``: SDXL when the local folder's
-    ``model_index.json`` names an XL class); one-line error when it cannot be loaded."""
-    from diffusion_blend.pipelines.loading import load_base_pipeline
-
-    pipeline_class, kwargs = _sd_pipeline_class(base, sdxl)
-    return load_base_pipeline(pipeline_class, base, **kwargs)
 
 
 def _sd_pipeline_class(base: str | os.PathLike, sdxl: bool | None) -> tuple[type, dict[str, Any]]:

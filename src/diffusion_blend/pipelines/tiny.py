@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -100,20 +101,20 @@ def _vae() -> AutoencoderKL:
     )
 
 
+
+def _tiny_unet(**config: Any) -> UNet2DConditionModel:
+    """The tiny SD / SDXL UNet: 4 / 8 channels, one layer per block, 8 x 8 latents of 4 channels; ``config``: the
+    kind's conditioning."""
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=2, **config,
+    )
+
 def tiny_sd_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
     """A stock tiny SD pipeline (UNet 32-channel latents at 8x8 for 16x16 images)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=2,
-    )
+    unet = _tiny_unet(cross_attention_dim=32)
     pipe = StableDiffusionPipeline(
         unet=unet,
         scheduler=_scheduler(),
@@ -130,14 +131,7 @@ def tiny_sd_pipeline(folder: Path, seed: int = 0) -> StableDiffusionPipeline:
 def tiny_sdxl_pipeline(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
     """A stock tiny SDXL pipeline: text_time added conditioning and two text encoders."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _tiny_unet(
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -145,7 +139,6 @@ def tiny_sdxl_pipeline(folder: Path, seed: int = 0) -> StableDiffusionXLPipeline
         transformer_layers_per_block=(1, 1),
         projection_class_embeddings_input_dim=80,  # 6 time ids * 8 + 32 pooled text
         cross_attention_dim=64,
-        norm_num_groups=2,
     )
     tokenizer = make_tokenizer(Path(folder) / "_tokenizer_src")
     return StableDiffusionXLPipeline(
