@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from diffusion_blend.rewards import get_reward
@@ -48,8 +49,6 @@ from diffusion_blend.rewards.preprocess import (
     longest_side_size,
     shortest_side_size,
 )
-
-transformers = pytest.importorskip("transformers")
 
 SIZE = 224
 #: (height, width): square, portrait, landscape, odd (300 x 401: odd crop excess 75), SDXL (832 x 1216 both ways).

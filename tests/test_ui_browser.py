@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from faults import cannot_run_here
+
 pytestmark = pytest.mark.browser
 
 ARTIFACTS = Path(os.environ.get("DBLEND_ARTIFACTS", "runs/artifacts"))
@@ -37,7 +39,7 @@ WAIT_MS = 120_000  # the ceiling of every wait for an event (a loaded 2-core mac
 def ensure_chromium() -> str:
     """Debian's chromium (Playwright's own browser download cannot work offline); `make chromium` installs it."""
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: `make chromium` installs Debian's package (`make test` runs it first)")
+        cannot_run_here(f"{CHROMIUM} is missing: `make chromium` installs Debian's package (`make test` runs it first)")
     return CHROMIUM
 
 
@@ -266,7 +268,8 @@ def sd3_server(tmp_path_factory):
                                       "--adapter", f"vivid={files['saturation']}", "--resolution", "16",
                                       "--device", "cpu"])
     check_args(args)
-    app = build_app(pipeline_studio(args), initial_smc=_initial_smc(args))
+    studio = pipeline_studio(args)
+    app = build_app(studio, initial_smc=_initial_smc(args, studio.smc))
     port = free_port()
     launch(app, port=port, block=False)
     yield f"http://127.0.0.1:{port}"
