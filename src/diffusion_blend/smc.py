@@ -383,15 +383,13 @@ class _Members:
 
     members: list[Member]
     base_index: int
-    blend_coefficients: list[float]  # over members[:len(blend_coefficients)]; with a schedule: those of u = 0
+    blend_coefficients: list[float]  # over members[:len(blend_coefficients)]; with a schedule: per step (blend_at)
     value_coefficients: dict[Member, float]  # the TARGET's c_i = lambda w_i (the experts' potential)
     schedule: PreferenceSchedule | None = None
     expert_names: tuple[str, ...] = ()
 
     def blend_at(self, progress: float) -> list[float]:
-        """The proposal's coefficients over ``members`` at the step of progress ``u`` (fixed without a schedule)."""
-        if self.schedule is None:
-            return self.blend_coefficients
+        """The proposal schedule's coefficients over ``members`` at the step of progress ``u``."""
         coefficients = dict(self.schedule.at(progress).coefficients(self.expert_names).items())
         return [coefficients.get(member, 0.0) for member in self.members]
 
@@ -421,8 +419,7 @@ class _Members:
             used |= {member for member, _ in preference.coefficients(names).active()}
         members = [BASE, *(name for name in names if name in used)]
         family.check_members(members)
-        first = dict(schedule.at(0.0).coefficients(names).items())
-        return cls(members, 0, [first.get(member, 0.0) for member in members], value_coefficients, schedule, names)
+        return cls(members, 0, [], value_coefficients, schedule, names)
 
 
 def _initial_particles(
@@ -485,7 +482,7 @@ class _ParticleFilter:
         out_pre = predictions[self.m.base_index]
         proposal = self.options.proposal
         if proposal in BLENDED:
-            coefficients = self.m.blend_at(self.progress(t))
+            coefficients = self.m.blend_coefficients if self.m.schedule is None else self.m.blend_at(self.progress(t))
             out_q = blend_predictions(coefficients, predictions[: len(coefficients)])
         elif proposal == "base":
             out_q = out_pre

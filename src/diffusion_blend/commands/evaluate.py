@@ -96,7 +96,6 @@ SETTINGS = ("gmm", "digits", "sd")
 SD_ONLY = ("base", "prompts", "adapter", "reward", "reward_list", "morl", "target_alpha", "reward_options",
            "guidance_scale", "eta", "resolution")
 """Flags of ``--setting sd`` only (``--alpha A`` is also the mixture's; ``--alpha NAME=A`` is not)."""
-DIGITS_ONLY = ("demo_dir", "quick")
 
 
 def _given(args: argparse.Namespace, dests: tuple[str, ...]) -> list[str]:

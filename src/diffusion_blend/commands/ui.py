@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from diffusion_blend.commands import options
 from diffusion_blend.errors import DiffusionBlendError
@@ -116,16 +117,18 @@ def run(args: argparse.Namespace) -> int:
     from diffusion_blend.ui.app import build_app, launch, load_pareto_reference
 
     if args.base is not None:
-        app = build_app(pipeline_studio(args), initial_smc=_initial_smc(args))
+        studio = pipeline_studio(args)
+        app = build_app(studio, initial_smc=_initial_smc(args, studio.smc))
     else:
         pareto = load_pareto_reference(Path(args.demo_dir) / "report" / "pareto.json")
-        app = build_app(digits_studio(args), pareto, initial_smc=_initial_smc(args))
+        studio = digits_studio(args)
+        app = build_app(studio, pareto, initial_smc=_initial_smc(args, studio.smc))
     print(f"Diffusion Blend UI on http://{args.host}:{args.port} (Ctrl+C to stop)")
     launch(app, host=args.host, port=args.port)
     return 0
 
 
-def _initial_smc(args: argparse.Namespace) -> dict[str, float | str]:
-    """The page's SMC sliders start at --particles (unset: 1, SMC off until raised) and --smc-proposal-tilt (unset:
-    SMCOptions' default, the automatic tilt)."""
-    return {"particles": args.particles or 1, "proposal_tilt": options.smc_options(args).proposal_tilt}
+def _initial_smc(args: argparse.Namespace, smc: Any) -> dict[str, float | str]:
+    """The page's SMC sliders start at --particles (unset: 1, SMC off until raised) and the studio's proposal tilt
+    (``smc``: its :class:`~diffusion_blend.smc.SMCOptions`, from the flags)."""
+    return {"particles": args.particles or 1, "proposal_tilt": smc.proposal_tilt}

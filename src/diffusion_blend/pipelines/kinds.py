@@ -75,8 +75,6 @@ SPECS: dict[str, ModelSpec] = {
     ),
 }
 
-PIPELINE_KINDS = tuple(SPECS)
-"""Base pipelines the blend supports: Stable Diffusion 1.x/2.x, SDXL, Stable Diffusion 3 / 3.5, FLUX."""
 FLOW_KINDS = tuple(kind for kind, spec in SPECS.items() if spec.flow)
 
 SCHEDULER_CHOICES = ("ddim", "sde", "pipeline")

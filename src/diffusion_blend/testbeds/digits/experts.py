@@ -150,8 +150,3 @@ def ensure_demo_adapters(
         if reason is not None:
             raise DiffusionBlendError(f"adapter {reward} was trained but its file is not usable: {reason}")
     return {reward: adapter_path(out, reward) for reward in config.rewards}
-
-
-def trained_rewards(paths: Sequence[Path]) -> dict[str, int]:
-    """Modification times (ns) of adapter files: a rerun that reuses the cache leaves them unchanged."""
-    return {str(path): path.stat().st_mtime_ns for path in paths}
