@@ -10,7 +10,7 @@ flow SDE at the kind's noise level), behind the same sweep as every other settin
   :func:`~diffusion_blend.pipelines.flow_target.flow_finetune_target`), whose guided forward (one ``[uncond; cond]``
   batch; SDXL's added conditioning; FLUX's distilled guidance), prompt encoding, sampler (DDIM, or the flow SDE)
   and VAE decode to ``[0, 1]`` images are reused as they are;
-- the experts (diffusers LoRA files, e.g. the ``pytorch_lora_weights.safetensors`` of ``dblend finetune --target
+- the experts (diffusers LoRA files, e.g. the ``pytorch_lora_weights.safetensors`` of ``dblend finetune --kind
   sd``), loaded into the one UNet with diffusers' LoRA loader; the family is a
   :class:`~diffusion_blend.lora.LoraFamily` on that UNet, so DB-MPA, DB-MPA-LS, Rewarded Soup (both variants), CoDe,
   RGG, SMC/FK and the base run exactly as in the other settings;

@@ -25,6 +25,24 @@ DECODE_CHUNK = 8
 
 
 
+
+def target_rewards_and_prompts(reward_names: Sequence[str], reward_options: Any, prompts_file: Any,
+                               guidance_scale: Any) -> tuple[dict[str, Any], list[str]]:
+    """A pipeline fine-tuning target's rewards (``reward_options`` per trained reward) and prompts, and its guidance
+    scale, checked before the base is loaded (one line each)."""
+    from diffusion_blend.pipelines.prompts import read_prompts
+    from diffusion_blend.rewards import get_reward
+
+    options = dict(reward_options or {})
+    unused = sorted(set(options) - set(reward_names))
+    if unused:
+        raise DiffusionBlendError(f"reward options given for {', '.join(unused)}, which are not trained rewards")
+    rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
+    prompts = read_prompts(prompts_file)
+    if guidance_scale is not None:
+        check_guidance_scale(guidance_scale)
+    return rewards, prompts
+
 def check_resolution(resolution: Any, factor: int) -> int:
     """A fine-tuning resolution: a positive multiple of ``factor`` (the latent grid's pixel size), one line if not."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < factor or resolution % factor:

@@ -38,12 +38,12 @@ from diffusion_blend.pipelines.conditioning import (
     decode_latents,
     follow,
     freeze,
+    target_rewards_and_prompts,
     transformer_conditioning,
     transformer_forward,
 )
 from diffusion_blend.pipelines.kinds import SPECS, TRANSFORMER_TARGETS
 from diffusion_blend.pipelines.lora_files import unet_architecture
-from diffusion_blend.pipelines.prompts import read_prompts
 from diffusion_blend.sampling import FlowMatchSDEScheduler
 from diffusion_blend.training.config import FinetuneTarget, RewardFn
 
@@ -150,20 +150,12 @@ def load_flow_target(
     resolution: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> FinetuneTarget:
-    """The ``dblend finetune --target sd3|flux`` target: rewards and prompts are checked before the base is loaded;
+    """The ``dblend finetune --kind sd3|flux`` target: rewards and prompts are checked before the base is loaded;
     the frozen weights load directly in ``dtype`` (:func:`~diffusion_blend.pipelines.loading.load_training_base`)."""
     from diffusion_blend.pipelines.classes import load_blend_training_base
     from diffusion_blend.pipelines.kinds import pipeline_kind
-    from diffusion_blend.rewards import get_reward
 
-    options = dict(reward_options or {})
-    unused = sorted(set(options) - set(reward_names))
-    if unused:
-        raise DiffusionBlendError(f"reward options given for {', '.join(unused)}, which are not trained rewards")
-    rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
-    prompts = read_prompts(prompts_file)
-    if guidance_scale is not None:
-        check_guidance_scale(guidance_scale)
+    rewards, prompts = target_rewards_and_prompts(reward_names, reward_options, prompts_file, guidance_scale)
     found = pipeline_kind(base)
     if os.path.isdir(base) and found != kind:
         raise DiffusionBlendError(f"{base} is a {found} pipeline, not {kind}")

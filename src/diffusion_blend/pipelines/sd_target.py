@@ -33,11 +33,11 @@ from diffusion_blend.pipelines.conditioning import (
     follow,
     freeze,
     guided_forward,
+    target_rewards_and_prompts,
     unet_conditioning,
 )
 from diffusion_blend.pipelines.kinds import SPECS, UNET_TARGETS
 from diffusion_blend.pipelines.lora_files import unet_architecture
-from diffusion_blend.pipelines.prompts import read_prompts
 from diffusion_blend.training.config import FinetuneTarget, RewardFn
 
 
@@ -127,22 +127,14 @@ def load_sd_target(
     sdxl: bool | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> FinetuneTarget:
-    """The ``dblend finetune --target sd|sdxl`` target: rewards and prompts are checked before the base is loaded.
+    """The ``dblend finetune --kind sd|sdxl`` target: rewards and prompts are checked before the base is loaded.
 
     ``sdxl``: load the base as ``StableDiffusionXLPipeline`` (``None``: when the local folder's
     ``model_index.json`` names an XL class). ``dtype``: the frozen weights are loaded directly in it, the target
     carrying the base's float32 fingerprint (:func:`~diffusion_blend.pipelines.loading.load_training_base`)."""
     from diffusion_blend.pipelines.loading import load_training_base
-    from diffusion_blend.rewards import get_reward
 
-    options = dict(reward_options or {})
-    unused = sorted(set(options) - set(reward_names))
-    if unused:
-        raise DiffusionBlendError(f"reward options given for {', '.join(unused)}, which are not trained rewards")
-    rewards = {name: get_reward(name, **dict(options.get(name, {}))) for name in reward_names}
-    prompts = read_prompts(prompts_file)
-    if guidance_scale is not None:
-        check_guidance_scale(guidance_scale)
+    rewards, prompts = target_rewards_and_prompts(reward_names, reward_options, prompts_file, guidance_scale)
     pipeline_class, kwargs = _sd_pipeline_class(base, sdxl)
     pipe, fingerprint = load_training_base(pipeline_class, base, dtype, **kwargs)
     target = sd_finetune_target(pipe, prompts, rewards, guidance_scale=guidance_scale, resolution=resolution,

@@ -1,5 +1,5 @@
 """The digits testbed's spec (light: read by ``dblend finetune --help`` without torch): the demo's sampler and its
-experts' recipe, so that ``dblend finetune --target digits`` trains as ``dblend demo`` does."""
+experts' recipe, so that ``dblend finetune --kind digits`` trains as ``dblend demo`` does."""
 
 from diffusion_blend.spec import ModelSpec
 

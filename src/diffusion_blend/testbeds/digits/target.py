@@ -1,6 +1,6 @@
 """The digits model as a fine-tuning target (paper section 4): what ``training.dpok.finetune`` needs.
 
-Used by ``dblend finetune --target digits`` and by the end-to-end demo (``diffusion_blend.testbeds.digits.demo``).
+Used by ``dblend finetune --kind digits`` and by the end-to-end demo (``diffusion_blend.testbeds.digits.demo``).
 """
 
 from __future__ import annotations
